@@ -1,0 +1,63 @@
+"""The attention block: q/k/v projections, RoPE, grouped-query attention, output.
+
+Parameters carry logical axis names (``embed``, ``heads``, ``kv_heads``,
+``head_dim``) as ``out_sharding`` metadata; a rules table outside this package
+maps them to mesh axes. Per-head projection weights are kept 3-D so tensor
+parallelism can shard heads and Muon can see the matrix structure.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention import ops
+from attention.rope import apply_rope, rope_tables
+from attention.spec import AttentionSpec
+
+
+def logical_param(rngs: nnx.Rngs, shape, axes, fan_in: int, dtype) -> nnx.Param:
+  """A truncated-normal (std 1/sqrt(fan_in)) parameter tagged with logical axes."""
+  init = jax.nn.initializers.truncated_normal(stddev=fan_in ** -0.5)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes),
+                   eager_sharding=False)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with GQA and RoPE.
+
+  Args:
+    d_model: residual width.
+    n_heads, n_kv_heads: query and key/value heads (n_heads % n_kv_heads == 0).
+    head_dim: per-head width.
+    rope_theta: RoPE base.
+    implementation: forwarded to ``attention.ops.attend``.
+    spec: the mask (causal, sliding window).
+    dtype: compute dtype; param_dtype: storage dtype of the weights.
+  """
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+               rngs: nnx.Rngs, rope_theta: float = 10_000.0, implementation=None,
+               spec: AttentionSpec = AttentionSpec(), dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    if n_heads % n_kv_heads:
+      raise ValueError(f"n_kv_heads={n_kv_heads}: must divide n_heads={n_heads}. "
+                       "Fix: choose n_kv_heads among the divisors of n_heads")
+    self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+    self.rope_theta, self.implementation, self.spec = rope_theta, implementation, spec
+    self.dtype = dtype
+    D, N, K, H = d_model, n_heads, n_kv_heads, head_dim
+    self.q = logical_param(rngs, (D, N, H), ("embed", "heads", "head_dim"), D, param_dtype)
+    self.k = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
+    self.v = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
+    self.o = logical_param(rngs, (N, H, D), ("heads", "head_dim", "embed"), N * H, param_dtype)
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    dt = self.dtype
+    x = x_BTD.astype(dt)
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
+    k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
+    v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
+    q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
+    out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
+                          implementation=self.implementation)
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt))

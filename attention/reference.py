@@ -1,0 +1,60 @@
+"""Plain-XLA dense attention: the numerical ground truth for every other backend.
+
+Shapes follow the letters: B batch, T query length, S key length, N query heads,
+K key/value heads (grouped-query attention: N is a multiple of K), H head dim.
+"""
+import jax
+import jax.numpy as jnp
+
+from attention.spec import AttentionSpec
+
+
+def mask_TS(spec: AttentionSpec, T: int, S: int, q_offset: int = 0) -> jax.Array:
+  """Boolean [T, S] mask: True where query t may attend to key s.
+
+  Queries sit at absolute positions ``q_offset + t`` and keys at ``s``.
+  """
+  q_pos = q_offset + jnp.arange(T)[:, None]
+  k_pos = jnp.arange(S)[None, :]
+  allowed = jnp.ones((T, S), dtype=bool)
+  if spec.causal:
+    allowed &= k_pos <= q_pos
+  if spec.sliding_window:
+    allowed &= q_pos - k_pos < spec.sliding_window
+  return allowed
+
+
+def attend_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec,
+                     segment_ids_BT=None) -> jax.Array:
+  """softmax(q k^T * scale + mask) v with fp32 logits and softmax.
+
+  Args:
+    q_BTNH: queries [B, T, N, H].
+    k_BSKH, v_BSKH: keys and values [B, S, K, H], N % K == 0.
+    spec: causal / sliding window / scale.
+    segment_ids_BT: optional int [B, T] (T == S); tokens attend only within
+      their segment (packed sequences).
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G = N // K
+  scale = spec.scale if spec.scale is not None else H ** -0.5
+  q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) * scale
+  allowed_BTS = jnp.broadcast_to(mask_TS(spec, T, S), (B, T, S))
+  if segment_ids_BT is not None:
+    allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, -jnp.inf)
+  # A row with no allowed key (possible with segment ids) gives zeros, not NaN.
+  row_max = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(logits_BKGTS - jax.lax.stop_gradient(row_max))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  probs = p / jnp.where(denom > 0, denom, 1.0)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH,
+                         preferred_element_type=jnp.float32)
+  return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)

@@ -1,0 +1,212 @@
+"""Run a grid of config overrides and write a record folder.
+
+  python -m experiments.ablate --config=experiments/configs/base.py:tiny \\
+      --sweep=optimizer.name=adamw,muon --sweep=optimizer.learning_rate=1e-3,3e-3 \\
+      --seeds=0,1 --out=records/<date>-<name> [--config.train.steps=200 ...]
+
+Every combination of the sweeps runs once per seed (sequentially, in this
+process) in ``<out>/runs/<name>``. The record folder gets ``README.md`` (setup,
+commit, hardware and a Markdown table of final train/eval loss and throughput,
+per run and averaged over seeds), ``results.json`` and ``loss_curves.png``.
+A finished run (it has ``summary.json``) is not run again, so an interrupted
+ablation resumes where it stopped.
+"""
+import ast
+import copy
+import datetime
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file[:arg].")
+_SWEEP = flags.DEFINE_multi_string("sweep", [], "field=v1,v2,... (repeatable; grid = product)")
+_SEEDS = flags.DEFINE_string("seeds", "0", "Comma-separated seeds; each grid point runs per seed.")
+_OUT = flags.DEFINE_string("out", None, "Record folder to write.")
+_TITLE = flags.DEFINE_string("title", "", "Title of the record (default: the folder name).")
+_KEEP_CKPT = flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's checkpoints.")
+
+
+def parse_sweep(spec: str) -> tuple[str, list]:
+  """'a.b=1,2' -> ('a.b', [1, 2]); values are Python literals or bare strings."""
+  field, sep, values = spec.partition("=")
+  if not sep or not values:
+    raise ValueError(f"--sweep={spec!r}: expected field=v1,v2. Fix: e.g. --sweep=optimizer.name=adamw,muon")
+  def literal(v):
+    try:
+      return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      return {"true": True, "false": False}.get(v.lower(), v)
+  return field, [literal(v) for v in values.split(",")]
+
+
+def grid(sweeps: list[tuple[str, list]]) -> list[dict]:
+  if not sweeps:
+    return [{}]
+  fields = [f for f, _ in sweeps]
+  return [dict(zip(fields, combo)) for combo in itertools.product(*(v for _, v in sweeps))]
+
+
+def run_name(overrides: dict, seed: int) -> str:
+  parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
+  return ",".join(parts).replace("/", "_")
+
+
+def apply_overrides(config, overrides: dict):
+  from experiments.configs import unknown_override
+  config = copy.deepcopy(config)  # keeps field references (e.g. warmup follows steps)
+  for field, value in overrides.items():
+    message = unknown_override(config, field)
+    if message:
+      raise ValueError(message.replace("--config.", "--sweep="))
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if isinstance(node[leaf], float) and isinstance(value, int):
+      value = float(value)
+    node[leaf] = value
+  return config
+
+
+def summarise(workdir: str, seconds: float, n_params: int) -> dict:
+  from lm.metrics import read_metrics
+  records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  train = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval_loss" in r]
+  rates = sorted(r["tokens_per_sec"] for r in train[1:]) or [float("nan")]
+  return {"step": train[-1]["step"] if train else 0,
+          "loss": train[-1]["loss"] if train else float("nan"),
+          "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+          "tokens_per_sec": rates[len(rates) // 2], "seconds": seconds, "params": n_params}
+
+
+def environment() -> dict:
+  import jax
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = "unknown"
+  dev = jax.devices()[0]
+  return {"date": datetime.date.today().isoformat(), "commit": commit,
+          "hardware": f"{dev.platform}: {getattr(dev, 'device_kind', '?')} x{jax.device_count()}, "
+                      f"{os.cpu_count()} host cores ({platform.machine()})",
+          "jax": jax.__version__, "python": platform.python_version()}
+
+
+def _fmt(x, digits=4):
+  return "nan" if x != x else f"{x:.{digits}f}"
+
+
+def write_record(out: str, title: str, base_spec: str, argv: list[str], results: list[dict]) -> None:
+  import numpy as np
+  from lm.metrics import read_metrics
+  env = environment()
+  lines = [f"# {title}", "",
+           f"- date: {env['date']}, commit: {env['commit']}",
+           f"- hardware: {env['hardware']}; jax {env['jax']}, python {env['python']}",
+           f"- base config: `{base_spec}`",
+           f"- command: `python -m experiments.ablate {' '.join(argv)}`", "",
+           "## Runs", "",
+           "| run | steps | train loss | eval loss | tokens/s | params | wall s |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in results:
+    s = r["summary"]
+    lines.append(f"| {r['name']} | {s['step']} | {_fmt(s['loss'])} | {_fmt(s['eval_loss'])} | "
+                 f"{s['tokens_per_sec']:,.0f} | {s['params'] / 1e6:.2f}M | {s['seconds']:.0f} |")
+  groups: dict[str, list] = {}
+  for r in results:
+    groups.setdefault(run_name(r["overrides"], 0).rsplit(",seed=", 1)[0] or "base", []).append(r)
+  lines += ["", "## Mean over seeds (± std)", "",
+            "| setting | seeds | train loss | eval loss | tokens/s |", "| --- | ---: | ---: | ---: | ---: |"]
+  for name, rs in groups.items():
+    col = lambda k: np.array([x["summary"][k] for x in rs], dtype=float)
+    ev, tr = col("eval_loss"), col("loss")
+    lines.append(f"| {name} | {len(rs)} | {_fmt(tr.mean())} ± {_fmt(tr.std(), 3)} | "
+                 f"{_fmt(ev.mean())} ± {_fmt(ev.std(), 3)} | {col('tokens_per_sec').mean():,.0f} |")
+  lines += ["", "![loss curves](loss_curves.png)", ""]
+  with open(os.path.join(out, "README.md"), "w") as f:
+    f.write("\n".join(lines))
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"environment": env, "base_config": base_spec, "runs": [
+        {k: r[k] for k in ("name", "overrides", "seed", "summary")} for r in results]}, f, indent=2)
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+  for r in results:
+    recs = read_metrics(os.path.join(out, "runs", r["name"], "metrics.jsonl"))
+    ax_t.plot([x["step"] for x in recs if "loss" in x], [x["loss"] for x in recs if "loss" in x],
+              label=r["name"], lw=1)
+    ax_e.plot([x["step"] for x in recs if "eval_loss" in x],
+              [x["eval_loss"] for x in recs if "eval_loss" in x], "o-", label=r["name"], lw=1, ms=3)
+  for ax, name in ((ax_t, "train loss"), (ax_e, "eval loss")):
+    ax.set_xlabel("step"), ax.set_ylabel(name), ax.grid(alpha=0.3)
+  ax_e.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "loss_curves.png"), dpi=100)
+  plt.close(fig)
+
+
+def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
+             keep_checkpoints: bool = False) -> list[dict]:
+  """Runs every grid point per seed; returns [{name, overrides, seed, summary}]."""
+  from lm import train
+  parsed = [parse_sweep(s) for s in sweeps]
+  results = []
+  for overrides in grid(parsed):
+    for seed in seeds:
+      name = run_name(overrides, seed)
+      workdir = os.path.join(out, "runs", name)
+      summary_path = os.path.join(workdir, "summary.json")
+      if os.path.exists(summary_path):
+        with open(summary_path) as f:
+          summary = json.load(f)
+      else:
+        config = apply_overrides(base_config, {**overrides, "seed": seed})
+        print(f"[ablate] {name}", flush=True)
+        start = time.perf_counter()
+        result = train.run(config, workdir)
+        summary = summarise(workdir, time.perf_counter() - start, result["params"])
+        if not keep_checkpoints:
+          shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+        with open(summary_path, "w") as f:
+          json.dump(summary, f, indent=2)
+      results.append({"name": name, "overrides": overrides, "seed": seed, "summary": summary})
+  return results
+
+
+def main(argv):
+  del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from lm.errors import ConfigError
+  out = _OUT.value
+  os.makedirs(out, exist_ok=True)
+  seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
+  base = _CONFIG.value
+  try:
+    results = run_grid(base, _SWEEP.value, seeds, out, keep_checkpoints=_KEEP_CKPT.value)
+  except (ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+  write_record(out, _TITLE.value or os.path.basename(os.path.normpath(out)), spec, sys.argv[1:], results)
+  print(f"[ablate] record written to {out}/README.md")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "out"])
+  from experiments.train import check_overrides
+  check_overrides(sys.argv)
+  app.run(main)

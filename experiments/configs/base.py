@@ -1,0 +1,89 @@
+"""Base experiment: a decoder-only transformer LM on the embedded corpus.
+
+Usage: ``--config=experiments/configs/base.py:<size>`` with size one of
+``tiny`` (tests, seconds on a CPU), ``default`` (the README's default experiment:
+a few minutes on a 2-core CPU), ``small`` (~20M, one accelerator) and ``125m``
+(GPT-2-small shape, accelerators).
+"""
+import ml_collections
+
+# name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, seq_len, batch_size, steps)
+SIZES = {
+    "tiny": (64, 2, 4, 2, 192, 64, 8, 40),
+    "default": (192, 4, 6, 2, 512, 128, 16, 600),
+    "small": (384, 6, 6, 2, 1024, 512, 32, 5000),
+    "125m": (768, 12, 12, 4, 2048, 1024, 64, 20000),
+}
+
+
+def get_config(size: str = "default") -> ml_collections.ConfigDict:
+  if size not in SIZES:
+    raise ValueError(f"base.py: unknown size {size!r}; choose one of {sorted(SIZES)}")
+  d, n_layers, heads, kv_heads, d_ff, seq_len, batch, steps = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.name = f"base-{size}"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary, padded up to a multiple of 128
+  c.model.d_model = d
+  c.model.n_layers = n_layers
+  c.model.n_heads = heads
+  c.model.n_kv_heads = kv_heads
+  c.model.head_dim = 0  # 0: d_model // n_heads
+  c.model.d_ff = d_ff
+  c.model.tie_embeddings = False
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6
+  c.model.dtype = "bfloat16"  # compute dtype of activations and matmuls
+  c.model.param_dtype = "float32"
+  c.model.attention_impl = "xla"  # see attention.ops.available_implementations()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"  # embedded | files | synthetic
+  c.data.path = ""  # files: a folder, a file or a glob of text files
+  c.data.tokenizer = "byte"
+  c.data.seq_len = seq_len
+  c.data.batch_size = batch
+  c.data.val_fraction = 0.05  # share of documents held out for eval
+  c.data.shuffle_seed = 0
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.task = "mqar"  # mqar | copy
+  c.data.synthetic.num_pairs = 8  # mqar: key-value pairs per example
+  c.data.synthetic.num_queries = 8  # mqar: queries per example
+  c.data.synthetic.copy_len = 16  # copy: length of the string to copy
+  c.data.synthetic.vocab = 64  # symbols drawn from token ids [2, 2 + vocab)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.log_every = max(steps // 30, 1)
+  c.train.eval_every = max(steps // 6, 1)
+  c.train.eval_batches = 4
+  c.train.checkpoint_every = max(steps // 3, 1)
+  c.train.keep_checkpoints = 2
+  c.train.progress = "auto"  # auto (bar on a terminal) | bar | log
+  c.train.plot = True  # write loss_curve.png into the workdir at the end
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | muon
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.schedule = "cosine"  # cosine | wsd | constant
+  c.optimizer.warmup_steps = c.train.get_ref("steps") // 20  # follows train.steps overrides
+  c.optimizer.decay_fraction = 0.2  # wsd: share of steps spent decaying
+  c.optimizer.min_lr_ratio = 0.1  # final learning rate / peak
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.clip_norm = 1.0  # 0 disables global-norm clipping
+  c.optimizer.muon = ml_collections.ConfigDict()
+  c.optimizer.muon.learning_rate = 0.02
+  c.optimizer.muon.momentum = 0.95
+  c.optimizer.muon.nesterov = True
+  c.optimizer.muon.ns_steps = 5
+  c.optimizer.muon.weight_decay = 0.0
+  # None: Jordan's sqrt(max(1, fan_out / fan_in)); a number r: Moonlight's
+  # r * sqrt(max(fan_in, fan_out)) (0.2 matches AdamW's update RMS).
+  c.optimizer.muon.consistent_rms = ml_collections.config_dict.placeholder(float)
+
+  return c

@@ -1,0 +1,67 @@
+"""Train a config: ``python -m experiments.train --config=experiments/configs/base.py:tiny
+--workdir=runs/x [--config.a.b=value ...]``.
+
+Writes metrics.jsonl, config.json, checkpoints/, tensorboard/ and loss_curve.png into
+the workdir; running again with the same workdir resumes from the last checkpoint.
+"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has a checkpoint).")
+_STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop and checkpoint after this step "
+                                "(the schedule still spans train.steps).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  from lm.errors import ConfigError
+  from lm import train
+  try:
+    summary = train.run(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, "
+        f"eval_loss {summary['eval_loss'] if summary['eval_loss'] is None else round(summary['eval_loss'], 4)}; "
+        f"workdir {os.path.abspath(_WORKDIR.value)}")
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Stops with one clear line on an override of a field the config does not have."""
+  from experiments.configs import load, unknown_override
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return
+  try:
+    config = load(spec)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for arg in argv:
+    if arg.startswith("--config."):
+      message = unknown_override(config, arg[len("--config."):].split("=", 1)[0])
+      if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli():
+  flags.mark_flags_as_required(["config", "workdir"])
+  check_overrides(sys.argv)
+  try:
+    app.run(main)
+  except (KeyError, AttributeError, ValueError) as e:  # raised while parsing --config.* overrides
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run_cli()

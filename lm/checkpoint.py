@@ -1,0 +1,93 @@
+"""Checkpoints: model, optimizer state, step, RNG, data iterator and config together.
+
+Built on orbax's ``CheckpointManager``: each step is written into a temporary
+directory and renamed into place only when complete (orbax's atomic commit), so
+a crash or kill mid-save leaves the previous checkpoint intact.
+"""
+import json
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lm.errors import ConfigError
+
+# Config subtrees that determine the shapes of what is saved: a checkpoint from a
+# config that differs in any of them cannot be resumed.
+_ARCH_FIELDS = ("model", "optimizer.name")
+
+
+def _get(d: dict, dotted: str):
+  for part in dotted.split("."):
+    d = d[part] if isinstance(d, dict) and part in d else None
+  return d
+
+
+def _flatten(d, prefix=""):
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+class Checkpointer:
+  """Saves and restores the train state and the data iterator under ``directory``."""
+
+  def __init__(self, directory: str, *, keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True),
+        item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict) -> None:
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))),
+        force=True)
+    self.manager.wait_until_finished()
+
+  def check_compatible(self, config: ml_collections.ConfigDict, step: int) -> None:
+    """Raises ConfigError when the checkpoint at ``step`` came from another architecture."""
+    saved = self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    current = json.loads(config.to_json_best_effort())
+    for field in _ARCH_FIELDS:
+      old, new = _flatten(_get(saved, field) or {}, field), _flatten(_get(current, field), field)
+      for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+          raise ConfigError(
+              key, new.get(key),
+              f"the workdir's checkpoint (step {step}, {self.directory}) was written with "
+              f"{key}={old.get(key)!r}, an incompatible config",
+              "use a new --workdir, or the same value as the checkpoint")
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Restores the state (onto ``abstract_state``'s shardings) and the iterator in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings where known) for restoring onto ``tree``'s layout."""
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.tree.map(one, tree)

@@ -1,0 +1,66 @@
+"""Validation and resolution of experiment configs: every bad value stops with one line."""
+import ml_collections
+
+from lm.errors import ConfigError
+
+_POSITIVE_INTS = (
+    "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+    "data.seq_len", "data.batch_size", "train.steps", "train.log_every",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    "train.keep_checkpoints")
+_CHOICES = {
+    "optimizer.name": ("adamw", "muon"),
+    "optimizer.schedule": ("cosine", "wsd", "constant"),
+    "data.source": ("embedded", "files", "synthetic"),
+    "train.progress": ("auto", "bar", "log"),
+}
+
+
+def get(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields every run needs; raises ConfigError naming the first bad one."""
+  for field in _POSITIVE_INTS:
+    value = get(config, field)
+    if not isinstance(value, int) or value <= 0:
+      raise ConfigError(field, value, "must be a positive integer", f"set --config.{field}=N, N > 0")
+  for field, choices in _CHOICES.items():
+    value = get(config, field)
+    if value not in choices:
+      raise ConfigError(field, value, "unknown choice", f"use one of {', '.join(choices)}")
+  m = config.model
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError("model.n_kv_heads", m.n_kv_heads,
+                      f"must divide model.n_heads={m.n_heads} (grouped-query attention)",
+                      "choose n_kv_heads among the divisors of n_heads")
+  head_dim = m.head_dim or m.d_model // m.n_heads
+  if m.head_dim < 0 or (not m.head_dim and m.d_model % m.n_heads):
+    raise ConfigError("model.head_dim", m.head_dim,
+                      f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}",
+                      "set model.head_dim explicitly or make d_model a multiple of n_heads")
+  if head_dim % 2:
+    raise ConfigError("model.head_dim", head_dim, "RoPE needs an even head dim",
+                      "use an even head_dim")
+  if m.vocab_size < 0:
+    raise ConfigError("model.vocab_size", m.vocab_size, "must be >= 0",
+                      "use 0 for the tokenizer's vocabulary or a positive size")
+  if not 0 < config.optimizer.learning_rate:
+    raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate,
+                      "must be positive", "set a learning rate > 0")
+
+
+def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
+  """The model's vocabulary: config value, or the tokenizer's padded to a multiple of 128."""
+  v = config.model.vocab_size
+  if v == 0:
+    return -(-tokenizer_vocab // 128) * 128
+  if v < tokenizer_vocab:
+    raise ConfigError("model.vocab_size", v,
+                      f"smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
+                      f"use 0 (automatic) or a value >= {tokenizer_vocab}")
+  return v

@@ -1,0 +1,125 @@
+"""Decoder-only transformer LM assembled from config (Flax NNX).
+
+embedding -> n_layers x [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU ->
+residual] -> RMSNorm -> head (tied to the embedding or its own matrix).
+Parameters are stored in ``param_dtype`` and cast to ``dtype`` for compute;
+logits and the loss are fp32. Every parameter carries logical axis names.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from attention.layer import Attention, logical_param
+from attention.spec import AttentionSpec
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str, field: str):
+  if name not in _DTYPES:
+    from lm.errors import ConfigError
+    raise ConfigError(field, name, "unknown dtype", f"use one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in fp32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",),
+                           eager_sharding=False)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(x gate) * (x up)) (Shazeer 2020)."""
+
+  def __init__(self, d_model: int, d_ff: int, *, rngs, dtype, param_dtype):
+    self.dtype = dtype
+    self.gate = logical_param(rngs, (d_model, d_ff), ("embed", "mlp"), d_model, param_dtype)
+    self.up = logical_param(rngs, (d_model, d_ff), ("embed", "mlp"), d_model, param_dtype)
+    self.down = logical_param(rngs, (d_ff, d_model), ("mlp", "embed"), d_ff, param_dtype)
+
+  def __call__(self, x_BTD):
+    dt = self.dtype
+    x = x_BTD.astype(dt)
+    h_BTF = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    return h_BTF @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs, dtype, param_dtype):
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+    self.attn = Attention(
+        cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim, rngs=rngs,
+        rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
+        spec=AttentionSpec(causal=True), dtype=dtype, param_dtype=param_dtype)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+    self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x_BTD, positions_BT):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class Transformer(nnx.Module):
+  """The LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]`` in fp32."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int, *, rngs: nnx.Rngs):
+    dtype = dtype_of(cfg.dtype, "model.dtype")
+    param_dtype = dtype_of(cfg.param_dtype, "model.param_dtype")
+    self.dtype, self.tie_embeddings = dtype, cfg.tie_embeddings
+    D = cfg.d_model
+    # Embedding rows have unit variance; the tied head rescales by 1/sqrt(D).
+    self.embedding = nnx.Param(
+        jax.random.normal(rngs.params(), (vocab_size, D), param_dtype),
+        out_sharding=("vocab", "embed"), eager_sharding=False)
+    # Named attributes (not a list) keep every parameter path a string, which
+    # checkpoints and logs rely on.
+    self.n_layers = cfg.n_layers
+    for i in range(cfg.n_layers):
+      setattr(self, f"block_{i}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
+    self.final_norm = RMSNorm(D, cfg.norm_eps, param_dtype)
+    if not cfg.tie_embeddings:
+      self.head = logical_param(rngs, (D, vocab_size), ("embed", "vocab"), D, param_dtype)
+
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None):
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+    for i in range(self.n_layers):
+      x_BTD = getattr(self, f"block_{i}")(x_BTD, positions_BT)
+    x_BTD = self.final_norm(x_BTD)
+    if self.tie_embeddings:
+      w_DV = self.embedding[...].T * (x_BTD.shape[-1] ** -0.5)
+    else:
+      w_DV = self.head[...]
+    return jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int, seed: int,
+                abstract: bool = False):
+  """Returns (graphdef, params as a pure dict, logical axes with the same structure).
+
+  With ``abstract=True`` the params are ShapeDtypeStructs and nothing is allocated.
+  """
+  make = lambda: Transformer(model_cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+  model = nnx.eval_shape(make) if abstract else make()
+  graphdef, state = nnx.split(model, nnx.Param)
+  axes = jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or ()), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

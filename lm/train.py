@@ -1,0 +1,193 @@
+"""Pure train/eval steps and the loop around them.
+
+The state is a plain dict pytree ``{step, params, opt_state, rng}``; the model's
+graph definition is held outside it and merged inside the jitted step, so the
+Python graph is walked only when the step is traced, never per step.
+"""
+import copy
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lm import config as config_lib
+from lm import data as data_lib
+from lm.checkpoint import Checkpointer, abstract_like
+from lm.metrics import MetricsLogger
+from lm.model import build_model, count_params
+from optim.chain import build_optimizer
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config: model graph, optimizer, data and step functions."""
+  config: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  logical_axes: dict
+  optimizer: object  # optim.chain's built optimizer: .tx and .learning_rates
+  data: object
+  init_state: callable
+  train_step: callable
+  eval_step: callable
+
+
+def loss_fn(graphdef, params, batch):
+  """Weighted mean next-token cross-entropy (fp32) and the weight sum."""
+  logits_BTV = nnx.merge(graphdef, params)(batch["inputs"])
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  weights_BT = batch["weights"].astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(weights_BT), 1.0)
+  return jnp.sum(losses_BT * weights_BT) / total, total
+
+
+def make_steps(graphdef, tx):
+  """Builds the pure ``train_step(state, batch)`` and ``eval_step(params, batch)``."""
+
+  def train_step(state, batch):
+    (loss, tokens), grads = jax.value_and_grad(
+        lambda p: loss_fn(graphdef, p, batch), has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    return new_state, metrics
+
+  def eval_step(params, batch):
+    loss, tokens = loss_fn(graphdef, params, batch)
+    return loss * tokens, tokens
+
+  return train_step, eval_step
+
+
+def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
+          process_count: int = 1) -> Experiment:
+  """Validates ``config`` and builds the experiment (no arrays are trained yet)."""
+  config_lib.validate(config)
+  data = data_lib.make_data(config.data, seed=config.seed, process_index=process_index,
+                            process_count=process_count)
+  vocab = config_lib.resolve_vocab(config, data.vocab_size)
+  with config.unlocked():
+    config.model.vocab_size = vocab
+  graphdef, _, axes = build_model(config.model, vocab, config.seed, abstract=True)
+  optimizer = build_optimizer(config.optimizer, axes, config.train.steps)
+  train_step, eval_step = make_steps(graphdef, optimizer.tx)
+
+  def init_state():
+    _, params, _ = build_model(config.model, vocab, config.seed)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(config.seed))}
+
+  return Experiment(config, graphdef, axes, optimizer, data, init_state,
+                    jax.jit(train_step, donate_argnums=0), jax.jit(eval_step))
+
+
+def evaluate(exp: Experiment, params) -> float:
+  total, count = 0.0, 0.0
+  for batch in exp.data.eval_batches(exp.config.train.eval_batches):
+    s, n = exp.eval_step(params, batch)
+    total, count = total + float(s), count + float(n)
+  return total / max(count, 1.0)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+        process_index: int = 0, process_count: int = 1) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  Args:
+    config: an experiment config (see experiments/configs/base.py).
+    workdir: where metrics.jsonl, config.json, checkpoints/ and TensorBoard
+      events go. Re-running with the same workdir resumes.
+    stop_at: stop (and checkpoint) after this step without changing the
+      schedule, as a preemption would; None runs to ``train.steps``.
+
+  Returns:
+    A summary: final step, last train loss, last eval loss, parameter count.
+  """
+  config = copy.deepcopy(config)  # ConfigDict(config) would share (and mutate) the caller's
+  exp = build(config, process_index=process_index, process_count=process_count)
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+  data_iter = exp.data.train_iterator()
+  state = exp.init_state()
+  latest = ckpt.latest_step()
+  if latest is not None:
+    ckpt.check_compatible(config, latest)
+    state = ckpt.restore(latest, abstract_like(state), data_iter)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  step = int(state["step"])
+  end = min(tc.steps, stop_at) if stop_at else tc.steps
+  logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=step,
+                         progress=tc.progress, enabled=process_index == 0)
+  n_params = count_params(state["params"])
+  logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters, steps {step} -> {end}"
+              + (f" (resumed from step {latest})" if latest is not None else ""))
+  pending, t_last, last_loss, eval_loss = [], time.perf_counter(), float("nan"), None
+  with _Preemption() as preempt:
+    while step < end:
+      batch = next(data_iter)
+      state, metrics = exp.train_step(state, batch)
+      step += 1
+      pending.append(metrics)
+      if step % tc.log_every == 0 or step == end:
+        host = jax.device_get(pending)
+        now = time.perf_counter()
+        tokens = sum(float(m["tokens"]) for m in host)
+        last_loss = float(host[-1]["loss"])
+        record = {"step": step, "loss": last_loss,
+                  "loss_avg": float(np.mean([m["loss"] for m in host])),
+                  "grad_norm": float(host[-1]["grad_norm"]),
+                  "tokens_per_sec": tokens * process_count / max(now - t_last, 1e-9)}
+        for group, schedule in exp.optimizer.learning_rates.items():
+          record[f"learning_rate/{group}"] = float(schedule(step - 1))
+        record["learning_rate"] = record[f"learning_rate/{next(iter(exp.optimizer.learning_rates))}"]
+        logger.log(record)
+        pending, t_last = [], time.perf_counter()
+      if step % tc.eval_every == 0 or step == tc.steps:
+        eval_loss = evaluate(exp, state["params"])
+        logger.log({"step": step, "eval_loss": eval_loss})
+        t_last = time.perf_counter()
+      if step % tc.checkpoint_every == 0 or step == end or preempt.requested:
+        ckpt.save(step, state, data_iter, config)
+        t_last = time.perf_counter()
+      if preempt.requested:
+        logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting")
+        break
+  ckpt.close()
+  logger.close(plot=tc.plot)
+  return {"step": step, "loss": last_loss, "eval_loss": eval_loss, "params": n_params,
+          "state": state}

@@ -1,0 +1,19 @@
+"""The Colab quickstart runs top to bottom on CPU."""
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+  monkeypatch.setenv("KESTREL_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  nb = nbformat.read(os.path.join(ROOT, "colab", "quickstart.ipynb"), as_version=4)
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+  assert "jax" in outputs and "'step': 60" in outputs
+  assert os.path.exists(tmp_path / "run" / "metrics.jsonl")

@@ -1,0 +1,135 @@
+"""lm/train.py and the CLI: learning, exact resume, outputs, preemption, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs.base import get_config
+from lm import train
+from lm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**overrides):
+  c = get_config("tiny")
+  c.train.progress = "log"
+  c.train.plot = False
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split("__")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_loss_decreases_and_outputs_written(tmp_path):
+  c = tiny(train__plot=True)
+  summary = train.run(c, str(tmp_path))
+  recs = records(tmp_path)
+  losses = [r["loss"] for r in recs if "loss" in r]
+  evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+  assert losses[0] > 5.5  # ~ln(384) at init
+  assert np.mean(losses[-5:]) < losses[0] - 2.0
+  assert evals[-1] < evals[0] - 0.5
+  for r in recs:
+    if "loss" in r:
+      assert {"step", "loss", "learning_rate", "tokens_per_sec"} <= set(r)
+  assert summary["step"] == c.train.steps
+  assert json.load(open(tmp_path / "config.json"))["model"]["vocab_size"] == 384
+  assert os.path.isdir(tmp_path / "checkpoints" / str(c.train.steps))
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_exact(tmp_path, optimizer):
+  c = tiny(train__steps=12, train__log_every=1, train__eval_every=6, train__checkpoint_every=100,
+           optimizer__name=optimizer)
+  full = train.run(c, str(tmp_path / "full"))
+  half = train.run(c, str(tmp_path / "split"), stop_at=5)
+  assert half["step"] == 5
+  resumed = train.run(c, str(tmp_path / "split"))
+  assert resumed["step"] == 12
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  strip = lambda rs: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rs]
+  assert strip(records(tmp_path / "full")) == strip(records(tmp_path / "split"))
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+  train.run(tiny(train__steps=2), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"model.d_model=.*incompatible.*Fix: use a new --workdir"):
+    train.run(tiny(train__steps=4, model__d_model=32), str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model__n_kv_heads", 3, "model.n_kv_heads=3"),
+    ("model__d_model", 0, "model.d_model=0"),
+    ("data__batch_size", -2, "data.batch_size=-2"),
+    ("train__steps", 0, "train.steps=0"),
+    ("optimizer__name", "sgd", "optimizer.name='sgd'"),
+    ("model__vocab_size", 100, "model.vocab_size=100"),
+    ("data__seq_len", 10_000_000, "data.seq_len"),
+])
+def test_config_errors_name_field_value_and_fix(tmp_path, field, value, match):
+  with pytest.raises((ConfigError, ValueError), match=match) as info:
+    train.run(tiny(**{field: value}), str(tmp_path))
+  assert "Fix:" in str(info.value)
+
+
+def _cli(*args, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_cli_overrides_and_unknown_key(tmp_path):
+  p = _cli("--config=experiments/configs/base.py:tiny", f"--workdir={tmp_path}",
+           "--config.train.steps=3", "--config.optimizer.name=muon", "--config.train.plot=False")
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out
+  cfg = json.load(open(tmp_path / "config.json"))
+  assert cfg["train"]["steps"] == 3 and cfg["optimizer"]["name"] == "muon"
+  assert records(tmp_path)[-1]["step"] == 3
+  p = _cli("--config=experiments/configs/base.py:tiny", f"--workdir={tmp_path}/x",
+           "--config.model.n_hedas=4")
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 2
+  assert "unknown config field 'n_hedas' under model" in out and "n_heads" in out
+  p = _cli("--config=experiments/configs/base.py:tiny", f"--workdir={tmp_path}/y",
+           "--config.model.n_kv_heads=3")
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 2 and out.strip().splitlines()[-1].startswith("error: model.n_kv_heads=3")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  p = _cli("--config=experiments/configs/base.py:tiny", f"--workdir={tmp_path}",
+           "--config.train.steps=100000", "--config.train.log_every=1",
+           "--config.train.checkpoint_every=100000", "--config.train.progress=log")
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if os.path.exists(tmp_path / "metrics.jsonl") and len(records(tmp_path)) >= 3:
+      break
+    time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 0, out
+  assert "SIGTERM: saved checkpoint" in out
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert saved and max(saved) >= 3
+  # The saved state resumes: a short continuation starts from that step.
+  c = tiny(train__steps=max(saved) + 2)
+  assert train.run(c, str(tmp_path))["step"] == max(saved) + 2
