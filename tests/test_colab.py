@@ -15,5 +15,5 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
                  resources={"metadata": {"path": ROOT}}).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
-  assert "jax" in outputs and "'step': 60" in outputs
+  assert "jax" in outputs and "'step': 300" in outputs
   assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
