@@ -133,3 +133,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   # The saved state resumes: a short continuation starts from that step.
   c = tiny(train__steps=max(saved) + 2)
   assert train.run(c, str(tmp_path))["step"] == max(saved) + 2
+
+
+def test_interrupted_save_never_hides_the_last_good_checkpoint(tmp_path):
+  c = tiny(train__steps=8, train__checkpoint_every=4)
+  train.run(c, str(tmp_path), stop_at=8)
+  # A save killed midway leaves only orbax's temporary directory behind.
+  partial = tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+  c.train.steps = 10
+  summary = train.run(c, str(tmp_path))
+  assert summary["step"] == 10
+  recs = records(tmp_path)
+  assert [r["step"] for r in recs if "loss" in r][-2:] == [9, 10]

@@ -3,7 +3,7 @@
 Usage: ``--config=experiments/configs/base.py:<size>`` with size one of
 ``tiny`` (tests, seconds on a CPU), ``default`` (the README's default experiment:
 a few minutes on a 2-core CPU), ``small`` (~20M, one accelerator) and ``125m``
-(GPT-2-small shape, accelerators).
+(~125M parameters at GPT-2-small width and depth, accelerators).
 """
 import ml_collections
 
