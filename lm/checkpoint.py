@@ -8,7 +8,6 @@ import json
 import os
 
 import grain
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -84,10 +83,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
-
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings where known) for restoring onto ``tree``'s layout."""
-  def one(x):
-    sharding = getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  return jax.tree.map(one, tree)

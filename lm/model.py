@@ -12,6 +12,7 @@ from flax import nnx
 
 from attention.layer import Attention, logical_param
 from attention.spec import AttentionSpec
+from lm.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -95,16 +96,19 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    residual = ("batch", "length", "embed")
     x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+    x_BTD = constrain(x_BTD, residual)
     for i in range(self.n_layers):
-      x_BTD = getattr(self, f"block_{i}")(x_BTD, positions_BT)
+      x_BTD = constrain(getattr(self, f"block_{i}")(x_BTD, positions_BT), residual)
     x_BTD = self.final_norm(x_BTD)
     if self.tie_embeddings:
       w_DV = self.embedding[...].T * (x_BTD.shape[-1] ** -0.5)
     else:
       w_DV = self.head[...]
-    return jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ("batch", "length", "vocab"))
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int, seed: int,

@@ -6,10 +6,8 @@ Python graph is walked only when the step is traced, never per step.
 """
 import copy
 import dataclasses
-import json
 import os
 import signal
-import sys
 import time
 
 import jax
@@ -18,10 +16,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lm import config as config_lib
 from lm import data as data_lib
-from lm.checkpoint import Checkpointer, abstract_like
+from lm import sharding
+from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger
 from lm.model import build_model, count_params
 from optim.chain import build_optimizer
@@ -29,15 +30,24 @@ from optim.chain import build_optimizer
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything built from a config: model graph, optimizer, data and step functions."""
+  """Everything built from a config: mesh, model graph, optimizer, data, step functions."""
   config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
   logical_axes: dict
-  optimizer: object  # optim.chain's built optimizer: .tx and .learning_rates
+  optimizer: object  # optim.chain.Built: .tx and .learning_rates
   data: object
+  state_shardings: dict
+  batch_sharding: NamedSharding
+  abstract_state: dict  # ShapeDtypeStructs carrying the target shardings
   init_state: callable
   train_step: callable
   eval_step: callable
+
+  def put_batch(self, local_batch: dict) -> dict:
+    """This process's rows -> global arrays sharded over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
 
 
 def loss_fn(graphdef, params, batch):
@@ -49,12 +59,13 @@ def loss_fn(graphdef, params, batch):
   return jnp.sum(losses_BT * weights_BT) / total, total
 
 
-def make_steps(graphdef, tx):
+def make_steps(graphdef, tx, mesh):
   """Builds the pure ``train_step(state, batch)`` and ``eval_step(params, batch)``."""
 
   def train_step(state, batch):
-    (loss, tokens), grads = jax.value_and_grad(
-        lambda p: loss_fn(graphdef, p, batch), has_aux=True)(state["params"])
+    with sharding.activation_sharding(mesh):
+      (loss, tokens), grads = jax.value_and_grad(
+          lambda p: loss_fn(graphdef, p, batch), has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
@@ -62,39 +73,58 @@ def make_steps(graphdef, tx):
     return new_state, metrics
 
   def eval_step(params, batch):
-    loss, tokens = loss_fn(graphdef, params, batch)
+    with sharding.activation_sharding(mesh):
+      loss, tokens = loss_fn(graphdef, params, batch)
     return loss * tokens, tokens
 
   return train_step, eval_step
 
 
-def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
-          process_count: int = 1) -> Experiment:
-  """Validates ``config`` and builds the experiment (no arrays are trained yet)."""
+def build(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
+  """Validates ``config`` and builds the experiment on a mesh over ``devices``
+  (default: every device of every process). Nothing is allocated yet."""
   config_lib.validate(config)
-  data = data_lib.make_data(config.data, seed=config.seed, process_index=process_index,
-                            process_count=process_count)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  data = data_lib.make_data(config.data, seed=config.seed, process_index=jax.process_index(),
+                            process_count=jax.process_count())
   vocab = config_lib.resolve_vocab(config, data.vocab_size)
   with config.unlocked():
     config.model.vocab_size = vocab
-  graphdef, _, axes = build_model(config.model, vocab, config.seed, abstract=True)
+  graphdef, abstract_params, axes = build_model(config.model, vocab, config.seed, abstract=True)
   optimizer = build_optimizer(config.optimizer, axes, config.train.steps)
-  train_step, eval_step = make_steps(graphdef, optimizer.tx)
+  train_step, eval_step = make_steps(graphdef, optimizer.tx, mesh)
 
-  def init_state():
+  def init_fn():
     _, params, _ = build_model(config.model, vocab, config.seed)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": optimizer.tx.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed))}
 
-  return Experiment(config, graphdef, axes, optimizer, data, init_state,
-                    jax.jit(train_step, donate_argnums=0), jax.jit(eval_step))
+  shapes = jax.eval_shape(init_fn)
+  param_specs = sharding.tree_specs(axes, abstract_params, mesh)
+  specs = {"step": P(), "rng": P(), "params": param_specs,
+           "opt_state": sharding.like_params_specs(shapes["opt_state"], abstract_params, param_specs)}
+  state_shardings = sharding.named(mesh, specs)
+  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, state_shardings)
+  batch_spec = sharding.logical_to_spec(("batch", "length"), (config.data.batch_size, config.data.seq_len),
+                                        dict(mesh.shape), what="the batch")
+  batch_sharding = NamedSharding(mesh, batch_spec)
+  replicated = NamedSharding(mesh, P())
+  return Experiment(
+      config, mesh, graphdef, axes, optimizer, data, state_shardings, batch_sharding,
+      abstract_state,
+      init_state=jax.jit(init_fn, out_shardings=state_shardings),
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_sharding),
+                        out_shardings=replicated))
 
 
 def evaluate(exp: Experiment, params) -> float:
   total, count = 0.0, 0.0
   for batch in exp.data.eval_batches(exp.config.train.eval_batches):
-    s, n = exp.eval_step(params, batch)
+    s, n = exp.eval_step(params, exp.put_batch(batch))
     total, count = total + float(s), count + float(n)
   return total / max(count, 1.0)
 
@@ -122,7 +152,7 @@ class _Preemption:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
-        process_index: int = 0, process_count: int = 1) -> dict:
+        devices=None) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
 
   Args:
@@ -131,36 +161,40 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       events go. Re-running with the same workdir resumes.
     stop_at: stop (and checkpoint) after this step without changing the
       schedule, as a preemption would; None runs to ``train.steps``.
+    devices: the devices of the mesh (default: all devices of all processes).
 
   Returns:
     A summary: final step, last train loss, last eval loss, parameter count.
   """
   config = copy.deepcopy(config)  # ConfigDict(config) would share (and mutate) the caller's
-  exp = build(config, process_index=process_index, process_count=process_count)
+  exp = build(config, devices=devices)
   tc = config.train
+  lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   data_iter = exp.data.train_iterator()
-  state = exp.init_state()
   latest = ckpt.latest_step()
   if latest is not None:
     ckpt.check_compatible(config, latest)
-    state = ckpt.restore(latest, abstract_like(state), data_iter)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    state = ckpt.restore(latest, exp.abstract_state, data_iter)
+  else:
+    state = exp.init_state()
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   step = int(state["step"])
   end = min(tc.steps, stop_at) if stop_at else tc.steps
   logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=step,
-                         progress=tc.progress, enabled=process_index == 0)
+                         progress=tc.progress, enabled=lead)
   n_params = count_params(state["params"])
-  logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters, steps {step} -> {end}"
+  mesh_desc = " x ".join(f"{a}={s}" for a, s in exp.mesh.shape.items() if s > 1) or "1 device"
+  logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters, mesh {mesh_desc}, steps {step} -> {end}"
               + (f" (resumed from step {latest})" if latest is not None else ""))
   pending, t_last, last_loss, eval_loss = [], time.perf_counter(), float("nan"), None
-  with _Preemption() as preempt:
+  with _Preemption() as preempt, jax.set_mesh(exp.mesh):
     while step < end:
-      batch = next(data_iter)
-      state, metrics = exp.train_step(state, batch)
+      state, metrics = exp.train_step(state, exp.put_batch(next(data_iter)))
       step += 1
       pending.append(metrics)
       if step % tc.log_every == 0 or step == end:
@@ -171,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         record = {"step": step, "loss": last_loss,
                   "loss_avg": float(np.mean([m["loss"] for m in host])),
                   "grad_norm": float(host[-1]["grad_norm"]),
-                  "tokens_per_sec": tokens * process_count / max(now - t_last, 1e-9)}
+                  "tokens_per_sec": tokens / max(now - t_last, 1e-9)}
         for group, schedule in exp.optimizer.learning_rates.items():
           record[f"learning_rate/{group}"] = float(schedule(step - 1))
         record["learning_rate"] = record[f"learning_rate/{next(iter(exp.optimizer.learning_rates))}"]

@@ -24,6 +24,15 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.name = f"base-{size}"
   c.seed = 0
 
+  # Device mesh (lm/sharding.py): sizes per axis, -1 fills the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.dcn = 1  # slices (multi-slice TPU), data parallel over the data-center network
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.expert = 1
+  c.mesh.sequence = 1
+  c.mesh.tensor = 1
+
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary, padded up to a multiple of 128
   c.model.d_model = d
