@@ -15,6 +15,27 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has a checkpoint).")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop and checkpoint after this step "
                                 "(the schedule still spans train.steps).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, SLURM, "
+    "...). Implied by --coordinator_address or the JAX_COORDINATOR_ADDRESS variable.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None,
+    "Number of processes (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+    "This process's index (default: $JAX_PROCESS_ID).")
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process run when asked to; must precede any use of a device."""
+  if not (_DISTRIBUTED.value or _COORDINATOR.value):
+    return
+  import jax
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def main(argv):
@@ -22,6 +43,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  initialize_distributed()
   from lm.errors import ConfigError
   from lm import train
   try:

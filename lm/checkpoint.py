@@ -4,10 +4,12 @@ Built on orbax's ``CheckpointManager``: each step is written into a temporary
 directory and renamed into place only when complete (orbax's atomic commit), so
 a crash or kill mid-save leaves the previous checkpoint intact.
 """
+import glob
 import json
 import os
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -73,11 +75,24 @@ class Checkpointer:
               f"{key}={old.get(key)!r}, an incompatible config",
               "use a new --workdir, or the same value as the checkpoint")
 
-  def restore(self, step: int, abstract_state, data_iterator):
-    """Restores the state (onto ``abstract_state``'s shardings) and the iterator in place."""
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state onto ``abstract_state``'s shardings (any mesh) and, if
+    given, the data iterator in place.
+
+    grain writes one iterator file per process. Kestrel's pipelines are the same
+    on every process up to the global batch (each process then keeps its rows),
+    so every file holds the same position: when the process count changed, the
+    iterator is restored from process 0's file.
+    """
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state=ocp.args.StandardRestore(abstract_state)))
+    if data_iterator is not None:
+      data_dir = os.path.join(self.directory, str(step), "data")
+      own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      files = sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))
+      path = own if os.path.exists(own) else (files[0] if files else own)
+      with open(path) as f:
+        data_iterator.set_state(json.load(f))
     return restored["state"]
 
   def close(self) -> None:

@@ -10,11 +10,12 @@ Text sources (``embedded``, ``files``): documents are split into train and val
 by document with ``data.shuffle_seed`` only (the val set does not move with the
 experiment seed), each document is byte-tokenized with an EOS appended, and the
 stream is packed concat-then-split into rows of ``seq_len + 1`` tokens. Train
-documents are reshuffled every epoch and repeat forever. Multi-process: train
-is sharded at document level (``docs[process_index::process_count]``, before
-shuffling); val is packed once on every process and each process takes its
-own slice of every global eval batch, so the global eval batches do not depend
-on ``process_count``. ``files`` gives one document per file; a single file is
+documents are reshuffled every epoch and repeat forever. Multi-process: every
+process runs the same pipeline up to the global batch and keeps only its own
+rows of it (``rows = batch_size // process_count``, process p takes rows
+``[p * rows, (p + 1) * rows)``), for train and val alike, so the global batches
+-- and the training run -- do not depend on ``process_count``. Packing runs on
+every process; fine for corpora that fit in memory (this one is 1.4 MB). ``files`` gives one document per file; a single file is
 split into blank-line separated chunks so that it can be split train/val.
 
 Synthetic sources (``synthetic``): ``mqar`` and ``copy`` examples generated
@@ -184,15 +185,19 @@ def _to_example(packed: dict[str, np.ndarray]) -> Batch:
           "weights": (segments_S[1:] != 0).astype(np.float32)}
 
 
-def lm_train_dataset(docs: list[str], tokenizer, *, seq_len: int,
-                     batch_rows: int, seed: int) -> grain.IterDataset:
-  """Infinite train batches: shuffle (new order each epoch), tokenize, pack, batch."""
+def lm_train_dataset(docs: list[str], tokenizer, *, seq_len: int, global_batch: int,
+                     first_row: int, batch_rows: int, seed: int) -> grain.IterDataset:
+  """Infinite train batches: shuffle (new order each epoch), tokenize, pack, batch
+  to the global batch, keep this process's rows."""
   eos = np.array([tokenizer.eos_id], np.int32)
   ds = grain.MapDataset.source(docs).shuffle(seed=seed).repeat()
   ds = ds.map(lambda doc: {"tokens": np.concatenate([tokenizer.encode(doc), eos])})
   packed = grain_exp.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1})
-  return packed.map(_to_example).batch(batch_rows, drop_remainder=True)
+  batches = packed.map(_to_example).batch(global_batch, drop_remainder=True)
+  if batch_rows == global_batch:
+    return batches
+  return batches.map(lambda b: {k: v[first_row:first_row + batch_rows] for k, v in b.items()})
 
 
 def pack_rows(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +301,7 @@ class Data:
     vocab_size: the tokenizer's vocabulary size (257 for ``byte``).
     batch_rows: rows per batch on this process (global batch // process_count).
     seq_len: T, the length of ``inputs``/``targets``/``weights``.
-    train_documents: this process's train documents (empty for synthetic).
+    train_documents: the train documents (empty for synthetic).
     val_documents: all val documents (empty for synthetic).
   """
 
@@ -379,13 +384,12 @@ def make_data(data_cfg, *, seed: int, process_index: int = 0,
   docs = load_documents(data_cfg)
   train_docs, val_docs = split_documents(docs, data_cfg.val_fraction,
                                          data_cfg.shuffle_seed)
-  shard = train_docs[process_index::process_count]
-  n_train = sum(len(tokenizer.encode(d)) + 1 for d in shard)  # tokens + EOS
-  _check_enough_tokens(n_train, seq_len, f"the train split (process "
-                       f"{process_index} of {process_count})")
+  n_train = sum(len(tokenizer.encode(d)) + 1 for d in train_docs)  # tokens + EOS
+  _check_enough_tokens(n_train, seq_len, "the train split")
   val_tokens_RS, val_valid_RS = pack_rows(val_docs, tokenizer, seq_len)
   _check_enough_tokens(int(val_valid_RS.sum()), seq_len, "the val split")
-  train = lm_train_dataset(shard, tokenizer, seq_len=seq_len, batch_rows=rows,
+  train = lm_train_dataset(train_docs, tokenizer, seq_len=seq_len, global_batch=global_batch,
+                           first_row=first_row, batch_rows=rows,
                            seed=_mix_seed(seed, data_cfg.shuffle_seed))
 
   def eval_fn(b: int) -> Batch:  # rows of global batch b, cycling the val split
@@ -394,4 +398,4 @@ def make_data(data_cfg, *, seed: int, process_index: int = 0,
     return {"inputs": tokens_BS[:, :-1], "targets": tokens_BS[:, 1:],
             "weights": valid_BS[:, 1:].astype(np.float32)}
 
-  return Data(tokenizer.vocab_size, rows, seq_len, train, eval_fn, shard, val_docs)
+  return Data(tokenizer.vocab_size, rows, seq_len, train, eval_fn, train_docs, val_docs)
