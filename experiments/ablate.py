@@ -207,6 +207,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "out"])
-  from experiments.train import check_overrides
+  from experiments.configs import check_overrides
   check_overrides(sys.argv)
   app.run(main)

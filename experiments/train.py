@@ -56,27 +56,9 @@ def main(argv):
         f"workdir {os.path.abspath(_WORKDIR.value)}")
 
 
-def check_overrides(argv: list[str]) -> None:
-  """Stops with one clear line on an override of a field the config does not have."""
-  from experiments.configs import load, unknown_override
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
-    return
-  try:
-    config = load(spec)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  for arg in argv:
-    if arg.startswith("--config."):
-      message = unknown_override(config, arg[len("--config."):].split("=", 1)[0])
-      if message:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run_cli():
   flags.mark_flags_as_required(["config", "workdir"])
+  from experiments.configs import check_overrides
   check_overrides(sys.argv)
   try:
     app.run(main)

@@ -1,6 +1,7 @@
 """Experiment configs: one file per experiment, each defining ``get_config(arg)``."""
 import importlib.util
 import os
+import sys
 
 import ml_collections
 
@@ -31,3 +32,21 @@ def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | No
     node = node[part]
     seen.append(part)
   return None
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Stops with one clear line on an override of a field the config does not have."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return
+  try:
+    config = load(spec)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for arg in argv:
+    if arg.startswith("--config."):
+      message = unknown_override(config, arg[len("--config."):].split("=", 1)[0])
+      if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,55 @@
+"""TPU AOT compiles of the real train step from this CPU host (jax[tpu]'s compiler)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.configs import base, pod
+from lm import aot
+from lm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+def test_tiny_compiles_for_two_generations(topology):
+  c = base.get_config("tiny")
+  c.mesh.data, c.mesh.fsdp = 2, -1
+  r = aot.compile_train_step(c, topology)
+  assert r.fits and r.devices == 4 and r.mesh["fsdp"] == 2
+  assert 0 < r.param_bytes < r.argument_bytes
+  assert 0 <= r.opt_bytes - 2 * r.param_bytes < 64  # AdamW: mu and nu like the params, + counts
+  assert 0.8 < r.compiler_flops / r.model_flops < 1.5
+
+
+@pytest.mark.parametrize("name,topology", [("1b-v5p64", "v5p:4x4x2")])
+def test_pod_config_compiles_on_its_mesh(name, topology):
+  c = pod.get_config(name)
+  c.model.n_layers = 2  # the full 20-layer model compiles too (~1 min); keep the suite fast
+  r = aot.compile_train_step(c, topology)
+  assert r.devices == 32 and r.mesh["fsdp"] == 16 and r.mesh["data"] == 2
+  assert r.fits, aot.format_report(r)
+  # FSDP: each device holds ~1/16 of the parameters.
+  full = r.params * 4
+  assert full / 16 <= r.param_bytes < full / 16 * 1.2
+  assert 0.9 < r.compiler_flops / r.model_flops < 1.2
+
+
+def test_too_large_says_it_does_not_fit():
+  p = subprocess.run(
+      [sys.executable, "-m", "experiments.compile", "--config=experiments/configs/pod.py:1b-v5p64",
+       "--topology=v5e:2x2", "--config.model.n_layers=2", "--config.mesh.data=2"],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1"), capture_output=True, text=True,
+      timeout=600)
+  assert p.returncode == 1, p.stdout + p.stderr[-2000:]
+  assert "error: does not fit: v5e:2x2" in p.stderr and "HBM" in p.stderr and "Fix:" in p.stderr
+
+
+def test_bad_topology_and_mesh_errors():
+  with pytest.raises(ConfigError, match="--topology='v9z:2x2'"):
+    aot.parse_topology("v9z:2x2")
+  c = base.get_config("tiny")
+  c.mesh.data, c.mesh.tensor = 2, 4  # 8 devices asked, v5e:2x2 has 4
+  with pytest.raises(ConfigError, match="4 are present"):
+    aot.compile_train_step(c, "v5e:2x2")
