@@ -32,6 +32,8 @@ _SEEDS = flags.DEFINE_string("seeds", "0", "Comma-separated seeds; each grid poi
 _OUT = flags.DEFINE_string("out", None, "Record folder to write.")
 _TITLE = flags.DEFINE_string("title", "", "Title of the record (default: the folder name).")
 _KEEP_CKPT = flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's checkpoints.")
+_TARGET = flags.DEFINE_float("target_eval_loss", None, "Also report the first step (and wall "
+                             "time) at which eval loss reaches this value.")
 
 
 def parse_sweep(spec: str) -> tuple[str, list]:
@@ -85,7 +87,16 @@ def summarise(workdir: str, seconds: float, n_params: int) -> dict:
   return {"step": train[-1]["step"] if train else 0,
           "loss": train[-1]["loss"] if train else float("nan"),
           "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+          "evals": [[r["step"], r["eval_loss"], r.get("elapsed_s", float("nan"))] for r in evals],
           "tokens_per_sec": rates[len(rates) // 2], "seconds": seconds, "params": n_params}
+
+
+def to_target(summary: dict, target: float) -> tuple[float, float]:
+  """(first eval step with eval loss <= target, its wall seconds); nan when never reached."""
+  for step, loss, elapsed in summary.get("evals", []):
+    if loss <= target:
+      return step, elapsed
+  return float("nan"), float("nan")
 
 
 def environment() -> dict:
@@ -106,7 +117,8 @@ def _fmt(x, digits=4):
   return "nan" if x != x else f"{x:.{digits}f}"
 
 
-def write_record(out: str, title: str, base_spec: str, argv: list[str], results: list[dict]) -> None:
+def write_record(out: str, title: str, base_spec: str, argv: list[str], results: list[dict],
+                 target: float | None = None) -> None:
   import numpy as np
   from lm.metrics import read_metrics
   env = environment()
@@ -116,22 +128,34 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
            f"- base config: `{base_spec}`",
            f"- command: `python -m experiments.ablate {' '.join(argv)}`", "",
            "## Runs", "",
-           "| run | steps | train loss | eval loss | tokens/s | params | wall s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| run | steps | train loss | eval loss | tokens/s | params | wall s |"
+           + (f" steps to eval {target} | s to eval {target} |" if target else ""),
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if target else "")]
   for r in results:
     s = r["summary"]
-    lines.append(f"| {r['name']} | {s['step']} | {_fmt(s['loss'])} | {_fmt(s['eval_loss'])} | "
-                 f"{s['tokens_per_sec']:,.0f} | {s['params'] / 1e6:.2f}M | {s['seconds']:.0f} |")
+    row = (f"| {r['name']} | {s['step']} | {_fmt(s['loss'])} | {_fmt(s['eval_loss'])} | "
+           f"{s['tokens_per_sec']:,.0f} | {s['params'] / 1e6:.2f}M | {s['seconds']:.0f} |")
+    if target:
+      st, sec = to_target(s, target)
+      row += f" {_fmt(st, 0)} | {_fmt(sec, 0)} |"
+    lines.append(row)
   groups: dict[str, list] = {}
   for r in results:
     groups.setdefault(run_name(r["overrides"], 0).rsplit(",seed=", 1)[0] or "base", []).append(r)
   lines += ["", "## Mean over seeds (± std)", "",
-            "| setting | seeds | train loss | eval loss | tokens/s |", "| --- | ---: | ---: | ---: | ---: |"]
+            "| setting | seeds | train loss | eval loss | tokens/s |"
+            + (f" steps to eval {target} (mean; runs that reached it) |" if target else ""),
+            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if target else "")]
   for name, rs in groups.items():
     col = lambda k: np.array([x["summary"][k] for x in rs], dtype=float)
     ev, tr = col("eval_loss"), col("loss")
-    lines.append(f"| {name} | {len(rs)} | {_fmt(tr.mean())} ± {_fmt(tr.std(), 3)} | "
-                 f"{_fmt(ev.mean())} ± {_fmt(ev.std(), 3)} | {col('tokens_per_sec').mean():,.0f} |")
+    row = (f"| {name} | {len(rs)} | {_fmt(tr.mean())} ± {_fmt(tr.std(), 3)} | "
+           f"{_fmt(ev.mean())} ± {_fmt(ev.std(), 3)} | {col('tokens_per_sec').mean():,.0f} |")
+    if target:
+      reached = [to_target(x["summary"], target)[0] for x in rs]
+      hit = [s for s in reached if s == s]
+      row += f" {np.mean(hit):.0f} ({len(hit)}/{len(rs)}) |" if hit else f" never (0/{len(rs)}) |"
+    lines.append(row)
   lines += ["", "![loss curves](loss_curves.png)", ""]
   with open(os.path.join(out, "README.md"), "w") as f:
     f.write("\n".join(lines))
@@ -201,7 +225,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
-  write_record(out, _TITLE.value or os.path.basename(os.path.normpath(out)), spec, sys.argv[1:], results)
+  write_record(out, _TITLE.value or os.path.basename(os.path.normpath(out)), spec, sys.argv[1:],
+               results, target=_TARGET.value)
   print(f"[ablate] record written to {out}/README.md")
 
 

@@ -130,13 +130,21 @@ def evaluate(exp: Experiment, params) -> float:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into a flag the loop checks after each step.
 
-  def __init__(self):
+  Single process only: with several processes every one must stop at the same
+  step, which JAX's preemption sync point (through orbax's
+  ``reached_preemption``) decides, so no handler is installed there.
+  """
+
+  def __init__(self, enabled: bool = True):
     self.requested = False
+    self.enabled = enabled
     self._previous = None
 
   def __enter__(self):
+    if not self.enabled:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: leave signals alone
@@ -191,12 +199,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   mesh_desc = " x ".join(f"{a}={s}" for a, s in exp.mesh.shape.items() if s > 1) or "1 device"
   logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters, mesh {mesh_desc}, steps {step} -> {end}"
               + (f" (resumed from step {latest})" if latest is not None else ""))
-  pending, t_last, last_loss, eval_loss = [], time.perf_counter(), float("nan"), None
-  with _Preemption() as preempt, jax.set_mesh(exp.mesh):
+  pending, last_loss, eval_loss = [], float("nan"), None
+  t_start = t_last = time.perf_counter()
+  multi = jax.process_count() > 1
+  with _Preemption(enabled=not multi) as preempt, jax.set_mesh(exp.mesh):
     while step < end:
       state, metrics = exp.train_step(state, exp.put_batch(next(data_iter)))
       step += 1
       pending.append(metrics)
+      stop = preempt.requested or (multi and ckpt.manager.reached_preemption(step))
       if step % tc.log_every == 0 or step == end:
         host = jax.device_get(pending)
         now = time.perf_counter()
@@ -205,7 +216,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         record = {"step": step, "loss": last_loss,
                   "loss_avg": float(np.mean([m["loss"] for m in host])),
                   "grad_norm": float(host[-1]["grad_norm"]),
-                  "tokens_per_sec": tokens / max(now - t_last, 1e-9)}
+                  "tokens_per_sec": tokens / max(now - t_last, 1e-9),
+                  "elapsed_s": now - t_start}
         for group, schedule in exp.optimizer.learning_rates.items():
           record[f"learning_rate/{group}"] = float(schedule(step - 1))
         record["learning_rate"] = record[f"learning_rate/{next(iter(exp.optimizer.learning_rates))}"]
@@ -213,12 +225,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         pending, t_last = [], time.perf_counter()
       if step % tc.eval_every == 0 or step == tc.steps:
         eval_loss = evaluate(exp, state["params"])
-        logger.log({"step": step, "eval_loss": eval_loss})
+        logger.log({"step": step, "eval_loss": eval_loss,
+                    "elapsed_s": time.perf_counter() - t_start})
         t_last = time.perf_counter()
-      if step % tc.checkpoint_every == 0 or step == end or preempt.requested:
+      if step % tc.checkpoint_every == 0 or step == end or stop:
         ckpt.save(step, state, data_iter, config)
         t_last = time.perf_counter()
-      if preempt.requested:
+      if stop:
         logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting")
         break
   ckpt.close()

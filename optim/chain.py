@@ -1,4 +1,4 @@
-"""Config -> optax chain: global-norm clipping, then AdamW or a Muon|AdamW partition.
+"""Config -> optax chain: global-norm clipping, then AdamW or a matrix|AdamW partition.
 
 Routing uses logical axis names only (never parameter paths). ``logical_axes``
 is a pytree with the same structure as the params whose leaves are tuples of
@@ -7,8 +7,10 @@ over it passes ``is_leaf=_is_axes``.
 
 * any ``vocab`` axis (embedding, output head) -> ``'adam'``;
 * fewer than 2 non-batch axes (norm scales, biases) -> ``'adam'``;
-* otherwise -> ``'muon'``. Batch axes (``BATCH_AXES``: stacked layers, experts)
-  are not part of the matrix; Muon orthogonalises each batch slice on its own.
+* otherwise -> ``'muon'`` (``'namo'`` for the NAMO optimizers). Batch axes
+  (``BATCH_AXES``: stacked layers, experts; with ``per_head`` also
+  ``HEAD_AXES``) are not part of the matrix; Muon / NAMO treat each batch slice
+  as its own matrix.
 
 Muon (Jordan 2024, "modded-nanogpt"; Liu et al. 2025, "Muon is Scalable for LLM
 Training") is assembled from optax 0.2.8 pieces, in the same order as
@@ -17,6 +19,9 @@ Training") is assembled from optax 0.2.8 pieces, in the same order as
 ``optax.contrib.scale_by_muon`` applies no shape scaling by itself (the width
 factor ``sqrt(max(1, fan_out / fan_in))`` lives in the private
 ``optax.contrib._muon.scale_by_shape``), so ``scale_by_shape`` below restates it.
+
+NAMO / NAMO-D (Zhang, Liu, Schaeffer 2026) are ``optim.namo.namo`` /
+``namo_d`` on the same matrices, with the same dimension numbers.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
+from optim import namo as namo_lib
 from optim import schedules as sched_lib
 from optim.schedules import config_error, get_field
 
@@ -34,12 +40,14 @@ MuonDimensionNumbers = optax_contrib.MuonDimensionNumbers
 
 # Axes that index a stack of independent matrices rather than a matrix dimension.
 BATCH_AXES = ("layers", "expert")
+# Attention head axes: batch axes too when ``per_head`` (one matrix per head).
+HEAD_AXES = ("heads", "kv_heads")
 # Axes whose parameters always stay on AdamW (embedding rows / head columns).
 ADAM_AXES = ("vocab",)
 # The residual-stream axis: on the input side of projections out of the stream,
 # on the output side of projections into it.
 EMBED_AXIS = "embed"
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "namo", "namo_d")
 
 
 def _is_axes(x: Any) -> bool:
@@ -63,23 +71,32 @@ def _map_axes(fn: Callable[[tuple], Any], logical_axes: Any) -> Any:
       lambda p, a: fn(_check_axes(p, a)), logical_axes, is_leaf=_is_axes)
 
 
-def matrix_axes(axes: tuple) -> tuple[int, ...]:
-  """Positions of the non-batch axes of a parameter (the matrix axes)."""
-  return tuple(i for i, a in enumerate(axes) if a not in BATCH_AXES)
+def matrix_axes(axes: tuple, per_head: bool = False) -> tuple[int, ...]:
+  """Positions of the non-batch axes of a parameter (the matrix axes).
+
+  Args:
+    axes: the parameter's logical axis names.
+    per_head: also treat ``HEAD_AXES`` as batch axes.
+  """
+  batch = BATCH_AXES + (HEAD_AXES if per_head else ())
+  return tuple(i for i, a in enumerate(axes) if a not in batch)
 
 
-def label_for(axes: tuple) -> str:
-  """Optimizer group (``'adam'`` or ``'muon'``) of one parameter's axis names."""
-  if any(a in ADAM_AXES for a in axes) or len(matrix_axes(axes)) < 2:
+def label_for(axes: tuple, per_head: bool = False, group: str = "muon") -> str:
+  """Optimizer group (``'adam'`` or ``group``) of one parameter's axis names."""
+  if any(a in ADAM_AXES for a in axes) or len(matrix_axes(axes, per_head)) < 2:
     return "adam"
-  return "muon"
+  return group
 
 
-def param_labels(logical_axes: Any) -> Any:
-  """Labels every parameter ``'adam'`` or ``'muon'`` from its logical axes.
+def param_labels(logical_axes: Any, per_head: bool = False,
+                 group: str = "muon") -> Any:
+  """Labels every parameter ``'adam'`` or ``group`` from its logical axes.
 
   Args:
     logical_axes: pytree of tuples of axis names, shaped like the params.
+    per_head: head axes are batch axes (see ``muon_dimension_numbers``).
+    group: label of the matrix group (``'muon'`` or ``'namo'``).
 
   Returns:
     A pytree of the same structure with ``str`` leaves, usable as
@@ -88,10 +105,11 @@ def param_labels(logical_axes: Any) -> Any:
   Raises:
     ValueError: if a leaf is not a tuple of names.
   """
-  return _map_axes(label_for, logical_axes)
+  return _map_axes(lambda axes: label_for(axes, per_head, group), logical_axes)
 
 
-def muon_dimension_numbers(axes: tuple) -> MuonDimensionNumbers:
+def muon_dimension_numbers(axes: tuple,
+                           per_head: bool = False) -> MuonDimensionNumbers:
   """Muon's reduction (input) and output axes for one parameter.
 
   Batch axes (``BATCH_AXES``) are left out of both, so optax vmaps over them.
@@ -101,9 +119,13 @@ def muon_dimension_numbers(axes: tuple) -> MuonDimensionNumbers:
   matrix axes are outputs; otherwise (e.g. ``('heads', 'head_dim', 'embed')``,
   ``('mlp', 'embed')``) the last matrix axis is the output and the rest reduce.
   optax flattens several reduction / output axes into one matrix dimension each.
+  With ``per_head`` the ``HEAD_AXES`` join the batch axes, so each head's
+  slice (q ``('embed', 'head_dim')``, o ``('head_dim', 'embed')``) is its own
+  matrix.
 
   Args:
     axes: the parameter's logical axis names.
+    per_head: treat ``heads`` / ``kv_heads`` as batch axes.
 
   Returns:
     ``MuonDimensionNumbers`` with tuples of non-negative axis positions.
@@ -111,7 +133,7 @@ def muon_dimension_numbers(axes: tuple) -> MuonDimensionNumbers:
   Raises:
     ValueError: if the parameter has fewer than 2 matrix axes.
   """
-  mat = matrix_axes(axes)
+  mat = matrix_axes(axes, per_head)
   if len(mat) < 2:
     raise config_error("logical_axes", axes,
                        "Muon needs at least 2 non-batch axes",
@@ -126,7 +148,7 @@ def decay_mask(logical_axes: Any) -> Any:
   return _map_axes(lambda axes: len(matrix_axes(axes)) >= 2, logical_axes)
 
 
-def muon_dimension_tree(logical_axes: Any) -> Any:
+def muon_dimension_tree(logical_axes: Any, per_head: bool = False) -> Any:
   """Per-leaf dimension numbers for the muon group of ``optax.partition``.
 
   Inside ``optax.partition`` each group sees the updates through
@@ -137,13 +159,15 @@ def muon_dimension_tree(logical_axes: Any) -> Any:
 
   Args:
     logical_axes: pytree of tuples of axis names, shaped like the params.
+    per_head: treat head axes as batch axes (see ``muon_dimension_numbers``).
 
   Returns:
     A pytree with ``MuonDimensionNumbers`` on muon leaves and ``MaskedNode()``
     on adam leaves.
   """
   return _map_axes(
-      lambda axes: (muon_dimension_numbers(axes) if label_for(axes) == "muon"
+      lambda axes: (muon_dimension_numbers(axes, per_head)
+                    if label_for(axes, per_head) == "muon"
                     else optax.MaskedNode()), logical_axes)
 
 
@@ -201,8 +225,8 @@ class Built(NamedTuple):
 
   Attributes:
     tx: the whole gradient transformation (clip, then the optimizer).
-    learning_rates: group name (``'adam'``, ``'muon'``) -> schedule, for logging
-      the learning rate of each group at a step.
+    learning_rates: group name (``'adam'``, ``'muon'``, ``'namo'``) ->
+      schedule, for logging the learning rate of each group at a step.
     labels: pytree like the params with each parameter's group name.
   """
   tx: optax.GradientTransformation
@@ -235,20 +259,32 @@ def _adamw(cfg: Any, schedule: Schedule, mask: Any) -> optax.GradientTransformat
                      mask=mask)
 
 
+def _bool(cfg: Any, name: str, prefix: str, default: Any = None) -> bool:
+  """Reads a bool field (required when ``default`` is None)."""
+  value = (get_field(cfg, name, prefix) if default is None
+           else _optional(cfg, name, default))
+  if not isinstance(value, bool):
+    raise config_error(f"{prefix}.{name}", value, "must be a bool",
+                       "use True or False")
+  return value
+
+
+def _ns_steps(cfg: Any, prefix: str) -> int:
+  ns_steps = get_field(cfg, "ns_steps", prefix)
+  if not sched_lib.is_int(ns_steps) or ns_steps < 1:
+    raise config_error(f"{prefix}.ns_steps", ns_steps, "must be an int >= 1",
+                       "use 5 (Jordan's default)")
+  return int(ns_steps)
+
+
 def _muon(mcfg: Any, schedule: Schedule, dim_tree: Any
           ) -> optax.GradientTransformation:
   """The muon group: momentum + Newton-Schulz, shape scale, decay, -lr."""
   p = "optimizer.muon"
   beta = sched_lib.check_range(f"{p}.momentum", get_field(mcfg, "momentum", p),
                                0.0, 1.0, hi_open=True)
-  nesterov = get_field(mcfg, "nesterov", p)
-  if not isinstance(nesterov, bool):
-    raise config_error(f"{p}.nesterov", nesterov, "must be a bool",
-                       "use True or False")
-  ns_steps = get_field(mcfg, "ns_steps", p)
-  if not sched_lib.is_int(ns_steps) or ns_steps < 1:
-    raise config_error(f"{p}.ns_steps", ns_steps, "must be an int >= 1",
-                       "use 5 (Jordan's default)")
+  nesterov = _bool(mcfg, "nesterov", p)
+  ns_steps = _ns_steps(mcfg, p)
   wd = sched_lib.check_range(f"{p}.weight_decay",
                              get_field(mcfg, "weight_decay", p), 0.0,
                              float("inf"))
@@ -256,13 +292,48 @@ def _muon(mcfg: Any, schedule: Schedule, dim_tree: Any
   if rms is not None:
     rms = sched_lib.check_positive(f"{p}.consistent_rms", rms)
   return optax.chain(
-      optax_contrib.scale_by_muon(ns_steps=int(ns_steps), beta=beta,
+      optax_contrib.scale_by_muon(ns_steps=ns_steps, beta=beta,
                                   nesterov=nesterov,
                                   weight_dimension_numbers=dim_tree),
       scale_by_shape(dim_tree, consistent_rms=rms),
       optax.add_decayed_weights(wd),
       optax.scale_by_learning_rate(schedule),
   )
+
+
+NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def _namo(ncfg: Any, schedule: Schedule, dim_tree: Any, per_column: bool
+          ) -> optax.GradientTransformation:
+  """The namo group: ``optim.namo.namo`` (or ``namo_d``) from ``optimizer.namo``."""
+  p = "optimizer.namo"
+  field = lambda name: get_field(ncfg, name, p)
+  unit = lambda name: sched_lib.check_range(f"{p}.{name}", field(name), 0.0,
+                                            1.0, hi_open=True)
+  mode = field("weight_decay_mode")
+  if mode not in namo_lib.WEIGHT_DECAY_MODES:
+    raise config_error(f"{p}.weight_decay_mode", mode, "unknown mode",
+                       f"use one of {', '.join(namo_lib.WEIGHT_DECAY_MODES)}")
+  ns_dtype = _optional(ncfg, "ns_dtype", "bfloat16")
+  if ns_dtype not in NS_DTYPES:
+    raise config_error(f"{p}.ns_dtype", ns_dtype, "unknown dtype",
+                       f"use one of {', '.join(NS_DTYPES)}")
+  kwargs = dict(
+      b1=unit("b1"), b2=unit("b2"),
+      eps=sched_lib.check_positive(f"{p}.eps", field("eps")),
+      weight_decay=sched_lib.check_range(f"{p}.weight_decay",
+                                         field("weight_decay"), 0.0,
+                                         float("inf")),
+      weight_decay_mode=mode, nesterov=_bool(ncfg, "nesterov", p),
+      ns_steps=_ns_steps(ncfg, p),
+      scale=sched_lib.check_positive(f"{p}.scale", field("scale")),
+      ns_dtype=NS_DTYPES[ns_dtype], weight_dimension_numbers=dim_tree)
+  if not per_column:
+    return namo_lib.namo(schedule, **kwargs)
+  clamp_c = sched_lib.check_range(f"{p}.clamp_c", field("clamp_c"), 0.0, 1.0,
+                                  lo_open=True)
+  return namo_lib.namo_d(schedule, clamp_c=clamp_c, **kwargs)
 
 
 def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
@@ -277,7 +348,14 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
     the muon group is ``scale_by_muon`` (per-leaf dimension numbers from the
     axis names) -> ``scale_by_shape`` -> ``add_decayed_weights(muon.weight_decay)``
     -> ``scale_by_learning_rate(muon schedule)``; the adam group is the AdamW
-    above with the base ``learning_rate`` schedule.
+    above with the base ``learning_rate`` schedule;
+  * ``namo`` / ``namo_d``: the same partition with group ``'namo'`` =
+    ``optim.namo.namo`` / ``namo_d`` configured by ``optimizer.namo``
+    (learning_rate, b1, b2, eps, weight_decay, weight_decay_mode, nesterov,
+    ns_steps, scale; clamp_c for ``namo_d``; optional ns_dtype, per_head).
+
+  ``optimizer.<muon|namo>.per_head`` (optional, default False) makes the head
+  axes batch axes of the matrix group (one matrix per attention head).
 
   Args:
     cfg: the ``optimizer`` config node (or a whole config with ``.optimizer``).
@@ -298,20 +376,27 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
                        f"use one of {', '.join(OPTIMIZERS)}")
   clip = sched_lib.check_range("optimizer.clip_norm", get_field(cfg, "clip_norm"),
                                0.0, float("inf"))
-  labels = param_labels(logical_axes)
   adam_lr = sched_lib.make_schedule(get_field(cfg, "learning_rate"), cfg,
                                     total_steps)
   adamw = _adamw(cfg, adam_lr, decay_mask(logical_axes))
   if name == "adamw":
-    tx, rates = adamw, {"adam": adam_lr}
+    tx, rates, labels = adamw, {"adam": adam_lr}, param_labels(logical_axes)
   else:
-    mcfg = get_field(cfg, "muon")
-    muon_lr = sched_lib.make_schedule(
-        get_field(mcfg, "learning_rate", "optimizer.muon"), cfg, total_steps,
-        field="optimizer.muon.learning_rate")
-    muon = _muon(mcfg, muon_lr, muon_dimension_tree(logical_axes))
-    tx = optax.partition({"muon": muon, "adam": adamw}, labels)
-    rates = {"muon": muon_lr, "adam": adam_lr}
+    group = "muon" if name == "muon" else "namo"
+    prefix = f"optimizer.{group}"
+    gcfg = _optional(cfg, group, {})  # Missing: errors name its first field.
+    per_head = _bool(gcfg, "per_head", prefix, default=False)
+    lr = sched_lib.make_schedule(
+        get_field(gcfg, "learning_rate", prefix), cfg, total_steps,
+        field=f"{prefix}.learning_rate")
+    dim_tree = muon_dimension_tree(logical_axes, per_head)
+    if group == "muon":
+      matrices = _muon(gcfg, lr, dim_tree)
+    else:
+      matrices = _namo(gcfg, lr, dim_tree, per_column=name == "namo_d")
+    labels = param_labels(logical_axes, per_head, group)
+    tx = optax.partition({group: matrices, "adam": adamw}, labels)
+    rates = {group: lr, "adam": adam_lr}
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return Built(tx=tx, learning_rates=rates, labels=labels)

@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KESTREL_VENV:-.venv}
 STAMP="$VENV/.kestrel-installed"
+# jax extra: tpu (default; libtpu also gives TPU AOT compiles on any host), or
+# cuda12 / cuda13 on NVIDIA machines (installed on top, same jax version).
+EXTRA=${KESTREL_JAX_EXTRA:-tpu}
+case "$EXTRA" in tpu|cuda12|cuda13) ;; *)
+  echo "error: KESTREL_JAX_EXTRA=$EXTRA: unknown. Fix: use tpu, cuda12 or cuda13" >&2; exit 1;;
+esac
 
 py_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
 
@@ -30,7 +36,8 @@ find_python() {
 }
 
 if [ -x "$VENV/bin/python" ] && py_ok "$VENV/bin/python" && [ -f "$STAMP" ] \
-   && [ "$STAMP" -nt requirements.txt ] && [ "$STAMP" -nt setup.py ]; then
+   && [ "$STAMP" -nt requirements.txt ] && [ "$STAMP" -nt setup.py ] \
+   && [ "$(cat "$STAMP")" = "$EXTRA" ]; then
   exit 0
 fi
 
@@ -47,6 +54,10 @@ if [ ! -x "$VENV/bin/python" ] || ! py_ok "$VENV/bin/python"; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+if [ "$EXTRA" != tpu ]; then
+  JAX_VERSION=$(sed -n 's/^jax\[tpu\]==\([^ ]*\).*/\1/p' requirements.txt)
+  "$VENV/bin/python" -m pip install --quiet "jax[$EXTRA]==$JAX_VERSION"
+fi
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
-touch "$STAMP"
-echo "bootstrap: $VENV ready ($("$VENV/bin/python" --version))"
+echo "$EXTRA" > "$STAMP"
+echo "bootstrap: $VENV ready ($("$VENV/bin/python" --version), jax[$EXTRA])"

@@ -2,7 +2,7 @@
 
 Usage: ``--config=experiments/configs/base.py:<size>`` with size one of
 ``tiny`` (tests, seconds on a CPU), ``default`` (the README's default experiment:
-a few minutes on a 2-core CPU), ``small`` (~20M, one accelerator) and ``125m``
+a few minutes on a 2-core CPU), ``small`` (~10M, one accelerator) and ``125m``
 (~125M parameters at GPT-2-small width and depth, accelerators).
 """
 import ml_collections

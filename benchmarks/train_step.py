@@ -1,0 +1,101 @@
+"""Train-step throughput of a config, per attention implementation, measured side by side.
+
+  python benchmarks/train_step.py --config=experiments/configs/base.py:125m \\
+      --impls=xla,jax_nn --steps=20 [--out=benchmarks/results/train_step.md]
+
+For each implementation: build the experiment on all local devices, run warm-up
+steps (compilation), then time ``--steps`` steps (each blocked on), and print
+median step time, tokens/s, model TFLOP/s (6N + attention estimate, see
+lm/aot.py) and the ratio of step time to the first implementation's.
+"""
+import argparse
+import copy
+import datetime
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def measure(config, impl: str, steps: int, warmup: int) -> dict:
+  import jax
+  from lm import train
+  from lm.aot import model_flops_per_step
+  c = copy.deepcopy(config)
+  c.model.attention_impl = impl
+  exp = train.build(c)
+  it = exp.data.train_iterator()
+  batches = [exp.put_batch(next(it)) for _ in range(4)]
+  state = exp.init_state()
+  for i in range(warmup):
+    state, m = exp.train_step(state, batches[i % 4])
+  jax.block_until_ready(m)
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, m = exp.train_step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+  embed = math.prod(state["params"]["embedding"].shape)
+  step = statistics.median(times)
+  tokens = c.data.batch_size * c.data.seq_len
+  flops = model_flops_per_step(c.model, params, embed, c.data.batch_size, c.data.seq_len)
+  return {"impl": impl, "step_s": step, "tokens_per_s": tokens / step,
+          "tflops": flops / step / 1e12, "params": params, "loss": float(m["loss"])}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--config", required=True)
+  p.add_argument("--impls", default="xla,jax_nn")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--set", action="append", default=[], help="field=value config overrides")
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  import ast
+  import jax
+  from experiments.configs import load
+  config = load(args.config)
+  for kv in args.set:
+    field, value = kv.split("=", 1)
+    *parents, leaf = field.split(".")
+    node = config
+    for q in parents:
+      node = node[q]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  dev = jax.devices()[0]
+  rows = [measure(config, impl, args.steps, args.warmup) for impl in args.impls.split(",")]
+  base = rows[0]["step_s"]
+  m = config.model
+  header = [
+      f"## train step: `{args.config}` {' '.join(args.set)}",
+      "",
+      f"- date {datetime.date.today()}, device {dev.device_kind} x{jax.device_count()} "
+      f"({dev.platform}), jax {jax.__version__}",
+      f"- model d={m.d_model} L={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} d_ff={m.d_ff}, "
+      f"{rows[0]['params'] / 1e6:.1f}M params, compute {m.dtype}, params {m.param_dtype}; "
+      f"batch {config.data.batch_size} x {config.data.seq_len} tokens; optimizer "
+      f"{config.optimizer.name}; median of {args.steps} steps after {args.warmup} warm-up",
+      "",
+      "| attention impl | step ms | tokens/s | model TFLOP/s | step time / first |",
+      "| --- | ---: | ---: | ---: | ---: |"]
+  lines = header + [f"| {r['impl']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['tflops']:.1f} | {r['step_s'] / base:.2f} |" for r in rows]
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
