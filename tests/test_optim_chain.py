@@ -1,7 +1,9 @@
-"""Tests for optim.chain and optim.schedules: routing, Muon vs optax, schedules, errors."""
+"""Tests for optim.chain and optim.schedules: routing, Muon vs optax, NAMO wiring,
+schedules, errors."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -9,6 +11,7 @@ from optax import contrib as optax_contrib
 
 from experiments.configs import base
 from optim import chain
+from optim import namo
 from optim import schedules
 
 # A realistic model tree: logical axes and shapes (d=16, heads=4, kv=2, hd=4).
@@ -93,6 +96,21 @@ def _muon_cfg(**overrides):
   return _opt_cfg(**defaults)
 
 
+# The ``optimizer.namo`` subtree (the paper's GPT-2 small values, NAMO's lr).
+NAMO_FIELDS = dict(learning_rate=1.2e-2, b1=0.95, b2=0.99, eps=1e-8,
+                   weight_decay=0.1, weight_decay_mode="adaptive",
+                   nesterov=True, ns_steps=5, scale=0.2, clamp_c=0.5)
+
+
+def _namo_cfg(name="namo", drop=(), **fields):
+  """An optimizer config with an ``optimizer.namo`` subtree (constant lr, no
+  clipping); ``fields`` override subtree values, ``drop`` removes fields."""
+  cfg = _opt_cfg(name=name, schedule="constant", warmup_steps=0, clip_norm=0.0)
+  sub = {k: v for k, v in {**NAMO_FIELDS, **fields}.items() if k not in drop}
+  cfg.namo = ml_collections.ConfigDict(sub)
+  return cfg
+
+
 def _reference_muon():
   return optax_contrib.muon(learning_rate=0.02, ns_steps=5, beta=0.9,
                             weight_decay=0.1, nesterov=True)
@@ -134,6 +152,18 @@ def test_param_labels_route_by_axis_names():
 def test_muon_dimension_numbers(axes, reduction, output):
   dn = chain.muon_dimension_numbers(axes)
   assert isinstance(dn, optax_contrib.MuonDimensionNumbers)
+  assert (tuple(dn.reduction_axis), tuple(dn.output_axis)) == (reduction, output)
+
+
+@pytest.mark.parametrize("axes, reduction, output", [
+    (("embed", "heads", "head_dim"), (0,), (2,)),
+    (("embed", "kv_heads", "head_dim"), (0,), (2,)),
+    (("heads", "head_dim", "embed"), (1,), (2,)),
+    (("layers", "embed", "heads", "head_dim"), (1,), (3,)),
+    (("embed", "mlp"), (0,), (1,)),
+])
+def test_per_head_dimension_numbers(axes, reduction, output):
+  dn = chain.muon_dimension_numbers(axes, per_head=True)
   assert (tuple(dn.reduction_axis), tuple(dn.output_axis)) == (reduction, output)
 
 
@@ -191,6 +221,109 @@ def test_multi_axis_weight_is_treated_as_reshaped_matrix(axes, shape, matrix):
   for u, r in zip(ours, ref):
     np.testing.assert_allclose(u["w"].reshape(matrix), r["w"], rtol=1e-4,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("axes, shape, head_slice", [
+    (("embed", "heads", "head_dim"), (16, 4, 8), lambda w, h: w[:, h, :]),
+    (("heads", "head_dim", "embed"), (4, 8, 16), lambda w, h: w[h]),
+])
+def test_muon_per_head_orthogonalises_each_head(axes, shape, head_slice):
+  params = {"w": _normal(11, shape)}
+  grads = [{"w": g} for g in _grads(12, shape)]
+  cfg = _muon_cfg(**{"muon.per_head": True})
+  ours = _run(chain.build_optimizer(cfg, {"w": axes}, 100).tx, params, grads)
+  heads = lambda w: {h: head_slice(w, h) for h in range(4)}  # 4 2-D leaves.
+  ref = _run(_reference_muon(), heads(params["w"]),
+             [heads(g["w"]) for g in grads])
+  for u, r in zip(ours, ref):
+    for h in range(4):
+      np.testing.assert_allclose(head_slice(u["w"], h), r[h], rtol=1e-4,
+                                 atol=1e-6)
+
+
+# -------------------------------------------------------------------- namo
+
+
+@pytest.mark.parametrize("name", ["namo", "namo_d"])
+def test_namo_routing_and_learning_rates(name):
+  built = chain.build_optimizer(_namo_cfg(name), AXES, 40)
+  want = jax.tree.map(lambda l: "namo" if l == "muon" else l, LABELS)
+  assert built.labels == want
+  assert list(built.learning_rates) == ["namo", "adam"]
+  assert float(built.learning_rates["namo"](5)) == pytest.approx(1.2e-2)
+
+
+@pytest.mark.parametrize("name, builder", [("namo", namo.namo),
+                                           ("namo_d", namo.namo_d)])
+def test_namo_group_reads_every_field(name, builder):
+  """Non-default values for every field; the group equals a direct call."""
+  fields = dict(learning_rate=0.05, b1=0.9, b2=0.98, eps=1e-6,
+                weight_decay=0.05, weight_decay_mode="lr", nesterov=False,
+                ns_steps=4, scale=0.3, clamp_c=0.7, ns_dtype="float32")
+  axes = {"up": ("embed", "mlp"), "o": ("heads", "head_dim", "embed")}
+  shapes = {"up": (16, 40), "o": (4, 4, 16)}
+  params, grads = _random_tree(13, shapes), [_random_tree((14, i), shapes)
+                                             for i in range(3)]
+  ours = _run(chain.build_optimizer(_namo_cfg(name, **fields), axes, 100).tx,
+              params, grads)
+  kw = {k: v for k, v in fields.items() if k not in ("learning_rate",
+                                                     "clamp_c", "ns_dtype")}
+  if name == "namo_d":
+    kw["clamp_c"] = 0.7
+  ref_tx = builder(0.05, ns_dtype=jnp.float32, **kw,
+                   weight_dimension_numbers=chain.muon_dimension_tree(axes))
+  for u, r in zip(ours, _run(ref_tx, params, grads)):
+    for k in u:
+      np.testing.assert_allclose(u[k], r[k], rtol=1e-6, atol=1e-8)
+  assert 1e-3 < float(jnp.abs(ours[0]["up"]).max()) < 1.0
+
+
+@pytest.mark.parametrize("name", ["namo", "namo_d"])
+def test_namo_jitted_mixed_tree(name):
+  cfg = _namo_cfg(name)
+  cfg.clip_norm = 1.0
+  params = _random_tree(15, SHAPES)
+  grads = _random_tree(16, SHAPES, scale=1e6)
+  built = chain.build_optimizer(cfg, AXES, 40)
+  state = built.tx.init(params)
+  update = jax.jit(built.tx.update)
+  for _ in range(2):
+    u, state = update(grads, state, params)
+    params = optax.apply_updates(params, u)
+  assert jax.tree.structure(u) == jax.tree.structure(params)
+  for leaf_u, leaf_p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+    assert leaf_u.shape == leaf_p.shape
+    assert bool(jnp.all(jnp.isfinite(leaf_u)))
+    assert float(jnp.abs(leaf_u).max()) > 0
+  # NAMO state sits in the namo group: v per matrix / per input feature.
+  is_namo = lambda x: isinstance(x, namo.NamoState)
+  (namo_state,) = [x for x in jax.tree.leaves(state, is_leaf=is_namo)
+                   if is_namo(x)]
+  want = (3,) if name == "namo" else (3, 16)
+  assert namo_state.nu["moe"]["up"].shape == want
+
+
+@pytest.mark.parametrize("cfg, field", [
+    (lambda: _opt_cfg(name="namo"), "optimizer.namo.learning_rate"),
+    (lambda: _namo_cfg(drop=("b2",)), "optimizer.namo.b2"),
+    (lambda: _namo_cfg(drop=("scale",)), "optimizer.namo.scale"),
+    (lambda: _namo_cfg("namo_d", drop=("clamp_c",)), "optimizer.namo.clamp_c"),
+    (lambda: _namo_cfg("namo_d", clamp_c=0.0), "optimizer.namo.clamp_c"),
+    (lambda: _namo_cfg(weight_decay_mode="l2"),
+     "optimizer.namo.weight_decay_mode"),
+    (lambda: _namo_cfg(nesterov=1), "optimizer.namo.nesterov"),
+    (lambda: _namo_cfg(ns_dtype="float16"), "optimizer.namo.ns_dtype"),
+    (lambda: _namo_cfg(per_head="yes"), "optimizer.namo.per_head"),
+])
+def test_bad_namo_config_raises_one_line_value_error(cfg, field):
+  with pytest.raises(ValueError) as err:
+    chain.build_optimizer(cfg(), AXES, 40)
+  msg = str(err.value)
+  assert msg.startswith(field + "=") and "Fix:" in msg and "\n" not in msg
+
+
+def test_namo_without_clamp_c_is_fine():
+  chain.build_optimizer(_namo_cfg(drop=("clamp_c",)), AXES, 40)
 
 
 # ------------------------------------------------------------------- adamw
