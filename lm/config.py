@@ -9,7 +9,7 @@ _POSITIVE_INTS = (
     "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints")
 _CHOICES = {
-    "optimizer.name": ("adamw", "muon"),
+    "optimizer.name": ("adamw", "muon", "namo", "namo_d"),
     "optimizer.schedule": ("cosine", "wsd", "constant"),
     "data.source": ("embedded", "files", "synthetic"),
     "train.progress": ("auto", "bar", "log"),

@@ -82,11 +82,12 @@ def plot_losses(metrics_path: str, out_path: str, title: str | None = None) -> N
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   records = read_metrics(metrics_path)
-  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  # The mean over each logging interval is a steadier curve than the last step's loss.
+  train = [(r["step"], r.get("loss_avg", r["loss"])) for r in records if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
   fig, ax = plt.subplots(figsize=(6, 4))
   if train:
-    ax.plot(*zip(*train), label="train loss")
+    ax.plot(*zip(*train), label="train loss (mean since last log)")
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss")
   ax.set_xlabel("step")

@@ -208,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       step += 1
       pending.append(metrics)
       stop = preempt.requested or (multi and ckpt.manager.reached_preemption(step))
-      if step % tc.log_every == 0 or step == end:
+      if step % tc.log_every == 0 or step == end or step == 1:
         host = jax.device_get(pending)
         now = time.perf_counter()
         tokens = sum(float(m["tokens"]) for m in host)

@@ -10,7 +10,7 @@ import ml_collections
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, seq_len, batch_size, steps)
 SIZES = {
     "tiny": (64, 2, 4, 2, 192, 64, 8, 40),
-    "default": (192, 4, 6, 2, 512, 128, 16, 600),
+    "default": (192, 4, 6, 2, 512, 128, 16, 500),
     "small": (384, 6, 6, 2, 1024, 512, 32, 5000),
     "125m": (768, 12, 12, 4, 3840, 1024, 64, 20000),
 }
@@ -74,7 +74,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.train.plot = True  # write loss_curve.png into the workdir at the end
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | muon
+  c.optimizer.name = "adamw"  # adamw | muon | namo | namo_d
   c.optimizer.learning_rate = 3e-3
   c.optimizer.schedule = "cosine"  # cosine | wsd | constant
   c.optimizer.warmup_steps = c.train.get_ref("steps") // 20  # follows train.steps overrides
@@ -94,5 +94,21 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # None: Jordan's sqrt(max(1, fan_out / fan_in)); a number r: Moonlight's
   # r * sqrt(max(fan_in, fan_out)) (0.2 matches AdamW's update RMS).
   c.optimizer.muon.consistent_rms = ml_collections.config_dict.placeholder(float)
+  c.optimizer.muon.per_head = False  # True: each attention head's projection is its own matrix
+  # NAMO / NAMO-D (Zhang, Liu, Schaeffer 2026; optim/namo.py): Adam-style norm
+  # adaptation of Muon's orthogonalised momentum, for the matrix group.
+  c.optimizer.namo = ml_collections.ConfigDict()
+  c.optimizer.namo.learning_rate = 1.2e-2  # the paper's GPT-2-small peak (NAMO-D: 9e-3)
+  c.optimizer.namo.b1 = 0.95
+  c.optimizer.namo.b2 = 0.99
+  c.optimizer.namo.eps = 1e-8
+  c.optimizer.namo.weight_decay = 0.1
+  c.optimizer.namo.weight_decay_mode = "adaptive"  # adaptive (the paper) | lr (AdamW-style)
+  c.optimizer.namo.nesterov = True
+  c.optimizer.namo.ns_steps = 5
+  c.optimizer.namo.ns_dtype = "bfloat16"
+  c.optimizer.namo.scale = 0.2  # step scale s = scale * sqrt(max(m, n))
+  c.optimizer.namo.clamp_c = 0.5  # NAMO-D: per-column scales clamped to [c, 1/c] x mean
+  c.optimizer.namo.per_head = False
 
   return c
