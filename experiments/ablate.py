@@ -28,6 +28,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file[:arg].")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "field=v1,v2,... (repeatable; grid = product)")
+_GRID = flags.DEFINE_multi_string(
+    "grid", [], "A whole grid 'field=v1,v2;field=v3' (product of its sweeps); repeatable: the runs "
+    "are the union of the grids, e.g. one learning-rate sweep per optimizer.")
 _SEEDS = flags.DEFINE_string("seeds", "0", "Comma-separated seeds; each grid point runs per seed.")
 _OUT = flags.DEFINE_string("out", None, "Record folder to write.")
 _TITLE = flags.DEFINE_string("title", "", "Title of the record (default: the folder name).")
@@ -183,12 +186,18 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
 
 
 def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
-             keep_checkpoints: bool = False) -> list[dict]:
-  """Runs every grid point per seed; returns [{name, overrides, seed, summary}]."""
+             keep_checkpoints: bool = False, grids: list[str] = ()) -> list[dict]:
+  """Runs every grid point per seed; returns [{name, overrides, seed, summary}].
+
+  ``sweeps`` form one grid (their product); each entry of ``grids`` is another
+  grid written ``'a=1,2;b=x'``; the runs are the union of all grids.
+  """
   from lm import train
-  parsed = [parse_sweep(s) for s in sweeps]
+  points = grid([parse_sweep(s) for s in sweeps]) if sweeps or not grids else []
+  for g in grids:
+    points += grid([parse_sweep(s) for s in g.split(";") if s.strip()])
   results = []
-  for overrides in grid(parsed):
+  for overrides in points:
     for seed in seeds:
       name = run_name(overrides, seed)
       workdir = os.path.join(out, "runs", name)
@@ -220,7 +229,8 @@ def main(argv):
   seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
   base = _CONFIG.value
   try:
-    results = run_grid(base, _SWEEP.value, seeds, out, keep_checkpoints=_KEEP_CKPT.value)
+    results = run_grid(base, _SWEEP.value, seeds, out, keep_checkpoints=_KEEP_CKPT.value,
+                       grids=_GRID.value)
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

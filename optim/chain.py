@@ -349,6 +349,8 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
     axis names) -> ``scale_by_shape`` -> ``add_decayed_weights(muon.weight_decay)``
     -> ``scale_by_learning_rate(muon schedule)``; the adam group is the AdamW
     above with the base ``learning_rate`` schedule;
+  * ``optimizer.freeze_axes`` (optional): parameters with any of these logical
+    axes get the label ``'frozen'`` and a zero update (``optax.set_to_zero``);
   * ``namo`` / ``namo_d``: the same partition with group ``'namo'`` =
     ``optim.namo.namo`` / ``namo_d`` configured by ``optimizer.namo``
     (learning_rate, b1, b2, eps, weight_decay, weight_decay_mode, nesterov,
@@ -379,8 +381,11 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
   adam_lr = sched_lib.make_schedule(get_field(cfg, "learning_rate"), cfg,
                                     total_steps)
   adamw = _adamw(cfg, adam_lr, decay_mask(logical_axes))
+  freeze = tuple(_optional(cfg, "freeze_axes", ()) or ())
+  frozen = _map_axes(lambda axes: any(a in freeze for a in axes), logical_axes)
   if name == "adamw":
-    tx, rates, labels = adamw, {"adam": adam_lr}, param_labels(logical_axes)
+    groups, rates = {"adam": adamw}, {"adam": adam_lr}
+    labels = _map_axes(lambda axes: "adam", logical_axes)
   else:
     group = "muon" if name == "muon" else "namo"
     prefix = f"optimizer.{group}"
@@ -390,13 +395,18 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
         get_field(gcfg, "learning_rate", prefix), cfg, total_steps,
         field=f"{prefix}.learning_rate")
     dim_tree = muon_dimension_tree(logical_axes, per_head)
+    # Frozen matrices are masked out of the matrix group like AdamW's leaves.
+    dim_tree = jax.tree.map(lambda f, d: optax.MaskedNode() if f else d, frozen, dim_tree)
     if group == "muon":
       matrices = _muon(gcfg, lr, dim_tree)
     else:
       matrices = _namo(gcfg, lr, dim_tree, per_column=name == "namo_d")
     labels = param_labels(logical_axes, per_head, group)
-    tx = optax.partition({group: matrices, "adam": adamw}, labels)
-    rates = {group: lr, "adam": adam_lr}
+    groups, rates = {group: matrices, "adam": adamw}, {group: lr, "adam": adam_lr}
+  if any(jax.tree.leaves(frozen)):
+    labels = jax.tree.map(lambda f, l: "frozen" if f else l, frozen, labels)
+    groups["frozen"] = optax.set_to_zero()
+  tx = groups["adam"] if len(groups) == 1 else optax.partition(groups, labels)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return Built(tx=tx, learning_rates=rates, labels=labels)

@@ -424,3 +424,24 @@ def test_bad_logical_axes_leaf_raises():
     chain.param_labels({"w": "embed"})
   with pytest.raises(ValueError, match="logical_axes"):
     chain.muon_dimension_numbers(("layers", "norm"))
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "namo"])
+def test_freeze_axes_labels_and_zero_updates(name):
+  from experiments.configs.base import get_config
+  from lm.model import build_model
+  c = get_config("tiny")
+  c.optimizer.name = name
+  c.optimizer.freeze_axes = ("vocab", "kv_heads")
+  c.optimizer.warmup_steps = 0  # lr 0 at the first step would zero every update
+  _, params, axes = build_model(c.model, 384, 0)
+  built = chain.build_optimizer(c.optimizer, axes, 10)
+  flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+  flat_labels = jax.tree.leaves(built.labels)
+  for a, l in zip(flat_axes, flat_labels):
+    assert (l == "frozen") == any(x in ("vocab", "kv_heads") for x in a), (a, l)
+  grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+  updates, _ = built.tx.update(grads, built.tx.init(params), params)
+  for a, u in zip(flat_axes, jax.tree.leaves(updates)):
+    frozen = any(x in ("vocab", "kv_heads") for x in a)
+    assert bool(jnp.all(u == 0)) == frozen, a

@@ -62,6 +62,7 @@ def _config(optimizer="adamw", **mesh):
   # zero would turn float32 reduction-order noise into an O(lr) difference. A
   # larger eps keeps the update Lipschitz in g, so tolerances can stay tight.
   c.optimizer.eps = 1e-3
+  c.optimizer.namo.ns_dtype = "float32"  # bf16 Newton-Schulz would need loose tolerances
   c.data.batch_size = 8
   for k in sharding.MESH_AXES:
     c.mesh[k] = mesh.get(k, 1)
@@ -87,6 +88,7 @@ def _assert_close(a_tree, b_tree, rtol, atol):
 @pytest.mark.parametrize("optimizer,mesh", [
     ("adamw", {"data": 8}), ("adamw", {"fsdp": 8}), ("adamw", {"tensor": 8}),
     ("adamw", {"data": 2, "fsdp": 2, "tensor": 2}), ("muon", {"fsdp": 4, "tensor": 2}),
+    ("namo_d", {"fsdp": 4, "tensor": 2}),
 ])
 def test_sharded_step_equals_single_device(optimizer, mesh):
   _, ref_state, ref_losses = _steps(_config(optimizer), 2, jax.devices()[:1])

@@ -85,6 +85,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1
   c.optimizer.clip_norm = 1.0  # 0 disables global-norm clipping
+  c.optimizer.freeze_axes = ()  # logical axes whose parameters are frozen, e.g. ('vocab',)
   c.optimizer.muon = ml_collections.ConfigDict()
   c.optimizer.muon.learning_rate = 0.02
   c.optimizer.muon.momentum = 0.95

@@ -1,0 +1,110 @@
+"""Optimizer update time as a fraction of the full train step, side by side.
+
+  python benchmarks/optim.py --config=experiments/configs/base.py:125m \\
+      --optimizers=adamw,muon,namo,namo_d [--set data.batch_size=8] [--out=...]
+
+For each optimizer: the jitted full train step (forward, backward, update) and
+the jitted update alone (``tx.update`` + ``apply_updates`` on gradients of the
+right shapes) are timed, medians of ``--steps`` calls after warm-up; the table
+gives both and their ratio. The target on GPU is Muon/NAMO update <= 3% of the step.
+"""
+import argparse
+import copy
+import datetime
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def measure(config, name: str, steps: int, warmup: int) -> dict:
+  import jax
+  import optax
+  from lm import train
+  c = copy.deepcopy(config)
+  c.optimizer.name = name
+  exp = train.build(c)
+  it = exp.data.train_iterator()
+  batch = exp.put_batch(next(it))
+  holder = {"state": exp.init_state()}
+
+  def full_step():
+    holder["state"], m = exp.train_step(holder["state"], batch)
+    return m["loss"]
+
+  step_s = _median_time(full_step, steps, warmup)
+  tx = exp.optimizer.tx
+  shardings = exp.state_shardings
+
+  def update_only(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = holder["state"]["params"], holder["state"]["opt_state"]
+  grads = jax.tree.map(lambda p: p * 1e-3, params)
+  upd = jax.jit(update_only, in_shardings=(shardings["params"], shardings["opt_state"],
+                                                       shardings["params"]))
+  update_s = _median_time(lambda: upd(params, opt_state, grads), steps, warmup)
+  return {"name": name, "step_s": step_s, "update_s": update_s}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--config", required=True)
+  p.add_argument("--optimizers", default="adamw,muon,namo,namo_d")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--set", action="append", default=[])
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  import ast
+  import jax
+  from experiments.configs import load
+  config = load(args.config)
+  for kv in args.set:
+    field, value = kv.split("=", 1)
+    *parents, leaf = field.split(".")
+    node = config
+    for q in parents:
+      node = node[q]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  rows = [measure(config, n, args.steps, args.warmup) for n in args.optimizers.split(",")]
+  dev = jax.devices()[0]
+  m = config.model
+  lines = [f"## optimizer update vs. train step: `{args.config}` {' '.join(args.set)}", "",
+           f"- date {datetime.date.today()}, device {dev.device_kind} x{jax.device_count()} "
+           f"({dev.platform}), jax {jax.__version__}",
+           f"- model d={m.d_model} L={m.n_layers} d_ff={m.d_ff}, compute {m.dtype}; batch "
+           f"{config.data.batch_size} x {config.data.seq_len}; medians of {args.steps} calls",
+           "", "| optimizer | train step ms | update alone ms | update / step | step / adamw step |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+  base = rows[0]["step_s"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {1e3 * r['step_s']:.1f} | {1e3 * r['update_s']:.2f} | "
+                 f"{100 * r['update_s'] / r['step_s']:.1f}% | {r['step_s'] / base:.2f} |")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
