@@ -280,3 +280,29 @@ def test_dimension_tree_must_match_params():
   tx = namo.namo(0.01, weight_dimension_numbers={"a": DIMS["wide"]})
   with pytest.raises(ValueError, match="shaped like the params"):
     tx.init({"a": jnp.ones((4, 6)), "b": jnp.ones((4, 6))})
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 48)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_newton_schulz_is_near_orthogonal(shape, dtype):
+  """Jordan's quintic does not converge to exactly 1: singular values land in ~[0.68, 1.13]."""
+  x = np.random.default_rng(np.random.randint(1 << 30)).standard_normal(shape)
+  s = np.linalg.svd(np.asarray(namo.newton_schulz(jnp.asarray(x, jnp.float32), 5, namo.NS_COEFFS,
+                                                  dtype), np.float32), compute_uv=False)
+  assert 0.6 < s.min() and s.max() < 1.25, (s.min(), s.max())
+  # Fewer steps leave the smallest directions far from 1: the check can fail.
+  s1 = np.linalg.svd(np.asarray(namo.newton_schulz(jnp.asarray(x, jnp.float32), 1, namo.NS_COEFFS,
+                                                   jnp.float32)), compute_uv=False)
+  assert s1.min() < 0.6
+
+
+def test_newton_schulz_on_ill_conditioned_matrix():
+  """Condition number 100: every direction reaches the band; at 1e3 the tail lags (5 steps)."""
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+  v, _ = np.linalg.qr(rng.standard_normal((128, 64)))
+  for cond, share in ((1e2, 1.0), (1e3, 0.75)):
+    x = (u * np.logspace(0, -np.log10(cond), 64)) @ v.T
+    s = np.linalg.svd(np.asarray(namo.newton_schulz(jnp.asarray(x, jnp.float32)), np.float32),
+                      compute_uv=False)
+    assert s.max() < 1.25 and np.mean((s > 0.6) & (s < 1.25)) >= share, (cond, s.min())
