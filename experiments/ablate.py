@@ -169,16 +169,25 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
-  for r in results:
-    recs = read_metrics(os.path.join(out, "runs", r["name"], "metrics.jsonl"))
-    ax_t.plot([x["step"] for x in recs if "loss" in x], [x["loss"] for x in recs if "loss" in x],
-              label=r["name"], lw=1)
-    ax_e.plot([x["step"] for x in recs if "eval_loss" in x],
-              [x["eval_loss"] for x in recs if "eval_loss" in x], "o-", label=r["name"], lw=1, ms=3)
-  for ax, name in ((ax_t, "train loss"), (ax_e, "eval loss")):
+  # One line per setting: the mean over its seeds (train: the per-interval mean loss).
+  fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(13, 4.5))
+  for i, (name, rs) in enumerate(groups.items()):
+    color = plt.cm.tab20(i % 20)
+    curves_t, curves_e = [], []
+    for r in rs:
+      recs = read_metrics(os.path.join(out, "runs", r["name"], "metrics.jsonl"))
+      curves_t.append({x["step"]: x.get("loss_avg", x["loss"]) for x in recs if "loss" in x})
+      curves_e.append({x["step"]: x["eval_loss"] for x in recs if "eval_loss" in x})
+    for ax, curves in ((ax_t, curves_t), (ax_e, curves_e)):
+      steps = sorted(set.intersection(*(set(c) for c in curves)))
+      ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], "o-" if ax is ax_e else "-",
+              label=name, lw=1.2, ms=3, color=color)
+  for ax, name in ((ax_t, "train loss (mean over seeds)"), (ax_e, "eval loss (mean over seeds)")):
     ax.set_xlabel("step"), ax.set_ylabel(name), ax.grid(alpha=0.3)
-  ax_e.legend(fontsize=7)
+  lo = min(min(x["summary"]["eval_loss"] for x in results) - 0.1, 10.0)
+  ax_e.set_ylim(lo, lo + 1.5)
+  ax_t.set_ylim(lo - 0.3, lo + 2.0)
+  ax_e.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "loss_curves.png"), dpi=100)
