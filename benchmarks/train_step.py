@@ -58,20 +58,9 @@ def main():
   p.add_argument("--set", action="append", default=[], help="field=value config overrides")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  import ast
   import jax
-  from experiments.configs import load
-  config = load(args.config)
-  for kv in args.set:
-    field, value = kv.split("=", 1)
-    *parents, leaf = field.split(".")
-    node = config
-    for q in parents:
-      node = node[q]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
+  from experiments.configs import load_with_overrides
+  config = load_with_overrides(args.config, args.set)
   dev = jax.devices()[0]
   rows = [measure(config, impl, args.steps, args.warmup) for impl in args.impls.split(",")]
   base = rows[0]["step_s"]

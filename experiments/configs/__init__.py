@@ -19,6 +19,26 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def load_with_overrides(spec: str, assignments: list[str]) -> ml_collections.ConfigDict:
+  """``load(spec)`` then apply ``['a.b=value', ...]`` (Python literals, else strings)."""
+  import ast
+  config = load(spec)
+  for assignment in assignments:
+    field, _, value = assignment.partition("=")
+    message = unknown_override(config, field)
+    if message:
+      raise ValueError(message)
+    *parents, leaf = field.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
 def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:
   """A one-line message if ``dotted`` is not a field of ``config``, else None."""
   node, seen = config, []
