@@ -291,10 +291,20 @@ def _muon(mcfg: Any, schedule: Schedule, dim_tree: Any
   rms = _optional(mcfg, "consistent_rms", None)
   if rms is not None:
     rms = sched_lib.check_positive(f"{p}.consistent_rms", rms)
+  ns_dtype = _optional(mcfg, "ns_dtype", "float32")
+  if ns_dtype not in NS_DTYPES:
+    raise config_error(f"{p}.ns_dtype", ns_dtype, "unknown dtype",
+                       f"use one of {', '.join(NS_DTYPES)}")
+  if ns_dtype == "float32":  # optax's own Newton-Schulz, in the update's dtype
+    orthogonalised = [optax_contrib.scale_by_muon(
+        ns_steps=ns_steps, beta=beta, nesterov=nesterov, weight_dimension_numbers=dim_tree)]
+  else:  # optax's momentum and normalisation, then our Newton-Schulz in bf16
+    orthogonalised = [
+        optax_contrib.scale_by_muon(ns_steps=0, beta=beta, nesterov=nesterov,
+                                    weight_dimension_numbers=dim_tree),
+        namo_lib.orthogonalize(ns_steps, NS_DTYPES[ns_dtype], dim_tree)]
   return optax.chain(
-      optax_contrib.scale_by_muon(ns_steps=ns_steps, beta=beta,
-                                  nesterov=nesterov,
-                                  weight_dimension_numbers=dim_tree),
+      *orthogonalised,
       scale_by_shape(dim_tree, consistent_rms=rms),
       optax.add_decayed_weights(wd),
       optax.scale_by_learning_rate(schedule),

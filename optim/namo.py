@@ -176,6 +176,28 @@ def _layouts(tree: Any, dimension_numbers: Any) -> tuple[list[_Layout], Any]:
   return [_layout(x.shape, d) for x, d in zip(leaves, dims)], treedef
 
 
+def orthogonalize(ns_steps: int = 5, dtype: Any = jnp.bfloat16,
+                  weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
+  """Stateless: each matrix of the update becomes ``newton_schulz(update)``.
+
+  The per-leaf layout follows ``weight_dimension_numbers`` as in
+  ``optax.contrib.scale_by_muon`` (batch axes vmapped). Chained after
+  ``scale_by_muon(ns_steps=0)`` (momentum and Frobenius normalisation only) it
+  gives Muon with its Newton-Schulz iterations in ``dtype`` (bf16, as Jordan's
+  Muon), which optax's own routine does not offer (it iterates in the input dtype).
+  """
+  ns = jax.vmap(lambda x: newton_schulz(x, ns_steps, NS_COEFFS, dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    layouts, treedef = _layouts(updates, weight_dimension_numbers)
+    out = [lay.unflat(ns(lay.flat(u.astype(jnp.float32)))).astype(u.dtype)
+           for lay, u in zip(layouts, treedef.flatten_up_to(updates))]
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def _namo(learning_rate: ScalarOrSchedule, *, per_column: bool, b1: float,
           b2: float, eps: float, weight_decay: float, weight_decay_mode: str,
           nesterov: bool, ns_steps: int, scale: float, clamp_c: float,

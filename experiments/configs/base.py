@@ -95,6 +95,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # None: Jordan's sqrt(max(1, fan_out / fan_in)); a number r: Moonlight's
   # r * sqrt(max(fan_in, fan_out)) (0.2 matches AdamW's update RMS).
   c.optimizer.muon.consistent_rms = ml_collections.config_dict.placeholder(float)
+  c.optimizer.muon.ns_dtype = "bfloat16"  # Newton-Schulz iterations (float32: optax's own)
   c.optimizer.muon.per_head = False  # True: each attention head's projection is its own matrix
   # NAMO / NAMO-D (Zhang, Liu, Schaeffer 2026; optim/namo.py): Adam-style norm
   # adaptation of Muon's orthogonalised momentum, for the matrix group.
