@@ -14,7 +14,6 @@ import datetime
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 

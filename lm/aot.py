@@ -12,7 +12,6 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from lm.errors import ConfigError
 

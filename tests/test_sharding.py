@@ -62,7 +62,8 @@ def _config(optimizer="adamw", **mesh):
   # zero would turn float32 reduction-order noise into an O(lr) difference. A
   # larger eps keeps the update Lipschitz in g, so tolerances can stay tight.
   c.optimizer.eps = 1e-3
-  c.optimizer.namo.ns_dtype = "float32"  # bf16 Newton-Schulz would need loose tolerances
+  # bf16 Newton-Schulz would turn reduction-order noise into ~1e-5 differences.
+  c.optimizer.namo.ns_dtype = c.optimizer.muon.ns_dtype = "float32"
   c.data.batch_size = 8
   for k in sharding.MESH_AXES:
     c.mesh[k] = mesh.get(k, 1)
