@@ -79,6 +79,7 @@ class Transformer(nnx.Module):
     dtype = dtype_of(cfg.dtype, "model.dtype")
     param_dtype = dtype_of(cfg.param_dtype, "model.param_dtype")
     self.dtype, self.tie_embeddings = dtype, cfg.tie_embeddings
+    self.remat = cfg.get("remat", False)
     D = cfg.d_model
     # Embedding rows have unit variance; the tied head rescales by 1/sqrt(D).
     self.embedding = nnx.Param(
@@ -100,7 +101,10 @@ class Transformer(nnx.Module):
     x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
     x_BTD = constrain(x_BTD, residual)
     for i in range(self.n_layers):
-      x_BTD = constrain(getattr(self, f"block_{i}")(x_BTD, positions_BT), residual)
+      block = getattr(self, f"block_{i}")
+      # remat: keep only each block's input for the backward pass, recompute the rest.
+      call = nnx.remat(lambda b, x, p: b(x, p)) if self.remat else (lambda b, x, p: b(x, p))
+      x_BTD = constrain(call(block, x_BTD, positions_BT), residual)
     x_BTD = self.final_norm(x_BTD)
     if self.tie_embeddings:
       w_DV = self.embedding[...].T * (x_BTD.shape[-1] ** -0.5)

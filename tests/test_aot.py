@@ -53,3 +53,15 @@ def test_bad_topology_and_mesh_errors():
   c.mesh.data, c.mesh.tensor = 2, 4  # 8 devices asked, v5e:2x2 has 4
   with pytest.raises(ConfigError, match="4 are present"):
     aot.compile_train_step(c, "v5e:2x2")
+
+
+def test_remat_trades_memory_for_flops():
+  c = base.get_config("tiny")
+  c.data.batch_size, c.data.seq_len = 16, 512
+  c.model.n_layers, c.model.d_model, c.model.d_ff = 6, 256, 768
+  c.mesh.data = 4
+  plain = aot.compile_train_step(c, "v5e:2x2")
+  c.model.remat = True
+  remat = aot.compile_train_step(c, "v5e:2x2")
+  assert remat.temp_bytes < 0.7 * plain.temp_bytes, (remat.temp_bytes, plain.temp_bytes)
+  assert 1.1 < remat.compiler_flops / plain.compiler_flops < 1.45  # ~one more forward

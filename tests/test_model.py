@@ -109,3 +109,18 @@ def test_transformer_rejects_unknown_dtype():
   from lm.errors import ConfigError
   with pytest.raises(ConfigError, match="model.dtype"):
     Transformer(tiny_model_cfg(dtype="float8"), 384, rngs=nnx.Rngs(0))
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  import optax
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 256)
+  def loss_and_grads(remat):
+    graphdef, params, _ = build_model(tiny_model_cfg(dtype="float32", remat=remat), 384, seed=4)
+    def loss(p):
+      logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+  (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -47,6 +47,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype of activations and matmuls
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"  # see attention.ops.available_implementations()
+  c.model.remat = False  # recompute each block in the backward pass (activation memory / FLOPs)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"  # embedded | files | synthetic
