@@ -15,24 +15,19 @@ import orbax.checkpoint as ocp
 
 from lm.errors import ConfigError
 
-# Config subtrees that determine the shapes of what is saved: a checkpoint from a
-# config that differs in any of them cannot be resumed.
-_ARCH_FIELDS = ("model", "optimizer.name")
+# Config fields that determine the structure and shapes of what is saved: a
+# checkpoint from a config that differs in any of them cannot be resumed. Fields
+# that only change how the same state is computed (attention_impl, remat, the
+# compute dtype, learning rates) may change between runs.
+_ARCH_FIELDS = tuple(f"model.{f}" for f in (
+    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+    "tie_embeddings", "param_dtype")) + ("optimizer.name", "optimizer.freeze_axes")
 
 
 def _get(d: dict, dotted: str):
   for part in dotted.split("."):
     d = d[part] if isinstance(d, dict) and part in d else None
   return d
-
-
-def _flatten(d, prefix=""):
-  if not isinstance(d, dict):
-    return {prefix: d}
-  out = {}
-  for k, v in d.items():
-    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-  return out
 
 
 class Checkpointer:
@@ -66,14 +61,13 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))["config"]
     current = json.loads(config.to_json_best_effort())
     for field in _ARCH_FIELDS:
-      old, new = _flatten(_get(saved, field) or {}, field), _flatten(_get(current, field), field)
-      for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-          raise ConfigError(
-              key, new.get(key),
-              f"the workdir's checkpoint (step {step}, {self.directory}) was written with "
-              f"{key}={old.get(key)!r}, an incompatible config",
-              "use a new --workdir, or the same value as the checkpoint")
+      old, new = _get(saved, field), _get(current, field)
+      if old != new:
+        raise ConfigError(
+            field, new,
+            f"the workdir's checkpoint (step {step}, {self.directory}) was written with "
+            f"{field}={old!r}, an incompatible config",
+            "use a new --workdir, or the same value as the checkpoint")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto ``abstract_state``'s shardings (any mesh) and, if
