@@ -21,7 +21,8 @@ from lm.errors import ConfigError
 # compute dtype, learning rates) may change between runs.
 _ARCH_FIELDS = tuple(f"model.{f}" for f in (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-    "tie_embeddings", "param_dtype")) + ("optimizer.name", "optimizer.freeze_axes")
+    "tie_embeddings", "param_dtype", "moe.num_experts", "moe.every", "moe.d_ff",
+    "moe.num_shared")) + ("optimizer.name", "optimizer.freeze_axes")
 
 
 def _get(d: dict, dotted: str):

@@ -13,6 +13,10 @@ _CHOICES = {
     "optimizer.schedule": ("cosine", "wsd", "constant"),
     "data.source": ("embedded", "files", "synthetic"),
     "train.progress": ("auto", "bar", "log"),
+    "model.moe.score": ("softmax", "sigmoid"),
+    "model.moe.dispatch": ("dropless", "dropping", "reference"),
+    "model.moe.gmm_impl": ("auto", "ragged_dot", "pallas", "megablox", "xla"),
+    "model.moe.expert_parallel": ("none", "ragged", "fixed"),
 }
 
 
@@ -49,6 +53,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.vocab_size < 0:
     raise ConfigError("model.vocab_size", m.vocab_size, "must be >= 0",
                       "use 0 for the tokenizer's vocabulary or a positive size")
+  _validate_moe(config)
   if not 0 < config.optimizer.learning_rate:
     raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate,
                       "must be positive", "set a learning rate > 0")
@@ -64,3 +69,36 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> in
                       f"smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
                       f"use 0 (automatic) or a value >= {tokenizer_vocab}")
   return v
+
+
+def _validate_moe(config: ml_collections.ConfigDict) -> None:
+  moe = config.model.get("moe")
+  if moe is None or moe.num_experts == 0:
+    return
+  E = moe.num_experts
+  for field in ("num_experts", "every", "top_k"):
+    value = moe[field]
+    if not isinstance(value, int) or value <= 0:
+      raise ConfigError(f"model.moe.{field}", value, "must be a positive integer",
+                        f"set --config.model.moe.{field}=N, N > 0 (num_experts=0: dense model)")
+  for field in ("d_ff", "num_shared"):
+    if not isinstance(moe[field], int) or moe[field] < 0:
+      raise ConfigError(f"model.moe.{field}", moe[field], "must be an integer >= 0",
+                        f"set --config.model.moe.{field}=N, N >= 0")
+  if moe.top_k > E:
+    raise ConfigError("model.moe.top_k", moe.top_k, f"exceeds model.moe.num_experts={E}",
+                      "lower top_k or add experts")
+  if not moe.capacity_factor > 0:
+    raise ConfigError("model.moe.capacity_factor", moe.capacity_factor, "must be > 0",
+                      "use 1.0-1.25 (Switch), or model.moe.dispatch=dropless for no capacity")
+  expert_axis = config.mesh.get("expert", 1)
+  if expert_axis > 1 and E % expert_axis:
+    raise ConfigError("model.moe.num_experts", E, f"not divisible by mesh.expert={expert_axis}",
+                      f"use a multiple of {expert_axis} experts or a mesh.expert dividing {E}")
+  if moe.expert_parallel != "none" and moe.dispatch != "dropless":
+    raise ConfigError("model.moe.expert_parallel", moe.expert_parallel,
+                      f"needs model.moe.dispatch=dropless (got {moe.dispatch!r})",
+                      "set --config.model.moe.dispatch=dropless or expert_parallel=none")
+  for field in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
+    if moe[field] < 0:
+      raise ConfigError(f"model.moe.{field}", moe[field], "must be >= 0", "use 0 to disable")

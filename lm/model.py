@@ -1,7 +1,8 @@
 """Decoder-only transformer LM assembled from config (Flax NNX).
 
-embedding -> n_layers x [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU ->
-residual] -> RMSNorm -> head (tied to the embedding or its own matrix).
+embedding -> n_layers x [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU (or
+a mixture of SwiGLU experts, ``model.moe``) -> residual] -> RMSNorm -> head (tied
+to the embedding or its own matrix).
 Parameters are stored in ``param_dtype`` and cast to ``dtype`` for compute;
 logits and the loss are fp32. Every parameter carries logical axis names.
 """
@@ -12,7 +13,8 @@ from flax import nnx
 
 from attention.layer import Attention, logical_param
 from attention.spec import AttentionSpec
-from lm.sharding import constrain
+from lm.sharding import RULES, constrain
+from moe.layer import MoEFeedForward
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -54,10 +56,34 @@ class SwiGLU(nnx.Module):
     return h_BTF @ self.down[...].astype(dt)
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block."""
+def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+  """Layer ``layer`` is MoE when experts are configured and it is every ``moe.every``-th."""
+  moe = cfg.get("moe")
+  return bool(moe and moe.num_experts) and (layer + 1) % moe.every == 0
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs, dtype, param_dtype):
+
+def _batch_mesh_axes() -> tuple[str, ...]:
+  """The mesh axes the rules table shards the token batch over."""
+  target = dict(RULES)["batch"]
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def moe_layer(cfg: ml_collections.ConfigDict, *, rngs, dtype, param_dtype) -> MoEFeedForward:
+  m = cfg.moe
+  return MoEFeedForward(
+      cfg.d_model, num_experts=m.num_experts, top_k=m.top_k, d_ff=m.d_ff or cfg.d_ff,
+      num_shared=m.num_shared, score=m.score, strategy=m.dispatch,
+      capacity_factor=m.capacity_factor,
+      gmm_impl=None if m.gmm_impl == "auto" else m.gmm_impl,
+      expert_parallel=m.expert_parallel, batch_axes=_batch_mesh_axes(), rngs=rngs,
+      dtype=dtype, param_dtype=param_dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; its feed-forward is dense or MoE (``is_moe_layer``)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs, dtype, param_dtype,
+               moe: bool = False):
     head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
     self.attn = Attention(
@@ -65,7 +91,10 @@ class Block(nnx.Module):
         rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
         spec=AttentionSpec(causal=True), dtype=dtype, param_dtype=param_dtype)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
-    self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if moe:
+      self.mlp = moe_layer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    else:
+      self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x_BTD, positions_BT):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
@@ -89,7 +118,8 @@ class Transformer(nnx.Module):
     # checkpoints and logs rely on.
     self.n_layers = cfg.n_layers
     for i in range(cfg.n_layers):
-      setattr(self, f"block_{i}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
+      setattr(self, f"block_{i}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                        moe=is_moe_layer(cfg, i)))
     self.final_norm = RMSNorm(D, cfg.norm_eps, param_dtype)
     if not cfg.tie_embeddings:
       self.head = logical_param(rngs, (D, vocab_size), ("embed", "vocab"), D, param_dtype)
@@ -131,3 +161,42 @@ def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int, seed: int
 
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def apply(graphdef, params, tokens_BT: jax.Array):
+  """Runs the model: (logits [B, T, V] fp32, MoE statistics ``{block: stats}``).
+
+  The statistics are what each MoE layer sowed (``moe.layer``): ``load`` [E],
+  ``dropped``, ``lb_loss``, ``z_loss``; empty for a dense model.
+  """
+  model = nnx.merge(graphdef, params)
+  logits_BTV = model(tokens_BT)
+  sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+  stats = {}
+  for block, node in sown.items():
+    if "moe_stats" in node.get("mlp", {}):
+      stats[block] = node["mlp"]["moe_stats"][0]
+  return logits_BTV, stats
+
+
+def moe_aux_loss(stats: dict, moe_cfg) -> jax.Array:
+  """Balancing and z-losses summed over MoE layers, times their coefficients."""
+  if not stats:
+    return jnp.zeros((), jnp.float32)
+  lb = sum(s["lb_loss"] for s in stats.values())
+  z = sum(s["z_loss"] for s in stats.values())
+  return moe_cfg.load_balance_coef * lb + moe_cfg.z_loss_coef * z
+
+
+def update_balance_biases(params: dict, stats: dict, rate: float) -> dict:
+  """Auxiliary-loss-free balancing (DeepSeek-V3): each MoE layer's ``router_bias``
+  moves by ``rate`` against the sign of its load error. Outside the optimizer."""
+  if not stats or not rate:
+    return params
+  from moe.router import update_balance_bias
+  params = dict(params)
+  for block, s in stats.items():
+    mlp = dict(params[block]["mlp"])
+    mlp["router_bias"] = update_balance_bias(mlp["router_bias"], s["load"], rate)
+    params[block] = dict(params[block], mlp=mlp)
+  return params

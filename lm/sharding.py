@@ -43,6 +43,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("expert", "expert"),
+    ("router", None),
+    ("router_bias", None),
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
@@ -51,7 +53,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 # Which config field sets the size of an array axis with this logical name.
 _SIZE_FIELD = {"batch": "data.batch_size", "length": "data.seq_len", "vocab": "model.vocab_size",
                "heads": "model.n_heads", "kv_heads": "model.n_kv_heads", "mlp": "model.d_ff",
-               "embed": "model.d_model", "head_dim": "model.head_dim"}
+               "embed": "model.d_model", "head_dim": "model.head_dim",
+               "expert": "model.moe.num_experts"}
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:

@@ -24,7 +24,8 @@ from lm import data as data_lib
 from lm import sharding
 from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger
-from lm.model import build_model, count_params
+from lm.model import apply, build_model, count_params, moe_aux_loss, update_balance_biases
+from moe.router import load_cv
 from optim.chain import build_optimizer
 
 
@@ -51,30 +52,45 @@ class Experiment:
 
 
 def loss_fn(graphdef, params, batch):
-  """Weighted mean next-token cross-entropy (fp32) and the weight sum."""
-  logits_BTV = nnx.merge(graphdef, params)(batch["inputs"])
+  """Weighted mean next-token cross-entropy (fp32), the weight sum, MoE statistics."""
+  logits_BTV, moe_stats = apply(graphdef, params, batch["inputs"])
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
   weights_BT = batch["weights"].astype(jnp.float32)
   total = jnp.maximum(jnp.sum(weights_BT), 1.0)
-  return jnp.sum(losses_BT * weights_BT) / total, total
+  return jnp.sum(losses_BT * weights_BT) / total, (total, moe_stats)
 
 
-def make_steps(graphdef, tx, mesh):
-  """Builds the pure ``train_step(state, batch)`` and ``eval_step(params, batch)``."""
+def make_steps(graphdef, tx, mesh, moe_cfg=None):
+  """Builds the pure ``train_step(state, batch)`` and ``eval_step(params, batch)``.
+
+  With MoE layers the training objective adds their balancing and z-losses
+  (``moe_cfg`` coefficients), the auxiliary-loss-free bias update runs after the
+  optimizer, and the metrics carry each layer's statistics under ``moe``.
+  The logged ``loss`` stays the cross-entropy, comparable with dense models.
+  """
+
+  def objective(params, batch):
+    ce, (tokens, stats) = loss_fn(graphdef, params, batch)
+    return ce + moe_aux_loss(stats, moe_cfg), (ce, tokens, stats)
 
   def train_step(state, batch):
     with sharding.activation_sharding(mesh):
-      (loss, tokens), grads = jax.value_and_grad(
-          lambda p: loss_fn(graphdef, p, batch), has_aux=True)(state["params"])
+      (total_loss, (loss, tokens, stats)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if stats:
+      params = update_balance_biases(params, stats, moe_cfg.bias_update_rate)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    if stats:
+      metrics["loss_total"] = total_loss
+      metrics["moe"] = stats
     return new_state, metrics
 
   def eval_step(params, batch):
     with sharding.activation_sharding(mesh):
-      loss, tokens = loss_fn(graphdef, params, batch)
+      loss, (tokens, _) = loss_fn(graphdef, params, batch)
     return loss * tokens, tokens
 
   return train_step, eval_step
@@ -92,7 +108,7 @@ def build(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
     config.model.vocab_size = vocab
   graphdef, abstract_params, axes = build_model(config.model, vocab, config.seed, abstract=True)
   optimizer = build_optimizer(config.optimizer, axes, config.train.steps)
-  train_step, eval_step = make_steps(graphdef, optimizer.tx, mesh)
+  train_step, eval_step = make_steps(graphdef, optimizer.tx, mesh, config.model.get("moe"))
 
   def init_fn():
     _, params, _ = build_model(config.model, vocab, config.seed)
@@ -119,6 +135,27 @@ def build(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_sharding),
                         out_shardings=replicated))
+
+
+def moe_record(host_metrics: list[dict]) -> dict:
+  """Per-layer MoE metrics averaged over the logged steps: ``moe/<block>/load`` (the
+  share of assignments per expert), ``load_cv``, ``dropped``, ``lb_loss``, ``z_loss``,
+  and their means over layers under ``moe/``."""
+  if not host_metrics or "moe" not in host_metrics[0]:
+    return {}
+  record, per_layer = {}, {}
+  for block in host_metrics[0]["moe"]:
+    load = np.mean([m["moe"][block]["load"] for m in host_metrics], axis=0)
+    layer = {"load_cv": float(load_cv(load)),
+             **{k: float(np.mean([m["moe"][block][k] for m in host_metrics]))
+                for k in ("dropped", "lb_loss", "z_loss")}}
+    record[f"moe/{block}/load"] = [round(float(x), 5) for x in load]
+    record.update({f"moe/{block}/{k}": v for k, v in layer.items()})
+    per_layer[block] = layer
+  for k in ("load_cv", "dropped", "lb_loss", "z_loss"):
+    record[f"moe/{k}"] = float(np.mean([layer[k] for layer in per_layer.values()]))
+  record["loss_total"] = float(np.mean([m["loss_total"] for m in host_metrics]))
+  return record
 
 
 def evaluate(exp: Experiment, params) -> float:
@@ -218,6 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
                   "grad_norm": float(host[-1]["grad_norm"]),
                   "tokens_per_sec": tokens / max(now - t_last, 1e-9),
                   "elapsed_s": now - t_start}
+        record.update(moe_record(host))
         for group, schedule in exp.optimizer.learning_rates.items():
           record[f"learning_rate/{group}"] = float(schedule(step - 1))
         record["learning_rate"] = record[f"learning_rate/{next(iter(exp.optimizer.learning_rates))}"]

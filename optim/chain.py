@@ -5,7 +5,10 @@ is a pytree with the same structure as the params whose leaves are tuples of
 axis names, e.g. ``('embed', 'mlp')``. Tuples are pytree nodes, so every map
 over it passes ``is_leaf=_is_axes``.
 
-* any ``vocab`` axis (embedding, output head) -> ``'adam'``;
+* any ``vocab`` axis (embedding, output head) or ``router`` axis (MoE router)
+  -> ``'adam'``;
+* any ``router_bias`` axis (``STATE_AXES``: updated outside the optimizer) ->
+  ``'frozen'`` (zero update);
 * fewer than 2 non-batch axes (norm scales, biases) -> ``'adam'``;
 * otherwise -> ``'muon'`` (``'namo'`` for the NAMO optimizers). Batch axes
   (``BATCH_AXES``: stacked layers, experts; with ``per_head`` also
@@ -42,8 +45,12 @@ MuonDimensionNumbers = optax_contrib.MuonDimensionNumbers
 BATCH_AXES = ("layers", "expert")
 # Attention head axes: batch axes too when ``per_head`` (one matrix per head).
 HEAD_AXES = ("heads", "kv_heads")
-# Axes whose parameters always stay on AdamW (embedding rows / head columns).
-ADAM_AXES = ("vocab",)
+# Axes whose parameters always stay on AdamW (embedding rows / head columns, the
+# MoE router's expert-logit axis: routers are small and stay on AdamW).
+ADAM_AXES = ("vocab", "router")
+# Axes of state that the optimizer never updates: it is changed outside the
+# optimizer (the MoE router's auxiliary-loss-free balancing bias).
+STATE_AXES = ("router_bias",)
 # The residual-stream axis: on the input side of projections out of the stream,
 # on the output side of projections into it.
 EMBED_AXIS = "embed"
@@ -361,6 +368,7 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
     above with the base ``learning_rate`` schedule;
   * ``optimizer.freeze_axes`` (optional): parameters with any of these logical
     axes get the label ``'frozen'`` and a zero update (``optax.set_to_zero``);
+    so do parameters with a ``STATE_AXES`` axis (updated outside the optimizer);
   * ``namo`` / ``namo_d``: the same partition with group ``'namo'`` =
     ``optim.namo.namo`` / ``namo_d`` configured by ``optimizer.namo``
     (learning_rate, b1, b2, eps, weight_decay, weight_decay_mode, nesterov,
@@ -391,7 +399,7 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
   adam_lr = sched_lib.make_schedule(get_field(cfg, "learning_rate"), cfg,
                                     total_steps)
   adamw = _adamw(cfg, adam_lr, decay_mask(logical_axes))
-  freeze = tuple(_optional(cfg, "freeze_axes", ()) or ())
+  freeze = tuple(_optional(cfg, "freeze_axes", ()) or ()) + STATE_AXES
   frozen = _map_axes(lambda axes: any(a in freeze for a in axes), logical_axes)
   if name == "adamw":
     groups, rates = {"adam": adamw}, {"adam": adam_lr}

@@ -48,6 +48,21 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"  # see attention.ops.available_implementations()
   c.model.remat = False  # recompute each block in the backward pass (activation memory / FLOPs)
+  # Mixture of experts (moe/; experiments/configs/moe.py). num_experts=0: dense model.
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.num_experts = 0  # routed experts per MoE layer; 0 = every layer dense
+  c.model.moe.every = 1  # MoE in every n-th layer (layers n-1, 2n-1, ...), dense SwiGLU elsewhere
+  c.model.moe.top_k = 2  # experts per token (1: Switch, 2: Mixtral)
+  c.model.moe.d_ff = 0  # width of each routed expert; 0 = model.d_ff (fine-grained: smaller)
+  c.model.moe.num_shared = 0  # always-on shared experts of width moe.d_ff (DeepSeek)
+  c.model.moe.score = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+  c.model.moe.dispatch = "dropless"  # dropless | dropping | reference (moe/dispatch.py)
+  c.model.moe.capacity_factor = 1.25  # dropping: slots per expert = cf * tokens * k / E
+  c.model.moe.gmm_impl = "auto"  # dropless grouped matmul: auto | ragged_dot | pallas | megablox | xla
+  c.model.moe.expert_parallel = "none"  # none | ragged | fixed: all-to-all over mesh.expert
+  c.model.moe.load_balance_coef = 0.01  # Switch balancing loss coefficient (0 disables)
+  c.model.moe.z_loss_coef = 1e-3  # ST-MoE router z-loss coefficient (0 disables)
+  c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step (DeepSeek: 1e-3)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"  # embedded | files | synthetic
