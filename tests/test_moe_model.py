@@ -1,0 +1,184 @@
+"""MoE in the LM: config, optimizer routing, training, balancing, sharding, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import moe as moe_configs
+from lm import sharding, train
+from lm.errors import ConfigError
+from lm.model import build_model, is_moe_layer
+from optim.chain import build_optimizer, muon_dimension_tree, param_labels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**moe):
+  c = moe_configs.get_config("tiny")
+  c.train.progress, c.train.plot = "log", False
+  c.model.moe.update(moe)
+  return c
+
+
+def test_every_nth_layer_and_expert_shapes():
+  c = tiny(every=2, num_shared=1, d_ff=32).model
+  c.n_layers = 4
+  assert [is_moe_layer(c, i) for i in range(4)] == [False, True, False, True]
+  _, params, axes = build_model(c, 384, seed=0)
+  assert "router" not in params["block_0"]["mlp"]
+  mlp = params["block_1"]["mlp"]
+  E, D = c.moe.num_experts, c.d_model
+  assert mlp["gate"].shape == (E, D, 32) and mlp["down"].shape == (E, 32, D)
+  assert mlp["shared_gate"].shape == (D, 32) and mlp["router"].shape == (D, E)
+  assert axes["block_1"]["mlp"]["gate"] == ("expert", "embed", "mlp")
+
+
+def test_optimizer_routes_experts_per_matrix_router_to_adam_bias_frozen():
+  c = tiny().model
+  _, _, axes = build_model(c, 384, seed=0, abstract=True)
+  labels = param_labels(axes)["block_0"]["mlp"]
+  assert labels == {"gate": "muon", "up": "muon", "down": "muon", "router": "adam",
+                    "router_bias": "adam"}
+  dims = muon_dimension_tree(axes)["block_0"]["mlp"]
+  # The expert axis (0) is a batch axis: each expert's [D, F] / [F, D] is its own matrix.
+  assert (dims["gate"].reduction_axis, dims["gate"].output_axis) == ((1,), (2,))
+  assert (dims["down"].reduction_axis, dims["down"].output_axis) == ((1,), (2,))
+  built = build_optimizer(moe_configs.get_config("tiny").optimizer, axes, 10)
+  assert built.labels["block_0"]["mlp"]["router_bias"] == "frozen"
+
+
+def _train_steps(config, n, devices=None):
+  exp = train.build(config, devices=devices)
+  it = exp.data.train_iterator()
+  state = exp.init_state()
+  out = []
+  for _ in range(n):
+    state, metrics = exp.train_step(state, exp.put_batch(next(it)))
+    out.append(jax.device_get(metrics))
+  return exp, state, out
+
+
+def test_aux_losses_enter_the_objective_and_bias_moves_by_sign_of_load():
+  c = tiny(bias_update_rate=0.01, load_balance_coef=0.01, z_loss_coef=1e-3)
+  _, state, metrics = _train_steps(c, 3)
+  m = metrics[-1]
+  lb = sum(s["lb_loss"] for s in m["moe"].values())
+  z = sum(s["z_loss"] for s in m["moe"].values())
+  np.testing.assert_allclose(m["loss_total"], m["loss"] + 0.01 * lb + 1e-3 * z, rtol=1e-5)
+  # Each step moves every bias entry by exactly +-rate (zero-error experts aside):
+  # the optimizer leaves it alone ('frozen'), the sign rule does the rest.
+  bias = np.asarray(state["params"]["block_0"]["mlp"]["router_bias"])
+  loads = [mm["moe"]["block_0"]["load"] for mm in metrics]
+  expected = sum(-0.01 * np.sign(l - l.mean()) for l in loads)
+  np.testing.assert_allclose(bias, expected, atol=1e-6)
+  # Without the rate, the bias stays zero although weight decay and Adam run.
+  _, state0, _ = _train_steps(tiny(bias_update_rate=0.0), 2)
+  np.testing.assert_array_equal(state0["params"]["block_0"]["mlp"]["router_bias"], 0.0)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_balancing_evens_out_a_skewed_router(score):
+  """Tokens with a shared component and a router that favours expert 0: the
+  auxiliary-loss-free update alone (no gradient) brings the load toward uniform."""
+  from moe import router
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(k1, (512, 16)).at[:, 0].add(1.0)
+  w = (jax.random.normal(k2, (16, 8)) * 0.3).at[0, 0].set(3.0)
+  bias = jnp.zeros(8)
+  cvs = []
+  step = jax.jit(lambda bias: router.expert_load(
+      router.route(x, w, top_k=2, score=score, bias_E=bias).experts_TK, 8))
+  for _ in range(200):
+    load = step(bias)
+    cvs.append(float(router.load_cv(load)))
+    bias = router.update_balance_bias(bias, load, 0.005)
+  assert cvs[0] > 0.7 and np.mean(cvs[-20:]) < 0.3 * cvs[0], cvs[::10]
+
+
+@pytest.mark.parametrize("dispatch", ["dropping", "dropless"])
+def test_moe_trains_and_logs_expert_load(tmp_path, dispatch):
+  c = tiny(dispatch=dispatch)
+  c.train.steps = 30
+  summary = train.run(c, str(tmp_path))
+  recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = [r["loss"] for r in recs if "loss" in r]
+  assert np.mean(losses[-5:]) < losses[0] - 1.5
+  last = [r for r in recs if "loss" in r][-1]
+  for i in range(c.model.n_layers):
+    load = last[f"moe/block_{i}/load"]
+    assert len(load) == c.model.moe.num_experts and abs(sum(load) - 1) < 1e-3
+    assert f"moe/block_{i}/load_cv" in last and f"moe/block_{i}/dropped" in last
+  assert (last["moe/dropped"] > 0) == (dispatch == "dropping") or last["moe/dropped"] == 0
+  assert summary["eval_loss"] < 4.0
+
+
+def test_dropping_with_ample_capacity_equals_dropless_model():
+  a = tiny(dispatch="dropping", capacity_factor=float(tiny().model.moe.num_experts))
+  b = tiny(dispatch="dropless")
+  for c in (a, b):
+    c.model.dtype = "float32"
+  _, _, ma = _train_steps(a, 2)
+  _, _, mb = _train_steps(b, 2)
+  np.testing.assert_allclose([m["loss"] for m in ma], [m["loss"] for m in mb], rtol=1e-5)
+  assert all(float(m["moe"]["block_0"]["dropped"]) == 0 for m in ma)
+
+
+def _sharded_config(**mesh):
+  c = tiny(num_experts=8)
+  c.model.dtype = "float32"
+  c.optimizer.eps = 1e-3  # see tests/test_sharding.py: keeps Adam's update Lipschitz in g
+  c.optimizer.warmup_steps = 0
+  c.data.batch_size = 8
+  for k in sharding.MESH_AXES:
+    c.mesh[k] = mesh.get(k, 1)
+  return c
+
+
+@pytest.mark.parametrize("mesh", [{"expert": 8}, {"data": 2, "expert": 4}])
+def test_expert_sharded_model_equals_single_device(mesh):
+  _, ref_state, ref = _train_steps(_sharded_config(), 2, jax.devices()[:1])
+  exp, state, out = _train_steps(_sharded_config(**mesh), 2)
+  np.testing.assert_allclose([m["loss"] for m in out], [m["loss"] for m in ref], rtol=2e-6)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  gate = state["params"]["block_0"]["mlp"]["gate"]
+  assert gate.sharding.spec[0] == "expert"
+  assert len({s.index for s in gate.addressable_shards}) == mesh["expert"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("top_k", 5, r"model.moe.top_k=5: exceeds model.moe.num_experts=4"),
+    ("capacity_factor", 0.0, r"model.moe.capacity_factor=0.0: must be > 0"),
+    ("dispatch", "scatter", r"model.moe.dispatch='scatter': unknown choice"),
+    ("every", 0, r"model.moe.every=0: must be a positive integer"),
+])
+def test_config_errors(tmp_path, field, value, match):
+  with pytest.raises(ConfigError, match=match) as info:
+    train.build(tiny(**{field: value}))
+  assert "Fix:" in str(info.value)
+
+
+def test_experts_not_divisible_by_expert_axis():
+  c = tiny(num_experts=6)
+  c.mesh.data, c.mesh.expert = 2, 4
+  with pytest.raises(ConfigError, match=r"model.moe.num_experts=6: not divisible by mesh.expert=4"):
+    train.build(c)
+
+
+def test_cli_picks_the_dispatch_strategy(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "experiments.train",
+                      "--config=experiments/configs/moe.py:tiny", f"--workdir={tmp_path}",
+                      "--config.train.steps=3", "--config.train.plot=False",
+                      "--config.model.moe.dispatch=dropping"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  cfg = json.load(open(tmp_path / "config.json"))
+  assert cfg["model"]["moe"]["dispatch"] == "dropping"
+  last = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l][-1]
+  assert any("load" in k for k in last)
