@@ -170,8 +170,8 @@ def apply(graphdef, params, tokens_BT: jax.Array):
   ``dropped``, ``lb_loss``, ``z_loss``; empty for a dense model.
   """
   model = nnx.merge(graphdef, params)
-  logits_BTV = model(tokens_BT)
-  sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+  logits_BTV, sown = nnx.capture(model, nnx.Intermediate)(tokens_BT)
+  sown = nnx.to_pure_dict(sown)
   stats = {}
   for block, node in sown.items():
     if "moe_stats" in node.get("mlp", {}):

@@ -74,7 +74,7 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
     return ce + moe_aux_loss(stats, moe_cfg), (ce, tokens, stats)
 
   def train_step(state, batch):
-    with sharding.activation_sharding(mesh):
+    with sharding.activation_sharding(mesh), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       (total_loss, (loss, tokens, stats)), grads = jax.value_and_grad(
           objective, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -89,7 +89,7 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
     return new_state, metrics
 
   def eval_step(params, batch):
-    with sharding.activation_sharding(mesh):
+    with sharding.activation_sharding(mesh), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       loss, (tokens, _) = loss_fn(graphdef, params, batch)
     return loss * tokens, tokens
 

@@ -128,8 +128,8 @@ def test_dropping_with_ample_capacity_equals_dropless_model():
   assert all(float(m["moe"]["block_0"]["dropped"]) == 0 for m in ma)
 
 
-def _sharded_config(**mesh):
-  c = tiny(num_experts=8)
+def _sharded_config(expert_parallel="none", **mesh):
+  c = tiny(num_experts=8, expert_parallel=expert_parallel)
   c.model.dtype = "float32"
   c.optimizer.eps = 1e-3  # see tests/test_sharding.py: keeps Adam's update Lipschitz in g
   c.optimizer.warmup_steps = 0
@@ -139,13 +139,24 @@ def _sharded_config(**mesh):
   return c
 
 
-@pytest.mark.parametrize("mesh", [{"expert": 8}, {"data": 2, "expert": 4}])
-def test_expert_sharded_model_equals_single_device(mesh):
+@pytest.mark.parametrize("exchange,mesh", [
+    ("none", {"expert": 8}), ("none", {"data": 2, "expert": 4}),
+    ("ragged", {"expert": 8}), ("fixed", {"data": 2, "expert": 4})])
+def test_expert_sharded_model_equals_single_device(exchange, mesh):
+  """XLA-partitioned experts (none) and explicit expert parallelism (ragged/fixed
+  all-to-all in shard_map) give the single-device losses and parameters."""
   _, ref_state, ref = _train_steps(_sharded_config(), 2, jax.devices()[:1])
-  exp, state, out = _train_steps(_sharded_config(**mesh), 2)
+  config = _sharded_config(exchange, **mesh)
+  config.model.moe.capacity_factor = 8.0  # fixed buffers: room for every assignment
+  exp, state, out = _train_steps(config, 2)
+  assert all(float(m["moe"]["block_0"]["dropped"]) == 0 for m in out)
   np.testing.assert_allclose([m["loss"] for m in out], [m["loss"] for m in ref], rtol=2e-6)
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # Explicit expert parallelism really exchanges tokens with all-to-alls.
+  batch = exp.put_batch(next(exp.data.train_iterator()))
+  program = exp.train_step.lower(state, batch).as_text()
+  assert ("all_to_all" in program) == (exchange != "none")
   gate = state["params"]["block_0"]["mlp"]["gate"]
   assert gate.sharding.spec[0] == "expert"
   assert len({s.index for s in gate.addressable_shards}) == mesh["expert"]
