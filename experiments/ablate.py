@@ -81,13 +81,21 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
+# Logged metrics that become record columns when a run has them (label: metrics key).
+EXTRA_COLUMNS = {"moe/load_cv": "load CV", "moe/dropped": "dropped"}
+
+
 def summarise(workdir: str, seconds: float, n_params: int) -> dict:
   from lm.metrics import read_metrics
   records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
   rates = sorted(r["tokens_per_sec"] for r in train[1:]) or [float("nan")]
-  return {"step": train[-1]["step"] if train else 0,
+  # MoE runs: expert-load balance and drops, averaged over the last quarter of the logs.
+  tail = train[len(train) * 3 // 4:]
+  extra = {k: sum(r[k] for r in tail) / len(tail) for k in EXTRA_COLUMNS
+           if tail and all(k in r for r in tail)}
+  return {"extra": extra, "step": train[-1]["step"] if train else 0,
           "loss": train[-1]["loss"] if train else float("nan"),
           "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
           "evals": [[r["step"], r["eval_loss"], r.get("elapsed_s", float("nan"))] for r in evals],
@@ -125,19 +133,26 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
   import numpy as np
   from lm.metrics import read_metrics
   env = environment()
+  extras = [k for k in EXTRA_COLUMNS if any(k in r["summary"].get("extra", {}) for r in results)]
+  extra_head = "".join(f" {EXTRA_COLUMNS[k]} |" for k in extras)
+  extra_rule = " ---: |" * len(extras)
+  extra_cells = lambda s: "".join(
+      f" {_fmt(s.get('extra', {}).get(k, float('nan')), 3)} |" for k in extras)
   lines = [f"# {title}", "",
            f"- date: {env['date']}, commit: {env['commit']}",
            f"- hardware: {env['hardware']}; jax {env['jax']}, python {env['python']}",
            f"- base config: `{base_spec}`",
            f"- command: `python -m experiments.ablate {' '.join(argv)}`", "",
            "## Runs", "",
-           "| run | steps | train loss | eval loss | tokens/s | params | wall s |"
+           "| run | steps | train loss | eval loss | tokens/s | params | wall s |" + extra_head
            + (f" steps to eval {target} | s to eval {target} |" if target else ""),
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if target else "")]
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + extra_rule
+           + (" ---: | ---: |" if target else "")]
   for r in results:
     s = r["summary"]
     row = (f"| {r['name']} | {s['step']} | {_fmt(s['loss'])} | {_fmt(s['eval_loss'])} | "
-           f"{s['tokens_per_sec']:,.0f} | {s['params'] / 1e6:.2f}M | {s['seconds']:.0f} |")
+           f"{s['tokens_per_sec']:,.0f} | {s['params'] / 1e6:.2f}M | {s['seconds']:.0f} |"
+           + extra_cells(s))
     if target:
       st, sec = to_target(s, target)
       row += f" {_fmt(st, 0)} | {_fmt(sec, 0)} |"
@@ -146,14 +161,16 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
   for r in results:
     groups.setdefault(run_name(r["overrides"], 0).rsplit(",seed=", 1)[0] or "base", []).append(r)
   lines += ["", "## Mean over seeds (± std)", "",
-            "| setting | seeds | train loss | eval loss | tokens/s |"
+            "| setting | seeds | train loss | eval loss | tokens/s |" + extra_head
             + (f" steps to eval {target} (mean; runs that reached it) |" if target else ""),
-            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if target else "")]
+            "| --- | ---: | ---: | ---: | ---: |" + extra_rule + (" ---: |" if target else "")]
   for name, rs in groups.items():
     col = lambda k: np.array([x["summary"][k] for x in rs], dtype=float)
     ev, tr = col("eval_loss"), col("loss")
     row = (f"| {name} | {len(rs)} | {_fmt(tr.mean())} ± {_fmt(tr.std(), 3)} | "
            f"{_fmt(ev.mean())} ± {_fmt(ev.std(), 3)} | {col('tokens_per_sec').mean():,.0f} |")
+    row += "".join(f" {_fmt(np.mean([x['summary'].get('extra', {}).get(k, float('nan')) for x in rs]), 3)} |"
+                   for k in extras)
     if target:
       reached = [to_target(x["summary"], target)[0] for x in rs]
       hit = [s for s in reached if s == s]

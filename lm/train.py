@@ -25,6 +25,7 @@ from lm import sharding
 from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger
 from lm.model import apply, build_model, count_params, moe_aux_loss, update_balance_biases
+from moe import gmm as gmm_lib
 from moe.router import load_cv
 from optim.chain import build_optimizer
 
@@ -69,12 +70,17 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
   The logged ``loss`` stays the cross-entropy, comparable with dense models.
   """
 
+  # Kernels are chosen for the mesh's devices (a CPU host compiling for a TPU
+  # topology traces TPU programs).
+  platform = mesh.devices.flat[0].platform
+
   def objective(params, batch):
     ce, (tokens, stats) = loss_fn(graphdef, params, batch)
     return ce + moe_aux_loss(stats, moe_cfg), (ce, tokens, stats)
 
   def train_step(state, batch):
-    with sharding.activation_sharding(mesh), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with (sharding.activation_sharding(mesh), gmm_lib.target_platform(platform),
+          jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
       (total_loss, (loss, tokens, stats)), grads = jax.value_and_grad(
           objective, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -89,7 +95,8 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
     return new_state, metrics
 
   def eval_step(params, batch):
-    with sharding.activation_sharding(mesh), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with (sharding.activation_sharding(mesh), gmm_lib.target_platform(platform),
+          jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
       loss, (tokens, _) = loss_fn(graphdef, params, batch)
     return loss * tokens, tokens
 

@@ -20,6 +20,7 @@ every candidate fails, one error lists every reason):
 All accumulate in float32; the output has ``preferred_element_type`` (default:
 ``lhs.dtype``).
 """
+import contextlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -31,6 +32,26 @@ _REGISTRY: dict[str, GmmFn] = {}
 # implementation=None: the preference order per platform.
 _DEFAULT_ORDER = {"tpu": ("pallas", "megablox", "ragged_dot"), "gpu": ("ragged_dot",),
                   "cpu": ("ragged_dot",)}
+
+
+_PLATFORMS: list[str] = []
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+  """Within this context, pick implementations (and interpret mode) for ``name``
+  (``tpu``, ``gpu``, ``cpu``) instead of the default backend's: a CPU host that
+  compiles ahead of time for a TPU topology traces TPU programs."""
+  _PLATFORMS.append(name)
+  try:
+    yield
+  finally:
+    _PLATFORMS.pop()
+
+
+def current_platform() -> str:
+  """The platform programs are traced for: ``target_platform``'s, else the default backend."""
+  return _PLATFORMS[-1] if _PLATFORMS else jax.default_backend()
 
 
 class GmmUnsupported(ValueError):
@@ -69,7 +90,7 @@ def _ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, inter
 
 
 def _interpret(interpret):
-  return jax.default_backend() != "tpu" if interpret is None else interpret
+  return current_platform() != "tpu" if interpret is None else interpret
 
 
 def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
@@ -81,8 +102,14 @@ def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpr
   if M % tm or K % tk or N % tn:
     raise GmmUnsupported(f"megablox: shapes M={M}, K={K}, N={N} must be multiples of the "
                          f"tiles ({tm}, {tk}, {tn})")
-  out = mb.gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), jnp.float32,
-               (tm, tk, tn), None, None, False, _interpret(interpret))
+  try:
+    out = mb.gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), jnp.float32,
+                 (tm, tk, tn), None, None, False, _interpret(interpret))
+  except ValueError as e:
+    if "manual_axis_type" not in str(e):
+      raise
+    raise GmmUnsupported("megablox: cannot run inside shard_map's varying-axes check (its "
+                         "output declares no manual axis types); use 'pallas'") from e
   # megablox leaves rows past the last group undefined; ours are zeros.
   valid_M = jnp.arange(M) < jnp.sum(group_sizes_G)
   return jnp.where(valid_M[:, None], out, 0).astype(out_dtype)
@@ -103,7 +130,7 @@ register("pallas", _pallas)
 
 def _candidates(implementation) -> tuple[str, ...]:
   if implementation is None:
-    return _DEFAULT_ORDER.get(jax.default_backend(), ("ragged_dot",))
+    return _DEFAULT_ORDER.get(current_platform(), ("ragged_dot",))
   if isinstance(implementation, str):
     return (implementation,)
   if isinstance(implementation, Sequence) and implementation:

@@ -124,7 +124,8 @@ def _check_common(exchange, capacity_factor, ragged_impl):
 
 def default_ragged_impl() -> str:
   """``native`` where XLA has ragged-all-to-all (GPU, TPU), ``emulated`` on CPU."""
-  return "emulated" if jax.default_backend() == "cpu" else "native"
+  from moe.gmm import current_platform
+  return "emulated" if current_platform() == "cpu" else "native"
 
 
 def expert_parallel_ffn(x_TD: jax.Array, routing: Routing, w_local: ExpertWeights, *,
@@ -312,6 +313,11 @@ def ep_moe_ffn(x_BSD: jax.Array, routing: Routing, w: ExpertWeights, *, mesh=Non
     # Explicit axes: shard_map wants inputs already laid out as in_specs.
     args = jax.tree.map(lambda a, s: jax.sharding.reshard(a, NamedSharding(mesh, s)), args,
                         specs)
+  # Interpreted Pallas kernels (a CPU host) trip shard_map's varying-axes check
+  # inside the interpreter (jax 0.12); there, shard_map runs unchecked and its
+  # transpose sums the replicated inputs' gradients itself.
+  from moe.gmm import current_platform
+  interpreted = current_platform() != "tpu" and gmm_impl in ("pallas", "megablox")
   fn = jax.shard_map(body, mesh=mesh, in_specs=specs,
-                     out_specs=(tok_spec, DispatchStats(P(), P())))
+                     out_specs=(tok_spec, DispatchStats(P(), P())), check_vma=not interpreted)
   return fn(*args)

@@ -41,4 +41,5 @@ def get_config(size: str = "tiny"):
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 10, 50, 300
     c.train.eval_batches = 8
     c.optimizer.learning_rate = 3e-3
+    c.model.moe.dispatch = "dropping"  # Switch's setting: capacity 1.25, drops measured
   return c

@@ -48,6 +48,18 @@ DEFAULT_TILING = (128, 128, 128)  # (tm, tk, tn)
 _LANES = 128
 
 
+def _out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+  """The kernel's output type. Inside ``shard_map`` (with its varying-axes check)
+  the output varies over every mesh axis any operand varies over."""
+  mats = [getattr(jax.typeof(x), "mat", None) for x in operands]
+  if any(m is None for m in mats):  # jax without manual-axis types
+    return jax.ShapeDtypeStruct(shape, dtype)
+  varying = frozenset().union(*(m.varying for m in mats))
+  if not varying:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
+
+
 class GroupMetadata(NamedTuple):
   """Where each grid visit works (all int32).
 
@@ -202,7 +214,7 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiling, interpret, out_dtype, transpose_rhs
     return tiles[v], n
 
   rhs_block = (None, to, tc) if transpose_rhs else (None, tc, to)
-  out_shape = jax.ShapeDtypeStruct((Mp, Op), out_dtype)
+  out_shape = _out_struct((Mp, Op), out_dtype, lhs_MC, rhs, group_sizes_G)
   kernel = functools.partial(_gmm_kernel, num_groups=G, k_tiles=k_tiles,
                              transpose_rhs=transpose_rhs)
   out_MO = pl.pallas_call(
@@ -280,7 +292,7 @@ def tgmm(x_MK: jax.Array, dout_MN: jax.Array, group_sizes_G: jax.Array, *,
   meta = make_group_metadata(group_sizes_G.astype(jnp.int32), Mp, tm, visit_empty_groups=True,
                              cover_tail=False)
   num_visits = meta.group_ids_V.shape[0]
-  out_shape = jax.ShapeDtypeStruct((G, Kp, Np), out_dtype)
+  out_shape = _out_struct((G, Kp, Np), out_dtype, x_MK, dout_MN, group_sizes_G)
   out_GKN = pl.pallas_call(
       functools.partial(_tgmm_kernel, num_visits=num_visits),
       out_shape=out_shape,
@@ -310,14 +322,27 @@ def _gmm_fwd(lhs_MK, rhs_GKN, group_sizes_G, tiling, interpret, out_dtype):
   return out, (lhs_MK, rhs_GKN, group_sizes_G)
 
 
+def _extra_varying_axes(grad, primal) -> tuple[str, ...]:
+  """Mesh axes (inside ``shard_map``) the gradient varies over but its primal does
+  not: the primal was implicitly broadcast there, so its gradient sums over them."""
+  g, p = (getattr(jax.typeof(x), "mat", None) for x in (grad, primal))
+  if g is None or p is None:
+    return ()
+  return tuple(sorted(g.varying - p.varying))
+
+
 def _gmm_bwd(tiling, interpret, out_dtype, res, dout_MN):
   lhs_MK, rhs_GKN, group_sizes_G = res
   tm, tk, tn = tiling
   # d_lhs: contraction over N (tile tn), output columns K (tile tk).
-  dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, (tm, tn, tk), interpret, lhs_MK.dtype, True)
+  dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, (tm, tn, tk), interpret, jnp.float32, True)
   drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G, tiling=tiling, interpret=interpret,
-                  preferred_element_type=rhs_GKN.dtype)
-  return dlhs_MK, drhs_GKN, None
+                  preferred_element_type=jnp.float32)
+  grads = []
+  for grad, primal in ((dlhs_MK, lhs_MK), (drhs_GKN, rhs_GKN)):
+    axes = _extra_varying_axes(grad, primal)
+    grads.append((jax.lax.psum(grad, axes) if axes else grad).astype(primal.dtype))
+  return grads[0], grads[1], None
 
 
 _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
