@@ -116,7 +116,9 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state["params"]))
+  from lm.model import active_param_count
+  # MoE: a token meets only its top-k experts; the FLOPs estimate counts those.
+  params = active_param_count(c.model, exp.abstract_state["params"])
   embed = math.prod(exp.abstract_state["params"]["embedding"].shape)
   n = len(devices)
   return CompileReport(

@@ -6,6 +6,8 @@ to the embedding or its own matrix).
 Parameters are stored in ``param_dtype`` and cast to ``dtype`` for compute;
 logits and the loss are fp32. Every parameter carries logical axis names.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -200,3 +202,19 @@ def update_balance_biases(params: dict, stats: dict, rate: float) -> dict:
     mlp["router_bias"] = update_balance_bias(mlp["router_bias"], s["load"], rate)
     params[block] = dict(params[block], mlp=mlp)
   return params
+
+
+def active_param_count(model_cfg: ml_collections.ConfigDict, params) -> int:
+  """Parameters one token meets: all of them, less the routed experts it is not
+  sent to (``num_experts - top_k`` of each MoE layer). Works on abstract params."""
+  size = lambda x: int(math.prod(x.shape))
+  total = sum(size(x) for x in jax.tree.leaves(params))
+  moe = model_cfg.get("moe")
+  if not moe or not moe.num_experts:
+    return total
+  for block in params.values():
+    mlp = block.get("mlp", {}) if isinstance(block, dict) else {}
+    if "router" in mlp:
+      per_expert = sum(size(mlp[k]) for k in ("gate", "up", "down")) // moe.num_experts
+      total -= (moe.num_experts - moe.top_k) * per_expert
+  return total

@@ -24,7 +24,8 @@ from lm import data as data_lib
 from lm import sharding
 from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger
-from lm.model import apply, build_model, count_params, moe_aux_loss, update_balance_biases
+from lm.model import (active_param_count, apply, build_model, count_params, moe_aux_loss,
+                      update_balance_biases)
 from moe import gmm as gmm_lib
 from moe.router import load_cv
 from optim.chain import build_optimizer
@@ -240,8 +241,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=step,
                          progress=tc.progress, enabled=lead)
   n_params = count_params(state["params"])
+  n_active = active_param_count(config.model, state["params"])
   mesh_desc = " x ".join(f"{a}={s}" for a, s in exp.mesh.shape.items() if s > 1) or "1 device"
-  logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters, mesh {mesh_desc}, steps {step} -> {end}"
+  active = f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else ""
+  logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters{active}, mesh {mesh_desc}, steps {step} -> {end}"
               + (f" (resumed from step {latest})" if latest is not None else ""))
   pending, last_loss, eval_loss = [], float("nan"), None
   t_start = t_last = time.perf_counter()
@@ -282,4 +285,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   ckpt.close()
   logger.close(plot=tc.plot)
   return {"step": step, "loss": last_loss, "eval_loss": eval_loss, "params": n_params,
-          "state": state}
+          "active_params": n_active, "state": state}

@@ -117,7 +117,8 @@ def _moe(strategy, x, w_r, w, rcfg, **kw):
     ("dropping", dict(capacity_factor=8.0)),  # capacity >= all tokens: nothing dropped
     ("dropless", dict(gmm_impl="ragged_dot")),
     ("dropless", dict(gmm_impl="xla")),
-], ids=["dropping", "dropless-ragged_dot", "dropless-xla"])
+    ("dropless", dict(gmm_impl="pallas", tiling=(16, 128, 128))),  # ours, interpreted
+], ids=["dropping", "dropless-ragged_dot", "dropless-xla", "dropless-pallas"])
 def test_strategies_equal_loop_over_experts(strategy, kw, rcfg):
   x, w_r, w = _inputs(seed=hash((strategy, str(kw), str(rcfg))) % 1000)
   y, stats = _moe(strategy, x, w_r, w, rcfg, **kw)

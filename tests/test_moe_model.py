@@ -229,3 +229,17 @@ def test_moe_train_step_compiles_for_tpu(dispatch, exchange, gmm_impl, mesh):
     assert ("kestrel_gmm" in text) == (dispatch == "dropless")  # ours is TPU's default
   if exchange == "ragged":
     assert "ragged_all_to_all" in text  # the native collective, not the CPU emulation
+
+
+def test_active_parameters_count_top_k_experts_only():
+  from lm.model import active_param_count, count_params
+  for top_k in (1, 2):
+    c = tiny(num_experts=8, top_k=top_k).model
+    dense = tiny(num_experts=0).model
+    _, params, _ = build_model(c, 384, seed=0, abstract=True)
+    _, dense_params, _ = build_model(dense, 384, seed=0, abstract=True)
+    router = c.n_layers * (c.d_model * 8 + 8)
+    # top-k experts of the dense width: k x the dense FFN, plus the router.
+    extra_ffn = (top_k - 1) * c.n_layers * 3 * c.d_model * c.d_ff
+    assert active_param_count(c, params) == count_params(dense_params) + extra_ffn + router
+    assert count_params(params) > active_param_count(c, params)
