@@ -23,6 +23,8 @@ _ARCH_FIELDS = tuple(f"model.{f}" for f in (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
     "tie_embeddings", "param_dtype", "moe.num_experts", "moe.every", "moe.d_ff",
     "moe.num_shared")) + ("optimizer.name", "optimizer.freeze_axes")
+# Fields added after checkpoints existed: a checkpoint without them had this value.
+_ARCH_DEFAULTS = {"model.moe.num_experts": 0}
 
 
 def _get(d: dict, dotted: str):
@@ -63,6 +65,9 @@ class Checkpointer:
     current = json.loads(config.to_json_best_effort())
     for field in _ARCH_FIELDS:
       old, new = _get(saved, field), _get(current, field)
+      if old is None and field.startswith("model.moe."):
+        # A checkpoint from before MoE existed was dense: only the expert count matters.
+        old = _ARCH_DEFAULTS.get(field, new)
       if old != new:
         raise ConfigError(
             field, new,
