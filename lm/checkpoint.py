@@ -22,9 +22,10 @@ from lm.errors import ConfigError
 _ARCH_FIELDS = tuple(f"model.{f}" for f in (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
     "tie_embeddings", "param_dtype", "moe.num_experts", "moe.every", "moe.d_ff",
-    "moe.num_shared")) + ("optimizer.name", "optimizer.freeze_axes")
+    "moe.num_shared", "layer_pattern", "linear.variant")) + ("optimizer.name",
+                                                               "optimizer.freeze_axes")
 # Fields added after checkpoints existed: a checkpoint without them had this value.
-_ARCH_DEFAULTS = {"model.moe.num_experts": 0}
+_ARCH_DEFAULTS = {"model.moe.num_experts": 0, "model.layer_pattern": "S"}
 
 
 def _get(d: dict, dotted: str):
@@ -65,8 +66,9 @@ class Checkpointer:
     current = json.loads(config.to_json_best_effort())
     for field in _ARCH_FIELDS:
       old, new = _get(saved, field), _get(current, field)
-      if old is None and field.startswith("model.moe."):
-        # A checkpoint from before MoE existed was dense: only the expert count matters.
+      if old is None:
+        # A field added after the checkpoint was written: it had the default
+        # (dense softmax layers); fields that only matter beside those are moot.
         old = _ARCH_DEFAULTS.get(field, new)
       if old != new:
         raise ConfigError(

@@ -13,9 +13,11 @@ _CHOICES = {
     "optimizer.schedule": ("cosine", "wsd", "constant"),
     "data.source": ("embedded", "files", "synthetic"),
     "train.progress": ("auto", "bar", "log"),
+    "model.linear.variant": ("ssd", "mamba2s", "2mamba"),
+    "model.context_parallel": ("none", "ulysses", "headwise", "ring"),
     "model.moe.score": ("softmax", "sigmoid"),
     "model.moe.dispatch": ("dropless", "dropping", "reference"),
-    "model.moe.gmm_impl": ("auto", "ragged_dot", "pallas", "megablox", "xla"),
+    "model.moe.gmm_impl": ("auto", "ragged_dot", "pallas", "pallas_gpu", "megablox", "xla"),
     "model.moe.expert_parallel": ("none", "ragged", "fixed"),
 }
 
@@ -54,6 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.vocab_size", m.vocab_size, "must be >= 0",
                       "use 0 for the tokenizer's vocabulary or a positive size")
   _validate_moe(config)
+  _validate_long_context(config)
   if not 0 < config.optimizer.learning_rate:
     raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate,
                       "must be positive", "set a learning rate > 0")
@@ -102,3 +105,31 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
   for field in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
     if moe[field] < 0:
       raise ConfigError(f"model.moe.{field}", moe[field], "must be >= 0", "use 0 to disable")
+
+
+def _validate_long_context(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  pattern = m.get("layer_pattern", "S")
+  if not pattern or set(pattern) - set("SL"):
+    raise ConfigError("model.layer_pattern", pattern, "must be a non-empty string of S and L",
+                      "use e.g. S (softmax), L (linear) or LLLS (hybrid, cycled over layers)")
+  if "L" in pattern and not (isinstance(m.linear.chunk_size, int) and m.linear.chunk_size > 0):
+    raise ConfigError("model.linear.chunk_size", m.linear.chunk_size, "must be a positive integer",
+                      "use e.g. 64")
+  cp = m.get("context_parallel", "none")
+  seq = config.mesh.get("sequence", 1)
+  if cp == "none" or seq <= 1:
+    return
+  if cp in ("ulysses", "headwise"):
+    for field in ("n_heads", "n_kv_heads"):
+      if m[field] % seq:
+        raise ConfigError(f"model.{field}", m[field], f"not divisible by mesh.sequence={seq} "
+                          f"({cp} gives each device whole heads)",
+                          f"use a multiple of {seq} heads, mesh.sequence dividing it, or ring")
+    if cp == "headwise" and m.n_heads % (seq * m.heads_per_stage):
+      raise ConfigError("model.heads_per_stage", m.heads_per_stage,
+                        f"mesh.sequence={seq} x heads_per_stage must divide n_heads={m.n_heads}",
+                        "choose heads_per_stage dividing n_heads / mesh.sequence")
+  if config.data.seq_len % seq:
+    raise ConfigError("data.seq_len", config.data.seq_len, f"not divisible by mesh.sequence={seq}",
+                      f"use a multiple of {seq}")

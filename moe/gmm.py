@@ -16,6 +16,9 @@ every candidate fails, one error lists every reason):
   runs interpreted off TPU).
 - ``pallas``: our Pallas TPU (Mosaic) kernel, ``moe/kernels/gmm_pallas.py``,
   forward and both backward products under ``custom_vjp``; interpreted off TPU.
+- ``pallas_gpu``: our Pallas GPU (Triton) kernel, ``moe/kernels/gmm_gpu.py``;
+  interpreted off GPU. Tested interpreted and lowered to Triton IR here, never run
+  on a GPU yet, so GPUs default to ``ragged_dot``.
 
 All accumulate in float32; the output has ``preferred_element_type`` (default:
 ``lhs.dtype``).
@@ -122,10 +125,22 @@ def _pallas(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret
                         interpret=_interpret(interpret)).astype(out_dtype)
 
 
+def _pallas_gpu(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
+  from moe.kernels import gmm_gpu
+  try:
+    return gmm_gpu.gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
+                       tiling=tiling or gmm_gpu.DEFAULT_TILING,
+                       interpret=(current_platform() != "gpu") if interpret is None else interpret,
+                       preferred_element_type=out_dtype)
+  except ValueError as e:  # tiles that are not powers of two >= 16
+    raise GmmUnsupported(f"pallas_gpu: {e}") from e
+
+
 register("xla", gmm_reference)
 register("ragged_dot", _ragged_dot)
 register("megablox", _megablox)
 register("pallas", _pallas)
+register("pallas_gpu", _pallas_gpu)
 
 
 def _candidates(implementation) -> tuple[str, ...]:

@@ -317,7 +317,9 @@ def ep_moe_ffn(x_BSD: jax.Array, routing: Routing, w: ExpertWeights, *, mesh=Non
   # inside the interpreter (jax 0.12); there, shard_map runs unchecked and its
   # transpose sums the replicated inputs' gradients itself.
   from moe.gmm import current_platform
-  interpreted = current_platform() != "tpu" and gmm_impl in ("pallas", "megablox")
+  kernel_platform = {"pallas": "tpu", "megablox": "tpu", "pallas_gpu": "gpu"}
+  target = kernel_platform.get(gmm_impl) if isinstance(gmm_impl, str) else None
+  interpreted = target is not None and target != current_platform()
   fn = jax.shard_map(body, mesh=mesh, in_specs=specs,
                      out_specs=(tok_spec, DispatchStats(P(), P())), check_vma=not interpreted)
   return fn(*args)

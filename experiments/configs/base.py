@@ -48,6 +48,15 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"  # see attention.ops.available_implementations()
   c.model.remat = False  # recompute each block in the backward pass (activation memory / FLOPs)
+  # Token mixer per layer, the pattern cycled over the layers: S = softmax attention,
+  # L = linear attention (attention/linear.py). "LLLS": three linear layers per softmax one.
+  c.model.layer_pattern = "S"
+  c.model.linear = ml_collections.ConfigDict()
+  c.model.linear.variant = "2mamba"  # ssd (Mamba-2) | mamba2s | 2mamba (2Mamba2Furious)
+  c.model.linear.chunk_size = 64  # chunked SSD: quadratic within a chunk, a state across chunks
+  # Context parallelism of softmax attention over mesh.sequence (attention/context.py).
+  c.model.context_parallel = "none"  # none | ulysses | headwise | ring
+  c.model.heads_per_stage = 1  # headwise: heads per device per stage (Untied Ulysses' U / C)
   # Mixture of experts (moe/; experiments/configs/moe.py). num_experts=0: dense model.
   c.model.moe = ml_collections.ConfigDict()
   c.model.moe.num_experts = 0  # routed experts per MoE layer; 0 = every layer dense

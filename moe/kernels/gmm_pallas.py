@@ -44,20 +44,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from moe.kernels.vma import extra_varying_axes, out_struct
+
 DEFAULT_TILING = (128, 128, 128)  # (tm, tk, tn)
 _LANES = 128
-
-
-def _out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
-  """The kernel's output type. Inside ``shard_map`` (with its varying-axes check)
-  the output varies over every mesh axis any operand varies over."""
-  mats = [getattr(jax.typeof(x), "mat", None) for x in operands]
-  if any(m is None for m in mats):  # jax without manual-axis types
-    return jax.ShapeDtypeStruct(shape, dtype)
-  varying = frozenset().union(*(m.varying for m in mats))
-  if not varying:
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
 
 
 class GroupMetadata(NamedTuple):
@@ -214,7 +204,7 @@ def _gmm(lhs_MC, rhs, group_sizes_G, tiling, interpret, out_dtype, transpose_rhs
     return tiles[v], n
 
   rhs_block = (None, to, tc) if transpose_rhs else (None, tc, to)
-  out_shape = _out_struct((Mp, Op), out_dtype, lhs_MC, rhs, group_sizes_G)
+  out_shape = out_struct((Mp, Op), out_dtype, lhs_MC, rhs, group_sizes_G)
   kernel = functools.partial(_gmm_kernel, num_groups=G, k_tiles=k_tiles,
                              transpose_rhs=transpose_rhs)
   out_MO = pl.pallas_call(
@@ -292,7 +282,7 @@ def tgmm(x_MK: jax.Array, dout_MN: jax.Array, group_sizes_G: jax.Array, *,
   meta = make_group_metadata(group_sizes_G.astype(jnp.int32), Mp, tm, visit_empty_groups=True,
                              cover_tail=False)
   num_visits = meta.group_ids_V.shape[0]
-  out_shape = _out_struct((G, Kp, Np), out_dtype, x_MK, dout_MN, group_sizes_G)
+  out_shape = out_struct((G, Kp, Np), out_dtype, x_MK, dout_MN, group_sizes_G)
   out_GKN = pl.pallas_call(
       functools.partial(_tgmm_kernel, num_visits=num_visits),
       out_shape=out_shape,
@@ -322,15 +312,6 @@ def _gmm_fwd(lhs_MK, rhs_GKN, group_sizes_G, tiling, interpret, out_dtype):
   return out, (lhs_MK, rhs_GKN, group_sizes_G)
 
 
-def _extra_varying_axes(grad, primal) -> tuple[str, ...]:
-  """Mesh axes (inside ``shard_map``) the gradient varies over but its primal does
-  not: the primal was implicitly broadcast there, so its gradient sums over them."""
-  g, p = (getattr(jax.typeof(x), "mat", None) for x in (grad, primal))
-  if g is None or p is None:
-    return ()
-  return tuple(sorted(g.varying - p.varying))
-
-
 def _gmm_bwd(tiling, interpret, out_dtype, res, dout_MN):
   lhs_MK, rhs_GKN, group_sizes_G = res
   tm, tk, tn = tiling
@@ -340,7 +321,7 @@ def _gmm_bwd(tiling, interpret, out_dtype, res, dout_MN):
                   preferred_element_type=jnp.float32)
   grads = []
   for grad, primal in ((dlhs_MK, lhs_MK), (drhs_GKN, rhs_GKN)):
-    axes = _extra_varying_axes(grad, primal)
+    axes = extra_varying_axes(grad, primal)
     grads.append((jax.lax.psum(grad, axes) if axes else grad).astype(primal.dtype))
   return grads[0], grads[1], None
 

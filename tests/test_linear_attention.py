@@ -1,0 +1,194 @@
+"""attention/linear.py: chunked vs recurrent twin vs a quadratic formula; layer decode."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attention.linear import (VARIANTS, LinearAttention, feature_map, init_state,
+                              linear_attend)
+
+
+def _inputs(seed, B=2, T=13, N=3, H=8, V=6, strong=True, align=False):
+  """Random q, k, v and log decays in [-1, 0], some 0 and (``strong``) some -40.
+
+  ``align`` adds q to k, keeping every 2mamba row's weight sum (>= (q_i . k_i)^2 / H)
+  away from 0. The phi-feature form (the recurrent twin) computes (q . k)^2 as a sum
+  of H(H+1)/2 products, whose rounding error relative to a row's weight sum grows as
+  that sum shrinks (seen at 1e-2 in gradients against float64 when the sum is ~1e-5,
+  while the chunked form stayed at 1e-5); comparisons with that twin need this.
+  """
+  kq, kk, kv, ka, km = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(kq, (B, T, N, H))
+  k = jax.random.normal(kk, (B, T, N, H))
+  v = jax.random.normal(kv, (B, T, N, V))
+  k = k + q if align else k
+  a = -jax.random.uniform(ka, (B, T, N))
+  u = jax.random.uniform(km, (B, T, N))
+  a = jnp.where(u < 0.1, 0.0, a)
+  if strong:
+    a = jnp.where(u > 0.92, -40.0, a)
+  return q, k, v, a
+
+
+def _quadratic(q, k, v, a, variant):
+  """The defining formula with an explicit T x T matrix (numpy, float64)."""
+  q, k, v, a = (np.asarray(x, np.float64) for x in (q, k, v, a))
+  L = np.cumsum(a, axis=1)  # [B, T, N]
+  T, H = q.shape[1], q.shape[-1]
+  diff = L[:, :, None, :] - L[:, None, :, :]  # [B, i, j, N]
+  mask = np.tril(np.ones((T, T), bool))[None, :, :, None]
+  decay = np.where(mask, np.exp(np.where(mask, diff, -np.inf)), 0.0)
+  s = np.einsum("binh,bjnh->bijn", q, k)
+  if variant == "2mamba":
+    w = (s / math.sqrt(H)) ** 2 * decay
+    return np.einsum("bijn,bjnv->binv", w, v) / (w.sum(2)[..., None] + 1e-6)
+  return np.einsum("bijn,bjnv->binv", s * decay, v)
+
+
+def _close(x, ref, tol):
+  ref = np.asarray(ref)
+  np.testing.assert_allclose(np.asarray(x), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("implementation", ["chunked", "recurrent"])
+def test_matches_quadratic_formula(variant, implementation):
+  align = variant == "2mamba" and implementation == "recurrent"
+  q, k, v, a = _inputs(np.random.randint(1 << 30), T=11, align=align)
+  y = linear_attend(q, k, v, a, variant=variant, chunk_size=4, implementation=implementation)
+  _close(y, _quadratic(q, k, v, a, variant), 1e-4)
+
+
+def test_feature_map_squares_dot_product():
+  q, k, _, _ = _inputs(np.random.randint(1 << 30))
+  np.testing.assert_allclose(jnp.sum(feature_map(q) * feature_map(k), -1),
+                             jnp.sum(q * k, -1) ** 2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T,C", [(13, 4), (37, 8), (37, 16), (16, 8)])
+def test_chunked_matches_recurrent_forward_and_grad(variant, T, C):
+  seed = np.random.randint(1 << 30)
+  q, k, v, a = _inputs(seed, T=T, align=variant == "2mamba")
+  f = {impl: jax.jit(functools.partial(linear_attend, variant=variant, chunk_size=C,
+                                       implementation=impl))
+       for impl in ("chunked", "recurrent")}
+  y_c, vjp_c = jax.vjp(f["chunked"], q, k, v, a)
+  y_r, vjp_r = jax.vjp(f["recurrent"], q, k, v, a)
+  _close(y_c, y_r, 2e-4)
+  ct = jax.random.normal(jax.random.key(seed + 1), y_r.shape)
+  for name, g_c, g_r in zip(("q", "k", "v", "log_decay"), vjp_c(ct), vjp_r(ct)):
+    assert np.isfinite(np.asarray(g_c)).all(), name
+    _close(g_c, g_r, 5e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_final_state_and_resume(variant):
+  """Chunked final state == recurrent; prefill 0..t then resume == one pass."""
+  q, k, v, a = _inputs(np.random.randint(1 << 30), T=21, align=variant == "2mamba")
+  kw = dict(variant=variant, chunk_size=8, return_state=True)
+  y, s_c = linear_attend(q, k, v, a, **kw)
+  _, s_r = linear_attend(q, k, v, a, implementation="recurrent", **kw)
+  jax.tree.map(lambda x, r: _close(x, r, 2e-4), s_c, s_r)
+  t = 10
+  part = lambda x, sl: x[:, sl]
+  y1, s1 = linear_attend(*(part(x, slice(0, t)) for x in (q, k, v, a)), **kw)
+  y2, s2 = linear_attend(*(part(x, slice(t, None)) for x in (q, k, v, a)),
+                         initial_state=s1, **kw)
+  _close(jnp.concatenate([y1, y2], 1), y, 2e-4)
+  jax.tree.map(lambda x, r: _close(x, r, 2e-4), s2, s_r)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_extreme_decay_stays_finite(variant):
+  q, k, v, a = _inputs(np.random.randint(1 << 30), T=19, strong=False,
+                       align=variant == "2mamba")
+  a = jnp.where(a < -0.5, -1e4, a)
+  f = lambda *x: jnp.sum(linear_attend(*x, variant=variant, chunk_size=8) ** 2)
+  grads = jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, a)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  _close(linear_attend(q, k, v, a, variant=variant, chunk_size=8),
+         linear_attend(q, k, v, a, variant=variant, implementation="recurrent"), 2e-4)
+
+
+def test_dtype_and_shapes():
+  q, k, v, a = _inputs(np.random.randint(1 << 30))
+  y = linear_attend(q.astype(jnp.bfloat16), k, v, a, variant="2mamba", chunk_size=4)
+  assert y.dtype == jnp.bfloat16 and y.shape == v.shape
+  s = init_state(2, 3, 8, 6, "2mamba")
+  assert s["S"].shape == (2, 3, 36, 6) and s["z"].shape == (2, 3, 36)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layer_step_matches_call(variant):
+  B, T, D, N, H = 2, 11, 24, 2, 8
+  layer = LinearAttention(D, N, H, variant=variant, chunk_size=4,
+                          rngs=nnx.Rngs(params=np.random.randint(1 << 30)))
+  x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (B, T, D))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  y = layer(x, pos)
+  assert y.shape == (B, T, D) and np.isfinite(np.asarray(y)).all()
+  step = nnx.jit(lambda m, c, xt: m.step(c, xt))
+  cache, ys = layer.init_cache(B), []
+  for t in range(T):
+    y_t, cache = step(layer, cache, x[:, t:t + 1])
+    ys.append(y_t)
+  _close(jnp.concatenate(ys, 1), y, 2e-4)
+
+
+def test_layer_logical_axes():
+  layer = LinearAttention(16, 2, 4, variant="ssd", rngs=nnx.Rngs(params=0))
+  axes = {"/".join(map(str, p)): v.get_metadata().get("out_sharding")
+          for p, v in nnx.iter_graph(layer) if isinstance(v, nnx.Param)}
+  expect = {"q": ("embed", "heads", "head_dim"), "o": ("heads", "head_dim", "embed"),
+            "w_dt": ("embed", "heads"), "b_dt": ("heads",), "A_log": ("heads",),
+            "conv_q": (None, "heads", "head_dim"), "norm_scale": ("heads", "head_dim")}
+  for name, ax in expect.items():
+    assert axes[name] == ax, (name, axes[name])
+  m2s = LinearAttention(16, 2, 4, variant="mamba2s", rngs=nnx.Rngs(params=0))
+  assert m2s.w_A.get_metadata()["out_sharding"] == ("embed", "heads")
+  assert m2s.conv_q[...].shape == (2, 2, 4)
+  two = LinearAttention(16, 2, 4, variant="2mamba", rngs=nnx.Rngs(params=0))
+  assert not hasattr(two, "w_dt") and not hasattr(two, "norm_scale")
+
+
+def test_chunked_temp_memory_is_linear_in_length():
+  def temp_bytes(T):
+    q = jax.ShapeDtypeStruct((1, T, 2, 16), jnp.float32)
+    a = jax.ShapeDtypeStruct((1, T, 2), jnp.float32)
+    f = functools.partial(linear_attend, variant="ssd", chunk_size=64)
+    try:
+      stats = jax.jit(f).lower(q, q, q, a).compile().memory_analysis()
+    except (NotImplementedError, AttributeError) as e:
+      pytest.skip(f"memory_analysis unavailable on {jax.default_backend()}: {e}")
+    if stats is None or getattr(stats, "temp_size_in_bytes", None) is None:
+      pytest.skip(f"memory_analysis returned nothing on {jax.default_backend()}")
+    return stats.temp_size_in_bytes
+  small, large = temp_bytes(2048), temp_bytes(4096)
+  assert 0 < large < 2.5 * small, (small, large)
+
+
+def test_errors():
+  q, k, v, a = _inputs(0)
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    linear_attend(q, k, v, a, variant="ssd", chunk_size=0)
+  with pytest.raises(ValueError, match="chunk_size=-4"):
+    linear_attend(q, k, v, a, variant="ssd", chunk_size=-4)
+  with pytest.raises(ValueError, match="variant='mamba3'"):
+    linear_attend(q, k, v, a, variant="mamba3")
+  with pytest.raises(ValueError, match="k_BTNH.shape"):
+    linear_attend(q, k[..., :4], v, a, variant="ssd")
+  with pytest.raises(ValueError, match="v_BTNV.shape"):
+    linear_attend(q, k, v[:, :5], a, variant="ssd")
+  with pytest.raises(ValueError, match="log_decay_BTN.shape"):
+    linear_attend(q, k, v, a[..., :1], variant="ssd")
+  with pytest.raises(ValueError, match="implementation='flash'"):
+    linear_attend(q, k, v, a, variant="ssd", implementation="flash")
+  with pytest.raises(ValueError, match="variant='softmax'"):
+    LinearAttention(8, 2, 4, variant="softmax", rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    LinearAttention(8, 2, 4, variant="ssd", chunk_size=0, rngs=nnx.Rngs(params=0))
