@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention import ops
+from attention import context, ops
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
 
@@ -32,18 +32,26 @@ class Attention(nnx.Module):
     implementation: forwarded to ``attention.ops.attend``.
     spec: the mask (causal, sliding window).
     dtype: compute dtype; param_dtype: storage dtype of the weights.
+    context_parallel: ``none``, or ``ulysses`` / ``headwise`` / ``ring``
+      (``attention.context``) over the ``sequence`` axis of the current mesh
+      when that axis has more than one device.
+    heads_per_stage: ``headwise``: heads per device per stage.
+    batch_axes: mesh axes the batch is sharded over (for context parallelism).
   """
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                rngs: nnx.Rngs, rope_theta: float = 10_000.0, implementation=None,
                spec: AttentionSpec = AttentionSpec(), dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, context_parallel: str = "none",
+               heads_per_stage: int = 1, batch_axes: tuple[str, ...] = ()):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_kv_heads={n_kv_heads}: must divide n_heads={n_heads}. "
                        "Fix: choose n_kv_heads among the divisors of n_heads")
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.rope_theta, self.implementation, self.spec = rope_theta, implementation, spec
     self.dtype = dtype
+    self.context_parallel, self.heads_per_stage = context_parallel, heads_per_stage
+    self.batch_axes = tuple(batch_axes)
     D, N, K, H = d_model, n_heads, n_kv_heads, head_dim
     self.q = logical_param(rngs, (D, N, H), ("embed", "heads", "head_dim"), D, param_dtype)
     self.k = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
@@ -58,6 +66,15 @@ class Attention(nnx.Module):
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
     cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
     q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
-    out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
-                          implementation=self.implementation)
+    mesh = jax.sharding.get_abstract_mesh()
+    if (self.context_parallel != "none" and not mesh.empty
+        and dict(mesh.shape).get("sequence", 1) > 1):
+      out_BTNH = context.context_attend(
+          q_BTNH, k_BTKH, v_BTKH, self.spec, strategy=self.context_parallel, axis="sequence",
+          batch_axes=tuple(a for a in self.batch_axes if a in mesh.shape),
+          heads_per_stage=self.heads_per_stage if self.context_parallel == "headwise" else None,
+          implementation=self.implementation)
+    else:
+      out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
+                            implementation=self.implementation)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt))

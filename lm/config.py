@@ -120,12 +120,10 @@ def _validate_long_context(config: ml_collections.ConfigDict) -> None:
   seq = config.mesh.get("sequence", 1)
   if cp == "none" or seq <= 1:
     return
-  if cp in ("ulysses", "headwise"):
-    for field in ("n_heads", "n_kv_heads"):
-      if m[field] % seq:
-        raise ConfigError(f"model.{field}", m[field], f"not divisible by mesh.sequence={seq} "
-                          f"({cp} gives each device whole heads)",
-                          f"use a multiple of {seq} heads, mesh.sequence dividing it, or ring")
+  if cp in ("ulysses", "headwise") and m.n_heads % seq:
+    raise ConfigError("model.n_heads", m.n_heads, f"not divisible by mesh.sequence={seq} "
+                      f"({cp} gives each device whole heads)",
+                      f"use a multiple of {seq} heads, a mesh.sequence dividing it, or ring")
     if cp == "headwise" and m.n_heads % (seq * m.heads_per_stage):
       raise ConfigError("model.heads_per_stage", m.heads_per_stage,
                         f"mesh.sequence={seq} x heads_per_stage must divide n_heads={m.n_heads}",

@@ -14,6 +14,7 @@ import ml_collections
 from flax import nnx
 
 from attention.layer import Attention, logical_param
+from attention.linear import LinearAttention
 from attention.spec import AttentionSpec
 from lm.sharding import RULES, constrain
 from moe.layer import MoEFeedForward
@@ -81,17 +82,32 @@ def moe_layer(cfg: ml_collections.ConfigDict, *, rngs, dtype, param_dtype) -> Mo
       dtype=dtype, param_dtype=param_dtype)
 
 
+def mixer_of(cfg: ml_collections.ConfigDict, layer: int) -> str:
+  """``S`` (softmax attention) or ``L`` (linear attention): ``layer_pattern`` cycled."""
+  pattern = cfg.get("layer_pattern", "S") or "S"
+  return pattern[layer % len(pattern)]
+
+
 class Block(nnx.Module):
-  """Pre-norm transformer block; its feed-forward is dense or MoE (``is_moe_layer``)."""
+  """Pre-norm transformer block: softmax or linear attention (``mixer_of``), then a
+  dense or MoE feed-forward (``is_moe_layer``)."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs, dtype, param_dtype,
-               moe: bool = False):
+               moe: bool = False, mixer: str = "S"):
     head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
-    self.attn = Attention(
-        cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim, rngs=rngs,
-        rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
-        spec=AttentionSpec(causal=True), dtype=dtype, param_dtype=param_dtype)
+    if mixer == "L":
+      lin = cfg.linear
+      self.attn = LinearAttention(cfg.d_model, cfg.n_heads, head_dim, variant=lin.variant,
+                                  chunk_size=lin.chunk_size, rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
+    else:
+      self.attn = Attention(
+          cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim, rngs=rngs,
+          rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
+          spec=AttentionSpec(causal=True), dtype=dtype, param_dtype=param_dtype,
+          context_parallel=cfg.get("context_parallel", "none"),
+          heads_per_stage=cfg.get("heads_per_stage", 1), batch_axes=_batch_mesh_axes())
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
     if moe:
       self.mlp = moe_layer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -121,7 +137,7 @@ class Transformer(nnx.Module):
     self.n_layers = cfg.n_layers
     for i in range(cfg.n_layers):
       setattr(self, f"block_{i}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                        moe=is_moe_layer(cfg, i)))
+                                        moe=is_moe_layer(cfg, i), mixer=mixer_of(cfg, i)))
     self.final_norm = RMSNorm(D, cfg.norm_eps, param_dtype)
     if not cfg.tie_embeddings:
       self.head = logical_param(rngs, (D, vocab_size), ("embed", "vocab"), D, param_dtype)

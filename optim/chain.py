@@ -9,7 +9,8 @@ over it passes ``is_leaf=_is_axes``.
   -> ``'adam'``;
 * any ``router_bias`` axis (``STATE_AXES``: updated outside the optimizer) ->
   ``'frozen'`` (zero update);
-* fewer than 2 non-batch axes (norm scales, biases) -> ``'adam'``;
+* not a matrix (``is_matrix``: fewer than 2 non-batch axes, or no ``embed`` /
+  ``mlp`` axis: norm scales, biases, per-head vectors, short conv kernels) -> ``'adam'``;
 * otherwise -> ``'muon'`` (``'namo'`` for the NAMO optimizers). Batch axes
   (``BATCH_AXES``: stacked layers, experts; with ``per_head`` also
   ``HEAD_AXES``) are not part of the matrix; Muon / NAMO treat each batch slice
@@ -54,6 +55,8 @@ STATE_AXES = ("router_bias",)
 # The residual-stream axis: on the input side of projections out of the stream,
 # on the output side of projections into it.
 EMBED_AXIS = "embed"
+# Axes of the residual stream and the FFN hidden layer: a matrix has one of them.
+FEATURE_AXES = ("embed", "mlp")
 OPTIMIZERS = ("adamw", "muon", "namo", "namo_d")
 
 
@@ -89,9 +92,18 @@ def matrix_axes(axes: tuple, per_head: bool = False) -> tuple[int, ...]:
   return tuple(i for i, a in enumerate(axes) if a not in batch)
 
 
+def is_matrix(axes: tuple, per_head: bool = False) -> bool:
+  """A weight matrix: >= 2 non-batch axes, one of them a ``FEATURE_AXES`` axis (it
+  reads from or writes to the residual stream or the FFN). Per-head vectors
+  (``('heads', 'head_dim')`` norm scales, biases) and short convolution kernels
+  are not matrices."""
+  return (len(matrix_axes(axes, per_head)) >= 2
+          and any(a in FEATURE_AXES for a in axes))
+
+
 def label_for(axes: tuple, per_head: bool = False, group: str = "muon") -> str:
   """Optimizer group (``'adam'`` or ``group``) of one parameter's axis names."""
-  if any(a in ADAM_AXES for a in axes) or len(matrix_axes(axes, per_head)) < 2:
+  if any(a in ADAM_AXES for a in axes) or not is_matrix(axes, per_head):
     return "adam"
   return group
 
@@ -151,8 +163,8 @@ def muon_dimension_numbers(axes: tuple,
 
 
 def decay_mask(logical_axes: Any) -> Any:
-  """True for parameters with >= 2 matrix axes (weight decay), False otherwise."""
-  return _map_axes(lambda axes: len(matrix_axes(axes)) >= 2, logical_axes)
+  """True for weight matrices (``is_matrix``: weight decay), False otherwise."""
+  return _map_axes(is_matrix, logical_axes)
 
 
 def muon_dimension_tree(logical_axes: Any, per_head: bool = False) -> Any:

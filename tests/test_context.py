@@ -60,7 +60,7 @@ def _check_against_reference(spec, q, k, v, ct, **kw):
 # contiguous (U % G == 0) and gathered (U % G != 0) kv heads per stage.
 CASES = [
     ("seq8", "ulysses", None, 8, 2),
-    ("seq8", "headwise", 1, 8, 2),      # 1 stage of 8 heads, kv gathered
+    ("seq8", "headwise", 1, 8, 2),      # 1 stage: runs as Ulysses
     ("seq8", "headwise", 2, 32, 8),     # 2 stages, U=2 < G=4: kv gathered
     ("seq8", "ring", None, 8, 2),
     ("data2seq4", "ulysses", None, 8, 2),

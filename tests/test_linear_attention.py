@@ -15,7 +15,7 @@ from attention.linear import (VARIANTS, LinearAttention, feature_map, init_state
 def _inputs(seed, B=2, T=13, N=3, H=8, V=6, strong=True, align=False):
   """Random q, k, v and log decays in [-1, 0], some 0 and (``strong``) some -40.
 
-  ``align`` adds q to k, keeping every 2mamba row's weight sum (>= (q_i . k_i)^2 / H)
+  ``align`` adds 2q to k, keeping every 2mamba row's weight sum (>= (q_i . k_i)^2 / H)
   away from 0. The phi-feature form (the recurrent twin) computes (q . k)^2 as a sum
   of H(H+1)/2 products, whose rounding error relative to a row's weight sum grows as
   that sum shrinks (seen at 1e-2 in gradients against float64 when the sum is ~1e-5,
@@ -25,7 +25,7 @@ def _inputs(seed, B=2, T=13, N=3, H=8, V=6, strong=True, align=False):
   q = jax.random.normal(kq, (B, T, N, H))
   k = jax.random.normal(kk, (B, T, N, H))
   v = jax.random.normal(kv, (B, T, N, V))
-  k = k + q if align else k
+  k = k + 2 * q if align else k
   a = -jax.random.uniform(ka, (B, T, N))
   u = jax.random.uniform(km, (B, T, N))
   a = jnp.where(u < 0.1, 0.0, a)
@@ -55,12 +55,14 @@ def _close(x, ref, tol):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("implementation", ["chunked", "recurrent"])
-def test_matches_quadratic_formula(variant, implementation):
-  align = variant == "2mamba" and implementation == "recurrent"
-  q, k, v, a = _inputs(np.random.randint(1 << 30), T=11, align=align)
-  y = linear_attend(q, k, v, a, variant=variant, chunk_size=4, implementation=implementation)
-  _close(y, _quadratic(q, k, v, a, variant), 1e-4)
+def test_matches_quadratic_formula(variant):
+  q, k, v, a = _inputs(np.random.randint(1 << 30), T=11)
+  ref = _quadratic(q, k, v, a, variant)
+  _close(linear_attend(q, k, v, a, variant=variant, chunk_size=4), ref, 1e-4)
+  if variant == "2mamba":  # the phi-feature twin needs well-conditioned rows (_inputs)
+    q, k, v, a = _inputs(np.random.randint(1 << 30), T=11, align=True)
+    ref = _quadratic(q, k, v, a, variant)
+  _close(linear_attend(q, k, v, a, variant=variant, implementation="recurrent"), ref, 1e-4)
 
 
 def test_feature_map_squares_dot_product():
@@ -69,24 +71,39 @@ def test_feature_map_squares_dot_product():
                              jnp.sum(q * k, -1) ** 2, rtol=1e-4, atol=1e-4)
 
 
+# (T, C): lengths 13 and 37 are not multiples of the chunk; ssd and mamba2s run the same
+# op code. Every case is one jit, to keep compile time down on a shared CPU.
+_CASES = {"ssd": [(13, 4), (37, 16)], "mamba2s": [(37, 8)],
+          "2mamba": [(13, 4), (37, 8), (37, 16)]}
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("T,C", [(13, 4), (37, 8), (37, 16), (16, 8)])
-def test_chunked_matches_recurrent_forward_and_grad(variant, T, C):
+def test_chunked_matches_recurrent_forward_and_grad(variant):
+  """Outputs and vjp w.r.t. q, k, v, log_decay with a random cotangent."""
   seed = np.random.randint(1 << 30)
-  q, k, v, a = _inputs(seed, T=T, align=variant == "2mamba")
-  f = {impl: jax.jit(functools.partial(linear_attend, variant=variant, chunk_size=C,
-                                       implementation=impl))
-       for impl in ("chunked", "recurrent")}
-  y_c, vjp_c = jax.vjp(f["chunked"], q, k, v, a)
-  y_r, vjp_r = jax.vjp(f["recurrent"], q, k, v, a)
-  _close(y_c, y_r, 2e-4)
-  ct = jax.random.normal(jax.random.key(seed + 1), y_r.shape)
-  for name, g_c, g_r in zip(("q", "k", "v", "log_decay"), vjp_c(ct), vjp_r(ct)):
-    assert np.isfinite(np.asarray(g_c)).all(), name
-    _close(g_c, g_r, 5e-4)
+  T_max = max(T for T, _ in _CASES[variant])
+  q, k, v, a = _inputs(seed, T=T_max, align=variant == "2mamba")
+  ct = jax.random.normal(jax.random.key(seed + 1), v.shape)
+
+  @jax.jit
+  def run(q, k, v, a, ct):
+    out = {}
+    for T, C in _CASES[variant]:
+      for impl in ("chunked", "recurrent"):
+        f = functools.partial(linear_attend, variant=variant, chunk_size=C, implementation=impl)
+        y, vjp = jax.vjp(f, q[:, :T], k[:, :T], v[:, :T], a[:, :T])
+        out[T, C, impl] = (y,) + vjp(ct[:, :T])
+    return out
+
+  out = run(q, k, v, a, ct)
+  for T, C in _CASES[variant]:
+    for name, x, ref in zip(("y", "dq", "dk", "dv", "dlog_decay"), out[T, C, "chunked"],
+                            out[T, C, "recurrent"]):
+      assert np.isfinite(np.asarray(x)).all(), (T, C, name)
+      _close(x, ref, 2e-4 if name == "y" else 5e-4)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["ssd", "2mamba"])
 def test_final_state_and_resume(variant):
   """Chunked final state == recurrent; prefill 0..t then resume == one pass."""
   q, k, v, a = _inputs(np.random.randint(1 << 30), T=21, align=variant == "2mamba")
@@ -103,13 +120,13 @@ def test_final_state_and_resume(variant):
   jax.tree.map(lambda x, r: _close(x, r, 2e-4), s2, s_r)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["ssd", "2mamba"])
 def test_extreme_decay_stays_finite(variant):
   q, k, v, a = _inputs(np.random.randint(1 << 30), T=19, strong=False,
                        align=variant == "2mamba")
   a = jnp.where(a < -0.5, -1e4, a)
   f = lambda *x: jnp.sum(linear_attend(*x, variant=variant, chunk_size=8) ** 2)
-  grads = jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, a)
+  grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, a)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
   _close(linear_attend(q, k, v, a, variant=variant, chunk_size=8),
          linear_attend(q, k, v, a, variant=variant, implementation="recurrent"), 2e-4)
@@ -128,6 +145,9 @@ def test_layer_step_matches_call(variant):
   B, T, D, N, H = 2, 11, 24, 2, 8
   layer = LinearAttention(D, N, H, variant=variant, chunk_size=4,
                           rngs=nnx.Rngs(params=np.random.randint(1 << 30)))
+  if variant == "2mamba":  # keys tilted to the queries: well-conditioned rows (see _inputs)
+    layer.k[...] = layer.k[...] + 2 * layer.q[...]
+    layer.conv_k[...] = layer.conv_q[...]
   x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (B, T, D))
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   y = layer(x, pos)
@@ -156,11 +176,17 @@ def test_layer_logical_axes():
   assert not hasattr(two, "w_dt") and not hasattr(two, "norm_scale")
 
 
-def test_chunked_temp_memory_is_linear_in_length():
+@pytest.mark.parametrize("variant,grad", [("ssd", False), ("ssd", True), ("2mamba", False)])
+def test_chunked_temp_memory_is_linear_in_length(variant, grad):
+  """XLA's temp allocation at T = 4096 is < 2.5x that at T = 2048 (chunk 64)."""
+  f = functools.partial(linear_attend, variant=variant, chunk_size=64)
+  if grad:
+    f = jax.grad(lambda *x: jnp.sum(linear_attend(*x, variant=variant, chunk_size=64)),
+                 argnums=(0, 1, 2, 3))
+
   def temp_bytes(T):
     q = jax.ShapeDtypeStruct((1, T, 2, 16), jnp.float32)
     a = jax.ShapeDtypeStruct((1, T, 2), jnp.float32)
-    f = functools.partial(linear_attend, variant="ssd", chunk_size=64)
     try:
       stats = jax.jit(f).lower(q, q, q, a).compile().memory_analysis()
     except (NotImplementedError, AttributeError) as e:

@@ -1,0 +1,118 @@
+"""Linear-attention and hybrid stacks and context parallelism in the LM: config,
+optimizer routing, training, sharded == single device, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import long_context, ssd
+from lm import sharding, train
+from lm.errors import ConfigError
+from lm.model import build_model, mixer_of
+from optim.chain import param_labels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _steps(config, n, devices=None):
+  exp = train.build(config, devices=devices)
+  it = exp.data.train_iterator()
+  state = exp.init_state()
+  losses = []
+  for _ in range(n):
+    state, m = exp.train_step(state, exp.put_batch(next(it)))
+    losses.append(float(m["loss"]))
+  return exp, state, losses
+
+
+def test_layer_pattern_is_cycled_and_linear_params_route_by_axes():
+  c = ssd.get_config("tiny,LLS").model
+  c.n_layers = 4
+  assert [mixer_of(c, i) for i in range(4)] == ["L", "L", "S", "L"]
+  _, params, axes = build_model(c, 384, seed=0, abstract=True)
+  assert "conv_q" in params["block_0"]["attn"] and "conv_q" not in params["block_2"]["attn"]
+  labels = param_labels(axes)["block_0"]["attn"]
+  # Projections to and from the residual stream are matrices (Muon); conv kernels,
+  # per-head biases, norm scales and decay vectors are not.
+  assert labels["q"] == labels["o"] == labels["w_dt"] == "muon"
+  assert labels["conv_q"] == labels["conv_q_bias"] == labels["norm_scale"] == "adam"
+  assert labels["A_log"] == labels["b_dt"] == "adam"
+
+
+@pytest.mark.parametrize("variant", ["ssd", "mamba2s", "2mamba"])
+@pytest.mark.parametrize("pattern", ["L", "LS"])
+def test_linear_and_hybrid_stacks_learn(variant, pattern):
+  c = ssd.get_config(f"tiny,{pattern}")
+  c.model.linear.variant = variant
+  _, _, losses = _steps(c, 12)
+  assert np.mean(losses[-3:]) < losses[0] - 1.5, losses
+
+
+def _cp_config(strategy="none", **mesh):
+  c = long_context.get_config("tiny")
+  c.model.context_parallel = strategy
+  c.model.dtype = "float32"
+  c.data.seq_len = 512
+  c.data.batch_size = 2
+  c.optimizer.eps = 1e-3  # see tests/test_sharding.py: keeps Adam's update Lipschitz in g
+  c.optimizer.warmup_steps = 0
+  for k in sharding.MESH_AXES:
+    c.mesh[k] = mesh.get(k, 1)
+  return c
+
+
+@pytest.mark.parametrize("strategy,mesh", [
+    ("ulysses", {"sequence": 8}), ("headwise", {"sequence": 4, "data": 2}),
+    ("ring", {"sequence": 8}), ("ring", {"sequence": 4, "data": 2})])
+def test_context_parallel_training_equals_single_device(strategy, mesh):
+  _, ref_state, ref = _steps(_cp_config(), 2, jax.devices()[:1])
+  exp, state, losses = _steps(_cp_config(strategy, **mesh), 2)
+  np.testing.assert_allclose(losses, ref, rtol=2e-6)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  batch = exp.put_batch(next(exp.data.train_iterator()))
+  program = exp.train_step.lower(state, batch).as_text()
+  collective = "collective_permute" if strategy == "ring" else "all_to_all"
+  assert collective in program
+
+
+@pytest.mark.parametrize("field,value,mesh,match", [
+    ("model.layer_pattern", "SX", {}, r"model.layer_pattern='SX': must be a non-empty string of S and L"),
+    ("model.context_parallel", "ulysses", {"sequence": 8, "n_heads": 4},
+     r"model.n_heads=4: not divisible by mesh.sequence=8"),
+    ("model.context_parallel", "ring", {"sequence": 8, "seq_len": 500},
+     r"data.seq_len=500: not divisible by mesh.sequence=8"),
+    ("model.context_parallel", "blockwise", {}, r"model.context_parallel='blockwise': unknown choice"),
+])
+def test_config_errors(field, value, mesh, match):
+  c = _cp_config()
+  c.mesh.sequence = mesh.get("sequence", 1)
+  c.mesh.data = 8 // c.mesh.sequence
+  if "n_heads" in mesh:
+    c.model.n_heads = c.model.n_kv_heads = mesh["n_heads"]
+  if "seq_len" in mesh:
+    c.data.seq_len = mesh["seq_len"]
+  *parents, leaf = field.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=match) as info:
+    train.build(c)
+  assert "Fix:" in str(info.value)
+
+
+def test_cli_trains_a_hybrid(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "experiments.train",
+                      "--config=experiments/configs/ssd.py:tiny,LS", f"--workdir={tmp_path}",
+                      "--config.train.steps=3", "--config.train.plot=False",
+                      "--config.model.linear.variant=2mamba"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  cfg = json.load(open(tmp_path / "config.json"))
+  assert cfg["model"]["layer_pattern"] == "LS" and cfg["model"]["linear"]["variant"] == "2mamba"
