@@ -12,8 +12,9 @@ key/value blocks around the ring with an online softmax.
 Sizes:
 - ``tiny``: 2 layers, 4096 tokens, every device on the sequence axis (8 simulated
   CPU devices in the tests; ring).
-- ``v5p``: 24 heads of 128 at 32k tokens per sequence on a v5p-64 slice
-  (``experiments.compile --topology=v5p:4x4x2``), data x sequence = 2 x 16.
+- ``v5p``: a 4-layer Llama-7B-width model (32 heads of 128) at 32k tokens per
+  sequence on a v5p-64 slice (``experiments.compile --topology=v5p:4x4x2``),
+  data x sequence = 2 x 16; headwise runs 2 stages of 16 heads.
 """
 from experiments.configs import base
 
@@ -32,7 +33,7 @@ def get_config(size: str = "tiny"):
     c.data.seq_len, c.data.batch_size = 4096, 1
     c.train.steps = 20
   else:
-    c.model.update(dict(d_model=3072, n_layers=4, n_heads=24, n_kv_heads=8, d_ff=8192,
+    c.model.update(dict(d_model=4096, n_layers=4, n_heads=32, n_kv_heads=8, d_ff=11008,
                         head_dim=128, remat=True))
     c.data.seq_len, c.data.batch_size = 32768, 2
     c.mesh.data, c.mesh.sequence = 2, -1
