@@ -85,7 +85,7 @@ def main():
   for T in lengths:
     cells = [f"{times[n][T] * 1e3:.1f}" for n in ops]
     cells += [f"{times[n][T] / times[n][first]:.1f}" for n in ops]
-    cells.append(f"{times['ssd (chunked)'][T] / times['softmax (xla)'][T]:.2f}")
+    cells.append(f"{times['ssd (chunked)'][T] / times['softmax (xla)'][T]:.4f}")
     lines.append(f"| {T} | " + " | ".join(cells) + " |")
   text = "\n".join(lines) + "\n"
   print(text)
