@@ -18,6 +18,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import emit, median_time  # noqa: E402
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -98,11 +100,7 @@ def main():
             f"{m.n_kv_heads} kv heads, remat), batch {c.data.batch_size} x {c.data.seq_len} tokens",
             ""]
   lines += tpu_table(args.topology, args.layers)
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(text + "\n")
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,22 +14,11 @@ quadratically), and SSD over softmax at the same length.
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _median_time(fn, args, steps: int) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+from benchmarks.common import emit, median_time  # noqa: E402
 
 
 def main():
@@ -67,7 +56,7 @@ def main():
       f = jax.jit(jax.grad(lambda q, k, v, a, op=op: jnp.sum(op(q, k, v, a).astype(jnp.float32)),
                            argnums=(0, 1, 2)))
       try:
-        times[name][T] = _median_time(f, (q, k, v, a), args.steps)
+        times[name][T] = median_time(f, q, k, v, a, steps=args.steps)
       except Exception as e:  # noqa: BLE001 - out of memory at long lengths is a table cell
         print(f"{name} T={T}: {type(e).__name__}: {str(e)[:160]}")
         times[name][T] = float("nan")
@@ -87,11 +76,7 @@ def main():
     cells += [f"{times[n][T] / times[n][first]:.1f}" for n in ops]
     cells.append(f"{times['ssd (chunked)'][T] / times['softmax (xla)'][T]:.4f}")
     lines.append(f"| {T} | " + " | ".join(cells) + " |")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(text + "\n")
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -16,23 +16,11 @@ says nothing about speed: they are left out unless ``--impls`` names them.
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _median_time(fn, args, steps: int, warmup: int = 2) -> float:
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+from benchmarks.common import emit, median_time  # noqa: E402
 
 
 def main():
@@ -70,7 +58,7 @@ def main():
   def grad_fn(layer):
     return jax.jit(jax.grad(lambda x, w: jnp.sum(layer(x, w).astype(jnp.float32)), argnums=(0, 1)))
 
-  dense_s = _median_time(grad_fn(dense), (x, dense_w), args.steps)
+  dense_s = median_time(grad_fn(dense), x, dense_w, steps=args.steps, warmup=2)
   flops = 3 * 2 * T * D * K * F * 3  # 3 matmuls, forward + 2 backward products
   rows = [("dense SwiGLU (width k*F)", "-", dense_s)]
   for E in [int(e) for e in args.experts.split(",")]:
@@ -87,7 +75,7 @@ def main():
                                 capacity_factor=args.capacity_factor)
         return y
       try:
-        s = _median_time(grad_fn(layer), (x, w), args.steps)
+        s = median_time(grad_fn(layer), x, w, steps=args.steps, warmup=2)
       except Exception as e:  # noqa: BLE001 - a failing implementation is a table row
         print(f"E={E} {strategy} {impl}: failed: {type(e).__name__}: {str(e)[:200]}")
         s = float("nan")
@@ -103,11 +91,7 @@ def main():
            "", "| layer | grouped matmul | ms | / dense |", "| --- | --- | ---: | ---: |"]
   for name, impl, s in rows:
     lines.append(f"| {name} | {impl} | {1e3 * s:.2f} | {s / dense_s:.2f} |")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(text + "\n")
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

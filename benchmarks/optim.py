@@ -12,23 +12,11 @@ import argparse
 import copy
 import datetime
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _median_time(fn, steps: int, warmup: int) -> float:
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+from benchmarks.common import emit, median_time  # noqa: E402
 
 
 def measure(config, name: str, steps: int, warmup: int) -> dict:
@@ -46,7 +34,7 @@ def measure(config, name: str, steps: int, warmup: int) -> dict:
     holder["state"], m = exp.train_step(holder["state"], batch)
     return m["loss"]
 
-  step_s = _median_time(full_step, steps, warmup)
+  step_s = median_time(full_step, steps=steps, warmup=warmup)
   tx = exp.optimizer.tx
   shardings = exp.state_shardings
 
@@ -58,7 +46,7 @@ def measure(config, name: str, steps: int, warmup: int) -> dict:
   grads = jax.tree.map(lambda p: p * 1e-3, params)
   upd = jax.jit(update_only, in_shardings=(shardings["params"], shardings["opt_state"],
                                                        shardings["params"]))
-  update_s = _median_time(lambda: upd(params, opt_state, grads), steps, warmup)
+  update_s = median_time(upd, params, opt_state, grads, steps=steps, warmup=warmup)
   return {"name": name, "step_s": step_s, "update_s": update_s}
 
 
@@ -88,11 +76,7 @@ def main():
   for r in rows:
     lines.append(f"| {r['name']} | {1e3 * r['step_s']:.1f} | {1e3 * r['update_s']:.2f} | "
                  f"{100 * r['update_s'] / r['step_s']:.1f}% | {r['step_s'] / base:.2f} |")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(text + "\n")
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

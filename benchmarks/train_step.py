@@ -19,6 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import emit, median_time  # noqa: E402
+
 
 def measure(config, impl: str, steps: int, warmup: int) -> dict:
   import jax
@@ -78,11 +80,7 @@ def main():
       "| --- | ---: | ---: | ---: | ---: |"]
   lines = header + [f"| {r['impl']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
                     f"{r['tflops']:.1f} | {r['step_s'] / base:.2f} |" for r in rows]
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(text + "\n")
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

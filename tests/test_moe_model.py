@@ -113,7 +113,10 @@ def test_moe_trains_and_logs_expert_load(tmp_path, dispatch):
     load = last[f"moe/block_{i}/load"]
     assert len(load) == c.model.moe.num_experts and abs(sum(load) - 1) < 1e-3
     assert f"moe/block_{i}/load_cv" in last and f"moe/block_{i}/dropped" in last
-  assert (last["moe/dropped"] > 0) == (dispatch == "dropping") or last["moe/dropped"] == 0
+  if dispatch == "dropless":
+    assert last["moe/dropped"] == 0
+  else:  # capacity 1.25: some overflow is normal, most assignments fit
+    assert 0 <= last["moe/dropped"] < 0.5
   assert summary["eval_loss"] < 4.0
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 # shard_map (varying-axes check) support, shared with the TPU kernel.
-from moe.kernels.vma import extra_varying_axes, out_struct
+from moe.kernels.vma import grad_like, out_struct
 
 try:  # masked load/store live in the Triton module (jax 0.11.2 and 0.12)
   from jax.experimental.pallas import triton as plgpu
@@ -255,11 +255,7 @@ def _gmm_bwd(tiling, interpret, out_dtype, res, dout_MN):
   dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, (tm, tn, tk), interpret, jnp.float32, True)
   drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G, tiling=tiling, interpret=interpret,
                   preferred_element_type=jnp.float32)
-  grads = []
-  for grad, primal in ((dlhs_MK, lhs_MK), (drhs_GKN, rhs_GKN)):
-    axes = extra_varying_axes(grad, primal)  # under shard_map: primal was broadcast
-    grads.append((jax.lax.psum(grad, axes) if axes else grad).astype(primal.dtype))
-  return grads[0], grads[1], None
+  return grad_like(dlhs_MK, lhs_MK), grad_like(drhs_GKN, rhs_GKN), None
 
 
 _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moe.kernels.vma import extra_varying_axes, out_struct
+from moe.kernels.vma import grad_like, out_struct
 
 DEFAULT_TILING = (128, 128, 128)  # (tm, tk, tn)
 _LANES = 128
@@ -319,11 +319,7 @@ def _gmm_bwd(tiling, interpret, out_dtype, res, dout_MN):
   dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, (tm, tn, tk), interpret, jnp.float32, True)
   drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G, tiling=tiling, interpret=interpret,
                   preferred_element_type=jnp.float32)
-  grads = []
-  for grad, primal in ((dlhs_MK, lhs_MK), (drhs_GKN, rhs_GKN)):
-    axes = extra_varying_axes(grad, primal)
-    grads.append((jax.lax.psum(grad, axes) if axes else grad).astype(primal.dtype))
-  return grads[0], grads[1], None
+  return grad_like(dlhs_MK, lhs_MK), grad_like(drhs_GKN, rhs_GKN), None
 
 
 _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)

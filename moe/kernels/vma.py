@@ -26,3 +26,10 @@ def extra_varying_axes(grad, primal) -> tuple[str, ...]:
   if g is None or p is None:
     return ()
   return tuple(sorted(g.varying - p.varying))
+
+
+def grad_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+  """A kernel's gradient typed like its primal: summed over the mesh axes the
+  primal was implicitly broadcast over (``extra_varying_axes``), in its dtype."""
+  axes = extra_varying_axes(grad, primal)
+  return (jax.lax.psum(grad, axes) if axes else grad).astype(primal.dtype)
