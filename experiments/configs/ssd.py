@@ -9,8 +9,9 @@ linear-attention stack; ``LS`` or ``LLLS`` are hybrids.
 
 Sizes:
 - ``tiny``: the base tiny model with every layer linear (tests, seconds on CPU).
-- ``mqar``: 4 layers on the synthetic multi-query associative recall task (the
-  recall ablation; sweep ``data.seq_len`` and ``model.layer_pattern``).
+- ``mqar``: 2 layers of width 64 on synthetic multi-query associative recall
+  (the recall ablation; sweep ``model.layer_pattern`` and the length together
+  with ``data.synthetic.num_pairs`` / ``num_queries``).
 - ``corpus``: the same model on the embedded corpus.
 """
 from experiments.configs import base
@@ -29,14 +30,20 @@ def get_config(arg: str = "tiny"):
   c.model.linear.variant = "ssd"
   c.model.linear.chunk_size = 16 if size == "tiny" else 64
   if size in ("mqar", "corpus"):
-    c.model.update(dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=256))
-    c.data.seq_len, c.data.batch_size = 256, 32
-    c.train.steps = 400
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 20, 100, 400
-    c.optimizer.learning_rate = 3e-3
+    c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=192))
+    c.train.log_every, c.train.checkpoint_every = 20, 10_000
   if size == "mqar":
+    # 8 key-value pairs then 8 queries in 64 tokens; scale seq_len with num_pairs
+    # and num_queries (2 * (pairs + queries) <= seq_len + 1) to lengthen the task.
     c.data.source = "synthetic"
     c.data.synthetic.task = "mqar"
-    c.data.synthetic.num_pairs = 16
-    c.data.synthetic.num_queries = 16
+    c.data.synthetic.num_pairs = c.data.synthetic.num_queries = 8
+    c.data.synthetic.vocab = 128
+    c.data.seq_len, c.data.batch_size = 64, 32
+    c.train.steps, c.train.eval_every = 600, 100
+    c.optimizer.learning_rate = 1e-2
+  if size == "corpus":
+    c.data.seq_len, c.data.batch_size = 256, 16
+    c.train.steps, c.train.eval_every = 300, 50
+    c.optimizer.learning_rate = 3e-3
   return c
