@@ -124,10 +124,10 @@ def _validate_long_context(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.n_heads", m.n_heads, f"not divisible by mesh.sequence={seq} "
                       f"({cp} gives each device whole heads)",
                       f"use a multiple of {seq} heads, a mesh.sequence dividing it, or ring")
-    if cp == "headwise" and m.n_heads % (seq * m.heads_per_stage):
-      raise ConfigError("model.heads_per_stage", m.heads_per_stage,
-                        f"mesh.sequence={seq} x heads_per_stage must divide n_heads={m.n_heads}",
-                        "choose heads_per_stage dividing n_heads / mesh.sequence")
+  if cp == "headwise" and (m.heads_per_stage < 1 or m.n_heads % (seq * m.heads_per_stage)):
+    raise ConfigError("model.heads_per_stage", m.heads_per_stage,
+                      f"mesh.sequence={seq} x heads_per_stage must divide n_heads={m.n_heads}",
+                      "choose heads_per_stage >= 1 dividing n_heads / mesh.sequence")
   if config.data.seq_len % seq:
     raise ConfigError("data.seq_len", config.data.seq_len, f"not divisible by mesh.sequence={seq}",
                       f"use a multiple of {seq}")

@@ -18,6 +18,7 @@ from attention.linear import LinearAttention
 from attention.spec import AttentionSpec
 from lm.sharding import RULES, constrain
 from moe.layer import MoEFeedForward
+from moe.router import update_balance_bias
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -211,7 +212,6 @@ def update_balance_biases(params: dict, stats: dict, rate: float) -> dict:
   moves by ``rate`` against the sign of its load error. Outside the optimizer."""
   if not stats or not rate:
     return params
-  from moe.router import update_balance_bias
   params = dict(params)
   for block, s in stats.items():
     mlp = dict(params[block]["mlp"])
@@ -224,7 +224,7 @@ def active_param_count(model_cfg: ml_collections.ConfigDict, params) -> int:
   """Parameters one token meets: all of them, less the routed experts it is not
   sent to (``num_experts - top_k`` of each MoE layer). Works on abstract params."""
   size = lambda x: int(math.prod(x.shape))
-  total = sum(size(x) for x in jax.tree.leaves(params))
+  total = count_params(params)
   moe = model_cfg.get("moe")
   if not moe or not moe.num_experts:
     return total

@@ -87,6 +87,8 @@ def test_context_parallel_training_equals_single_device(strategy, mesh):
     ("model.context_parallel", "ring", {"sequence": 8, "seq_len": 500},
      r"data.seq_len=500: not divisible by mesh.sequence=8"),
     ("model.context_parallel", "blockwise", {}, r"model.context_parallel='blockwise': unknown choice"),
+    ("model.context_parallel", "headwise", {"sequence": 4, "heads_per_stage": 3},
+     r"model.heads_per_stage=3: mesh.sequence=4 x heads_per_stage must divide n_heads=8"),
 ])
 def test_config_errors(field, value, mesh, match):
   c = _cp_config()
@@ -94,6 +96,8 @@ def test_config_errors(field, value, mesh, match):
   c.mesh.data = 8 // c.mesh.sequence
   if "n_heads" in mesh:
     c.model.n_heads = c.model.n_kv_heads = mesh["n_heads"]
+  if "heads_per_stage" in mesh:
+    c.model.heads_per_stage = mesh["heads_per_stage"]
   if "seq_len" in mesh:
     c.data.seq_len = mesh["seq_len"]
   *parents, leaf = field.split(".")
