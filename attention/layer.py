@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention import context, ops
+from attention import context, ops, sparse
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
 
@@ -37,6 +37,10 @@ class Attention(nnx.Module):
       when that axis has more than one device.
     heads_per_stage: ``headwise``: heads per device per stage.
     batch_axes: mesh axes the batch is sharded over (for context parallelism).
+
+  With ``spec.block_sparse`` the block mask is predicted from q and k
+  (``attention.sparse``) and each call sows ``attn_stats`` (``nnx.Intermediate``):
+  ``{"density": kept share of the causally valid blocks}``.
   """
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
@@ -67,6 +71,9 @@ class Attention(nnx.Module):
     cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
     q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
     mesh = jax.sharding.get_abstract_mesh()
+    if self.spec.block_sparse is not None and self.context_parallel != "none":
+      raise ValueError(f"context_parallel={self.context_parallel!r} with block-sparse "
+                       "attention: not supported. Fix: use context_parallel='none'")
     if (self.context_parallel != "none" and not mesh.empty
         and dict(mesh.shape).get("sequence", 1) > 1):
       out_BTNH = context.context_attend(
@@ -74,6 +81,12 @@ class Attention(nnx.Module):
           batch_axes=tuple(a for a in self.batch_axes if a in mesh.shape),
           heads_per_stage=self.heads_per_stage if self.context_parallel == "headwise" else None,
           implementation=self.implementation)
+    elif self.spec.block_sparse is not None:
+      block_mask = sparse.predict_block_mask(q_BTNH, k_BTKH, self.spec)
+      self.sow(nnx.Intermediate, "attn_stats",
+               {"density": sparse.block_density(block_mask, self.spec)})
+      out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec, block_mask=block_mask,
+                            implementation=self.implementation)
     else:
       out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
                             implementation=self.implementation)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from attention import sparse
 from attention.reference import attend_reference
 from attention.spec import AttentionSpec
 
@@ -25,7 +26,12 @@ class AttentionUnsupported(ValueError):
 
 
 def register(name: str, fn: AttendFn) -> None:
-  """Registers ``fn(q, k, v, spec, segment_ids=None)`` under ``name``."""
+  """Registers ``fn(q, k, v, spec, segment_ids_BT=None, block_mask=None)`` under ``name``.
+
+  ``block_mask`` is None or bool [B, K, T/block_q, S/block_k] (block sizes from
+  ``spec.block_sparse``); an implementation that cannot honour an argument raises
+  ``AttentionUnsupported`` saying why.
+  """
   _REGISTRY[name] = fn
 
 
@@ -33,10 +39,14 @@ def available_implementations() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-def _jax_nn(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None):
+def _jax_nn(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
+            block_mask=None):
   """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when eligible)."""
   if segment_ids_BT is not None:
     raise AttentionUnsupported("jax_nn: segment ids are not wired up")
+  if block_mask is not None:
+    raise AttentionUnsupported("jax_nn: no block-sparse masks (it would compute the "
+                               "dense matrix); use 'xla' or 'pallas'")
   local = (spec.sliding_window - 1, 0) if spec.sliding_window else None
   if local is not None and not spec.causal:
     raise AttentionUnsupported("jax_nn: a non-causal sliding window is not supported")
@@ -65,7 +75,7 @@ def _candidates(implementation) -> tuple[str, ...]:
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-           spec: AttentionSpec = AttentionSpec(), *, segment_ids_BT=None,
+           spec: AttentionSpec = AttentionSpec(), *, segment_ids_BT=None, block_mask=None,
            implementation: None | str | Sequence[str] = None) -> jax.Array:
   """Multi-head / grouped-query attention.
 
@@ -73,8 +83,11 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     q_BTNH: queries [batch, q_len, heads, head_dim].
     k_BSKH, v_BSKH: keys, values [batch, kv_len, kv_heads, head_dim]; heads must
       be a multiple of kv_heads.
-    spec: mask and scale (``AttentionSpec``).
+    spec: mask and scale (``AttentionSpec``). With ``spec.block_sparse`` and no
+      ``block_mask``, the mask is predicted here (``attention.sparse``).
     segment_ids_BT: optional packed-sequence ids; attention stays within a segment.
+    block_mask: optional bool [B, K, T/block_q, S/block_k]: attend only to kept
+      blocks (needs ``spec.block_sparse`` for the block sizes).
     implementation: None, a registered name, or names to try in order.
 
   Returns:
@@ -84,6 +97,13 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   if K == 0 or N % K:
     raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
                      "Fix: choose kv_heads dividing heads")
+  if spec.block_sparse is not None:
+    sparse.check_blocks(spec.block_sparse, q_BTNH.shape[1], k_BSKH.shape[1])
+    if block_mask is None:
+      block_mask = sparse.predict_block_mask(q_BTNH, k_BSKH, spec)
+  elif block_mask is not None:
+    raise ValueError("block_mask given but spec.block_sparse is None: the block sizes are "
+                     "unknown. Fix: pass a spec with block_sparse=BlockSparse(...)")
   errors = []
   for name in _candidates(implementation):
     fn = _REGISTRY.get(name)
@@ -91,7 +111,7 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
       errors.append(f"{name}: not registered (have {available_implementations()})")
       continue
     try:
-      return fn(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT)
+      return fn(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask)
     except (AttentionUnsupported, NotImplementedError) as e:
       errors.append(f"{name}: {e}")
   raise AttentionUnsupported("no attention implementation could run: " + "; ".join(errors))

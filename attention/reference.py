@@ -24,8 +24,14 @@ def mask_TS(spec: AttentionSpec, T: int, S: int, q_offset: int = 0) -> jax.Array
   return allowed
 
 
+def expand_block_mask(block_mask_BKQC: jax.Array, block_q: int, block_k: int) -> jax.Array:
+  """Block mask [B, K, T/block_q, S/block_k] -> token mask [B, K, T, S]."""
+  m = jnp.repeat(block_mask_BKQC, block_q, axis=2)
+  return jnp.repeat(m, block_k, axis=3)
+
+
 def attend_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec,
-                     segment_ids_BT=None) -> jax.Array:
+                     segment_ids_BT=None, block_mask=None) -> jax.Array:
   """softmax(q k^T * scale + mask) v with fp32 logits and softmax.
 
   Args:
@@ -34,6 +40,8 @@ def attend_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec,
     spec: causal / sliding window / scale.
     segment_ids_BT: optional int [B, T] (T == S); tokens attend only within
       their segment (packed sequences).
+    block_mask: optional bool [B, K, T/block_q, S/block_k] (block sizes from
+      ``spec.block_sparse``): only kept blocks are attended to, per kv head.
 
   Returns:
     [B, T, N, H] in q's dtype.
@@ -48,7 +56,14 @@ def attend_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec,
   allowed_BTS = jnp.broadcast_to(mask_TS(spec, T, S), (B, T, S))
   if segment_ids_BT is not None:
     allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, -jnp.inf)
+  allowed_BKGTS = allowed_BTS[:, None, None]
+  if block_mask is not None:
+    bs = spec.block_sparse
+    if bs is None:
+      raise ValueError("block_mask given but spec.block_sparse is None: the block sizes "
+                       "are unknown. Fix: pass a spec with block_sparse=BlockSparse(...)")
+    allowed_BKGTS = allowed_BKGTS & expand_block_mask(block_mask, bs.block_q, bs.block_k)[:, :, None]
+  logits_BKGTS = jnp.where(allowed_BKGTS, logits_BKGTS, -jnp.inf)
   # A row with no allowed key (possible with segment ids) gives zeros, not NaN.
   row_max = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

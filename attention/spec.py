@@ -3,6 +3,47 @@ import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockSparse:
+  """A predicted block-sparse mask (SpargeAttention2's hybrid top-k + top-p rule).
+
+  Queries are cut into blocks of ``block_q`` tokens and keys into blocks of
+  ``block_k``; ``attention.sparse.predict_block_mask`` keeps, per (batch, kv head,
+  query block), the union of the top ``top_k`` fraction of the causally valid key
+  blocks, the smallest set whose pooled softmax mass reaches ``top_p``, the diagonal
+  block(s), the first ``sink_blocks`` and the ``local_blocks`` before the diagonal.
+
+  Attributes:
+    block_q, block_k: block sizes in tokens (TPU kernels prefer multiples of 128).
+    top_k: fraction in [0, 1] of a row's valid key blocks always kept (0: none;
+      otherwise at least one).
+    top_p: cumulative pooled-probability mass in [0, 1] to keep (0: none).
+    sink_blocks: leading key blocks always kept (the first-token sink).
+    local_blocks: key blocks just before the diagonal always kept.
+  """
+  block_q: int = 128
+  block_k: int = 128
+  top_k: float = 0.03
+  top_p: float = 0.2
+  sink_blocks: int = 1
+  local_blocks: int = 0
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number of "
+                         "tokens. Fix: use e.g. 64 or 128")
+    for name in ("top_k", "top_p"):
+      value = getattr(self, name)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r}: out of range; it is a fraction. "
+                         f"Fix: choose {name} in [0, 1]")
+    for name in ("sink_blocks", "local_blocks"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0. Fix: use 0 to "
+                         "keep none")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionSpec:
   """The mask and scale of one attention call.
 
@@ -10,10 +51,13 @@ class AttentionSpec:
     causal: query t attends to keys s <= t.
     sliding_window: if > 0, query t attends only to keys with t - s < window.
     scale: logit scale; None means 1/sqrt(head_dim).
+    block_sparse: if set, a data-dependent block mask (``BlockSparse``) is predicted
+      from q and k and intersected with the mask above.
   """
   causal: bool = True
   sliding_window: int = 0
   scale: float | None = None
+  block_sparse: BlockSparse | None = None
 
   def __post_init__(self):
     if self.sliding_window < 0:

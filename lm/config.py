@@ -57,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "use 0 for the tokenizer's vocabulary or a positive size")
   _validate_moe(config)
   _validate_long_context(config)
+  _validate_sparse(config)
   if not 0 < config.optimizer.learning_rate:
     raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate,
                       "must be positive", "set a learning rate > 0")
@@ -131,3 +132,34 @@ def _validate_long_context(config: ml_collections.ConfigDict) -> None:
   if config.data.seq_len % seq:
     raise ConfigError("data.seq_len", config.data.seq_len, f"not divisible by mesh.sequence={seq}",
                       f"use a multiple of {seq}")
+
+
+def _validate_sparse(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  if m.get("sliding_window", 0) < 0:
+    raise ConfigError("model.sliding_window", m.sliding_window, "must be >= 0",
+                      "use 0 for full causal attention or a window length in tokens")
+  sp = m.get("sparse")
+  if sp is None or not sp.enabled:
+    return
+  T = config.data.seq_len
+  for field in ("block_q", "block_k"):
+    b = sp[field]
+    if not isinstance(b, int) or b <= 0:
+      raise ConfigError(f"model.sparse.{field}", b, "must be a positive integer",
+                        "use e.g. 64 (128 on TPU)")
+    if T % b:
+      raise ConfigError(f"model.sparse.{field}", b, f"does not divide data.seq_len={T}",
+                        f"choose a block size dividing {T}, or a seq_len multiple of {b}")
+  for field in ("top_k", "top_p"):
+    if not 0.0 <= sp[field] <= 1.0:
+      raise ConfigError(f"model.sparse.{field}", sp[field], "out of range; it is a fraction",
+                        f"choose {field} in [0, 1]")
+  for field in ("sink_blocks", "local_blocks"):
+    if not isinstance(sp[field], int) or sp[field] < 0:
+      raise ConfigError(f"model.sparse.{field}", sp[field], "must be an integer >= 0",
+                        "use 0 to keep none")
+  if m.get("context_parallel", "none") != "none" and config.mesh.get("sequence", 1) > 1:
+    raise ConfigError("model.context_parallel", m.context_parallel,
+                      "context parallelism does not support block-sparse attention",
+                      "set model.context_parallel=none or model.sparse.enabled=False")

@@ -15,7 +15,7 @@ from flax import nnx
 
 from attention.layer import Attention, logical_param
 from attention.linear import LinearAttention
-from attention.spec import AttentionSpec
+from attention.spec import AttentionSpec, BlockSparse
 from lm.sharding import RULES, constrain
 from moe.layer import MoEFeedForward
 from moe.router import update_balance_bias
@@ -89,6 +89,19 @@ def mixer_of(cfg: ml_collections.ConfigDict, layer: int) -> str:
   return pattern[layer % len(pattern)]
 
 
+def attention_spec(cfg: ml_collections.ConfigDict) -> AttentionSpec:
+  """The softmax layers' mask: causal, ``sliding_window``, and ``model.sparse``'s
+  predicted block mask when ``sparse.enabled``."""
+  sp = cfg.get("sparse")
+  block_sparse = None
+  if sp is not None and sp.enabled:
+    block_sparse = BlockSparse(block_q=sp.block_q, block_k=sp.block_k, top_k=sp.top_k,
+                               top_p=sp.top_p, sink_blocks=sp.sink_blocks,
+                               local_blocks=sp.local_blocks)
+  return AttentionSpec(causal=True, sliding_window=cfg.get("sliding_window", 0),
+                       block_sparse=block_sparse)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: softmax or linear attention (``mixer_of``), then a
   dense or MoE feed-forward (``is_moe_layer``)."""
@@ -106,7 +119,7 @@ class Block(nnx.Module):
       self.attn = Attention(
           cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim, rngs=rngs,
           rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
-          spec=AttentionSpec(causal=True), dtype=dtype, param_dtype=param_dtype,
+          spec=attention_spec(cfg), dtype=dtype, param_dtype=param_dtype,
           context_parallel=cfg.get("context_parallel", "none"),
           heads_per_stage=cfg.get("heads_per_stage", 1), batch_axes=_batch_mesh_axes())
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
@@ -183,18 +196,22 @@ def count_params(params) -> int:
 
 
 def apply(graphdef, params, tokens_BT: jax.Array):
-  """Runs the model: (logits [B, T, V] fp32, MoE statistics ``{block: stats}``).
+  """Runs the model: (logits [B, T, V] fp32, statistics).
 
-  The statistics are what each MoE layer sowed (``moe.layer``): ``load`` [E],
-  ``dropped``, ``lb_loss``, ``z_loss``; empty for a dense model.
+  The statistics are ``{"moe": {block: ...}, "attention": {block: ...}}``: what each
+  MoE layer sowed (``moe.layer``: ``load`` [E], ``dropped``, ``lb_loss``,
+  ``z_loss``) and each block-sparse attention layer (``density``); a group is
+  empty when no layer of its kind sowed.
   """
   model = nnx.merge(graphdef, params)
   logits_BTV, sown = nnx.capture(model, nnx.Intermediate)(tokens_BT)
   sown = nnx.to_pure_dict(sown)
-  stats = {}
+  stats = {"moe": {}, "attention": {}}
   for block, node in sown.items():
     if "moe_stats" in node.get("mlp", {}):
-      stats[block] = node["mlp"]["moe_stats"][0]
+      stats["moe"][block] = node["mlp"]["moe_stats"][0]
+    if "attn_stats" in node.get("attn", {}):
+      stats["attention"][block] = node["attn"]["attn_stats"][0]
   return logits_BTV, stats
 
 

@@ -54,12 +54,13 @@ class Experiment:
 
 
 def loss_fn(graphdef, params, batch):
-  """Weighted mean next-token cross-entropy (fp32), the weight sum, MoE statistics."""
-  logits_BTV, moe_stats = apply(graphdef, params, batch["inputs"])
+  """Weighted mean next-token cross-entropy (fp32), the weight sum, the layers'
+  statistics (``lm.model.apply``)."""
+  logits_BTV, stats = apply(graphdef, params, batch["inputs"])
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
   weights_BT = batch["weights"].astype(jnp.float32)
   total = jnp.maximum(jnp.sum(weights_BT), 1.0)
-  return jnp.sum(losses_BT * weights_BT) / total, (total, moe_stats)
+  return jnp.sum(losses_BT * weights_BT) / total, (total, stats)
 
 
 def make_steps(graphdef, tx, mesh, moe_cfg=None):
@@ -77,7 +78,7 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
 
   def objective(params, batch):
     ce, (tokens, stats) = loss_fn(graphdef, params, batch)
-    return ce + moe_aux_loss(stats, moe_cfg), (ce, tokens, stats)
+    return ce + moe_aux_loss(stats["moe"], moe_cfg), (ce, tokens, stats)
 
   def train_step(state, batch):
     with (sharding.activation_sharding(mesh), gmm_lib.target_platform(platform),
@@ -86,13 +87,15 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
           objective, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    if stats:
-      params = update_balance_biases(params, stats, moe_cfg.bias_update_rate)
+    if stats["moe"]:
+      params = update_balance_biases(params, stats["moe"], moe_cfg.bias_update_rate)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
-    if stats:
+    if stats["moe"]:
       metrics["loss_total"] = total_loss
-      metrics["moe"] = stats
+      metrics["moe"] = stats["moe"]
+    if stats["attention"]:
+      metrics["attention"] = stats["attention"]
     return new_state, metrics
 
   def eval_step(params, batch):
@@ -163,6 +166,18 @@ def moe_record(host_metrics: list[dict]) -> dict:
   for k in ("load_cv", "dropped", "lb_loss", "z_loss"):
     record[f"moe/{k}"] = float(np.mean([layer[k] for layer in per_layer.values()]))
   record["loss_total"] = float(np.mean([m["loss_total"] for m in host_metrics]))
+  return record
+
+
+def attention_record(host_metrics: list[dict]) -> dict:
+  """Block-sparse attention density per layer (``attention/<block>/density``) and
+  its mean over layers (``attention/density``), averaged over the logged steps."""
+  if not host_metrics or "attention" not in host_metrics[0]:
+    return {}
+  record = {f"attention/{block}/density":
+            float(np.mean([m["attention"][block]["density"] for m in host_metrics]))
+            for block in host_metrics[0]["attention"]}
+  record["attention/density"] = float(np.mean(list(record.values())))
   return record
 
 
@@ -266,6 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
                   "tokens_per_sec": tokens / max(now - t_last, 1e-9),
                   "elapsed_s": now - t_start}
         record.update(moe_record(host))
+        record.update(attention_record(host))
         for group, schedule in exp.optimizer.learning_rates.items():
           record[f"learning_rate/{group}"] = float(schedule(step - 1))
         record["learning_rate"] = record[f"learning_rate/{next(iter(exp.optimizer.learning_rates))}"]

@@ -54,6 +54,17 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.linear = ml_collections.ConfigDict()
   c.model.linear.variant = "2mamba"  # ssd (Mamba-2) | mamba2s | 2mamba (2Mamba2Furious)
   c.model.linear.chunk_size = 64  # chunked SSD: quadratic within a chunk, a state across chunks
+  c.model.sliding_window = 0  # softmax layers: > 0 attends to the last n tokens only
+  # Trainable block-sparse softmax attention (attention/sparse.py, SpargeAttention2's
+  # hybrid rule; experiments/configs/sparse_attention.py). The parameters are unchanged.
+  c.model.sparse = ml_collections.ConfigDict()
+  c.model.sparse.enabled = False
+  c.model.sparse.block_q = 64  # query block (tokens); data.seq_len must be a multiple
+  c.model.sparse.block_k = 64  # key block (tokens); TPU kernels prefer 128
+  c.model.sparse.top_k = 0.03  # fraction of a row's causally valid key blocks kept by rank
+  c.model.sparse.top_p = 0.2  # plus the fewest blocks whose pooled softmax mass reaches p
+  c.model.sparse.sink_blocks = 1  # leading key blocks always kept
+  c.model.sparse.local_blocks = 0  # key blocks before the diagonal always kept
   # Context parallelism of softmax attention over mesh.sequence (attention/context.py).
   c.model.context_parallel = "none"  # none | ulysses | headwise | ring
   c.model.heads_per_stage = 1  # headwise: heads per device per stage (Untied Ulysses' U / C)
