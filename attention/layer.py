@@ -8,6 +8,7 @@ parallelism can shard heads and Muon can see the matrix structure.
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from attention import context, ops, sparse
 from attention.rope import apply_rope, rope_tables
@@ -62,6 +63,25 @@ class Attention(nnx.Module):
     self.v = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
     self.o = logical_param(rngs, (N, H, D), ("heads", "head_dim", "embed"), N * H, param_dtype)
 
+  def _attend(self, mesh, q_BTNH, k_BTKH, v_BTKH, block_mask):
+    """``ops.attend``; Pallas kernels (which XLA cannot partition) run per device
+    inside ``jax.shard_map`` over the batch axes (and ``tensor`` over heads)."""
+    attend = lambda q, k, v, m: ops.attend(q, k, v, self.spec, block_mask=m,
+                                           implementation=self.implementation)
+    platform = ops.current_platform()
+    kernel = self.implementation in ("pallas", "splash") or (
+        self.implementation is None and platform == "tpu")
+    if not kernel or mesh.empty or mesh.size == 1:
+      return attend(q_BTNH, k_BTKH, v_BTKH, block_mask)
+    sizes = dict(mesh.shape)
+    batch = tuple(a for a in self.batch_axes if sizes.get(a, 1) > 1) or None
+    heads = "tensor" if sizes.get("tensor", 1) > 1 and self.n_kv_heads % sizes["tensor"] == 0 else None
+    qkv = P(batch, None, heads, None)
+    mask_spec = P(batch, heads, None, None)
+    fn = jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, mask_spec if block_mask is not None else None),
+                       out_specs=qkv, check_vma=platform == "tpu")
+    return fn(q_BTNH, k_BTKH, v_BTKH, block_mask)
+
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
     dt = self.dtype
     x = x_BTD.astype(dt)
@@ -81,13 +101,11 @@ class Attention(nnx.Module):
           batch_axes=tuple(a for a in self.batch_axes if a in mesh.shape),
           heads_per_stage=self.heads_per_stage if self.context_parallel == "headwise" else None,
           implementation=self.implementation)
-    elif self.spec.block_sparse is not None:
-      block_mask = sparse.predict_block_mask(q_BTNH, k_BTKH, self.spec)
-      self.sow(nnx.Intermediate, "attn_stats",
-               {"density": sparse.block_density(block_mask, self.spec)})
-      out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec, block_mask=block_mask,
-                            implementation=self.implementation)
     else:
-      out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
-                            implementation=self.implementation)
+      block_mask = None
+      if self.spec.block_sparse is not None:
+        block_mask = sparse.predict_block_mask(q_BTNH, k_BTKH, self.spec)
+        self.sow(nnx.Intermediate, "attn_stats",
+                 {"density": sparse.block_density(block_mask, self.spec)})
+      out_BTNH = self._attend(mesh, q_BTNH, k_BTKH, v_BTKH, block_mask)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt))

@@ -6,6 +6,8 @@ every candidate fails, one error lists every reason. The XLA reference
 (``attention.reference``) is always available and is the ground truth the other
 backends are tested against.
 """
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 
 import jax
@@ -17,8 +19,27 @@ from attention.spec import AttentionSpec
 AttendFn = Callable[..., jax.Array]
 
 _REGISTRY: dict[str, AttendFn] = {}
-# Preference order per platform when implementation=None.
-_DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("jax_nn", "xla"), "tpu": ("xla",)}
+# Preference order per platform when implementation=None: splash takes the static
+# masks, our kernel the predicted block masks, XLA whatever is left.
+_DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("jax_nn", "xla"), "tpu": ("splash", "pallas", "xla")}
+_PLATFORM = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+  """Within this context, pick implementations (and interpret mode) for ``name``
+  (``cpu``, ``gpu``, ``tpu``) instead of the default backend: a CPU host compiling
+  for a TPU topology must trace TPU kernels."""
+  token = _PLATFORM.set(name)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+  """The platform programs are traced for: ``target_platform``'s, else the default backend."""
+  return _PLATFORM.get() or jax.default_backend()
 
 
 class AttentionUnsupported(ValueError):
@@ -58,13 +79,46 @@ def _jax_nn(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
     raise AttentionUnsupported(f"jax_nn: {e}") from e
 
 
+def _splash(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
+  """Splash attention (TPU; interpreted elsewhere, which is for tests only)."""
+  from attention.splash import attend_splash
+  platform = current_platform()
+  if platform == "gpu":
+    raise AttentionUnsupported("splash: a TPU kernel; not run on GPU")
+  return attend_splash(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
+                       interpret=platform != "tpu")
+
+
+def _pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
+  """Ours: the block-sparse flash-attention kernel (TPU Mosaic; interpreted on CPU)."""
+  from attention.kernels.block_sparse_tpu import attend_pallas
+  platform = current_platform()
+  if platform == "gpu":
+    raise AttentionUnsupported("pallas: the block-sparse kernel is written for TPU (Mosaic); "
+                               "there is no GPU version yet")
+  return attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
+                       interpret=platform != "tpu")
+
+
+def _gather(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
+  """Block-sparse attention in XLA computing only kept blocks (``sparse.block_sparse_gather``)."""
+  if segment_ids_BT is not None:
+    raise AttentionUnsupported("gather: segment ids are not wired up")
+  if block_mask is None:
+    raise AttentionUnsupported("gather: needs a block-sparse spec (spec.block_sparse)")
+  return sparse.block_sparse_gather(q_BTNH, k_BSKH, v_BSKH, block_mask, spec)
+
+
 register("xla", attend_reference)
+register("gather", _gather)
 register("jax_nn", _jax_nn)
+register("splash", _splash)
+register("pallas", _pallas)
 
 
 def _candidates(implementation) -> tuple[str, ...]:
   if implementation is None:
-    return _DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
+    return _DEFAULT_ORDER.get(current_platform(), ("xla",))
   if isinstance(implementation, str):
     return (implementation,)
   if isinstance(implementation, Sequence) and implementation:
@@ -72,6 +126,23 @@ def _candidates(implementation) -> tuple[str, ...]:
   raise ValueError(
       f"implementation={implementation!r}: expected None, a name or a non-empty "
       f"sequence of names. Fix: use one of {available_implementations()}")
+
+
+def _attend_hierarchical(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
+                         implementation):
+  """Hierarchical specs have their own two implementations: ``xla`` (the dense twin,
+  ``hierarchical_reference``) and ``blocked`` (the block-skipping path, the default)."""
+  from attention import hierarchical
+  if segment_ids_BT is not None or block_mask is not None:
+    raise ValueError("hierarchical attention takes no segment ids or block mask. Fix: drop them")
+  impls = {"xla": hierarchical.hierarchical_reference, "blocked": hierarchical.hierarchical_blocked}
+  names = ("blocked",) if implementation is None else _candidates(implementation)
+  errors = []
+  for name in names:
+    if name in impls:
+      return impls[name](q_BTNH, k_BSKH, v_BSKH, spec)
+    errors.append(f"{name}: no hierarchical attention (have {tuple(impls)})")
+  raise AttentionUnsupported("no attention implementation could run: " + "; ".join(errors))
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -97,6 +168,9 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   if K == 0 or N % K:
     raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
                      "Fix: choose kv_heads dividing heads")
+  if spec.hierarchical is not None:
+    return _attend_hierarchical(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
+                                implementation)
   if spec.block_sparse is not None:
     sparse.check_blocks(spec.block_sparse, q_BTNH.shape[1], k_BSKH.shape[1])
     if block_mask is None:

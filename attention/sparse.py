@@ -83,7 +83,7 @@ def forced_blocks(bs: BlockSparse, T: int, S: int, q_offset: int = 0) -> np.ndar
 
 
 def select_blocks(scores: jax.Array, valid: jax.Array, forced: jax.Array, *,
-                  top_k: float, top_p: float) -> jax.Array:
+                  top_k: float, top_p: float, max_blocks: int = 0) -> jax.Array:
   """The hybrid rule on a block score map.
 
   Args:
@@ -93,6 +93,8 @@ def select_blocks(scores: jax.Array, valid: jax.Array, forced: jax.Array, *,
     top_k: fraction of each row's valid blocks kept by rank (ceil; >= 1 if > 0).
     top_p: keep the shortest descending-probability prefix of each row whose
       softmax mass (over valid blocks) reaches top_p.
+    max_blocks: if > 0, keep at most this many per row: forced blocks first (by
+      position), then the highest-probability ones.
 
   Returns:
     bool [..., Q, C]: (top-k | top-p | forced) & valid.
@@ -111,7 +113,15 @@ def select_blocks(scores: jax.Array, valid: jax.Array, forced: jax.Array, *,
   n_valid = jnp.sum(valid, axis=-1, keepdims=True)
   n_k = jnp.where(top_k > 0, jnp.maximum(jnp.ceil(top_k * n_valid), 1), 0)
   keep_k = rank < n_k
-  return (keep_k | keep_p | forced) & valid
+  keep = (keep_k | keep_p | forced) & valid
+  if max_blocks and max_blocks < scores.shape[-1]:
+    C = scores.shape[-1]
+    forced = jnp.broadcast_to(forced, scores.shape) & valid
+    # Priority: forced (earlier first) > kept by the rule (by probability) > dropped.
+    priority = jnp.where(forced, 2.0 + (C - jnp.arange(C)) / C, jnp.where(keep, probs, -1.0))
+    order2 = jnp.argsort(-priority, axis=-1, stable=True)
+    keep &= jnp.argsort(order2, axis=-1, stable=True) < max_blocks
+  return keep
 
 
 def pool_blocks(x_BTNH: jax.Array, block: int) -> jax.Array:
@@ -148,8 +158,18 @@ def predict_block_mask(q_BTNH: jax.Array, k_BSKH: jax.Array, spec: AttentionSpec
   valid = valid_blocks(spec, T, S, bs.block_q, bs.block_k, q_offset)
   forced = forced_blocks(bs, T, S, q_offset)
   keep_BKGQC = select_blocks(block_scores(q_BTNH, k_BSKH, spec), jnp.asarray(valid),
-                             jnp.asarray(forced), top_k=bs.top_k, top_p=bs.top_p)
-  return jnp.any(keep_BKGQC, axis=2)
+                             jnp.asarray(forced), top_k=bs.top_k, top_p=bs.top_p,
+                             max_blocks=bs.max_blocks)
+  keep_BKQC = jnp.any(keep_BKGQC, axis=2)
+  if bs.max_blocks and keep_BKGQC.shape[2] > 1:
+    # The union over a group's query heads can exceed the cap: keep the blocks most
+    # heads chose (forced blocks are chosen by all).
+    votes = jnp.sum(keep_BKGQC, axis=2) + jnp.asarray(forced, jnp.int32) * keep_BKGQC.shape[2]
+    C = votes.shape[-1]
+    pri = jnp.where(keep_BKQC, votes * C + (C - jnp.arange(C)), -1)
+    order = jnp.argsort(-pri, axis=-1, stable=True)
+    keep_BKQC &= jnp.argsort(order, axis=-1, stable=True) < bs.max_blocks
+  return keep_BKQC
 
 
 def block_density(block_mask_BKQC: jax.Array, spec: AttentionSpec, q_offset: int = 0):
@@ -186,3 +206,48 @@ def block_indices(block_mask_BKQC: jax.Array):
   last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
   pos = jnp.arange(C, dtype=jnp.int32)
   return counts.astype(jnp.int32), jnp.where(pos < counts[..., None], idx, last)
+
+
+def block_sparse_gather(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, spec: AttentionSpec,
+                        max_blocks: int | None = None):
+  """Block-sparse attention in plain XLA that computes only kept blocks.
+
+  Each query block gathers its kept key blocks (``block_indices``; at most
+  ``max_blocks`` of them, default ``spec.block_sparse.max_blocks`` or all) and
+  attends to them densely: work scales with the kept blocks instead of T x S.
+  Padding slots repeat a kept block and are masked out. Exact (equals
+  ``block_sparse_reference``) when no row keeps more than ``max_blocks``.
+  """
+  bs = spec.block_sparse
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G, Q, C = N // K, T // bs.block_q, S // bs.block_k
+  M = max_blocks or bs.max_blocks or C
+  counts_BKQ, idx_BKQC = block_indices(block_mask_BKQC)
+  idx_BKQM = idx_BKQC[..., :M]
+  slot_ok_BKQM = jnp.arange(M) < counts_BKQ[..., None]
+  scale = spec.scale if spec.scale is not None else H ** -0.5
+  kb_BKCbH = k_BSKH.reshape(B, C, bs.block_k, K, H).transpose(0, 3, 1, 2, 4)
+  vb_BKCbH = v_BSKH.reshape(B, C, bs.block_k, K, H).transpose(0, 3, 1, 2, 4)
+  take = jax.vmap(jax.vmap(lambda x, i: x[i]))  # over B, K: [C, b, H][Q, M] -> [Q, M, b, H]
+  kg = take(kb_BKCbH, idx_BKQM).reshape(B, K, Q, M * bs.block_k, H)
+  vg = take(vb_BKCbH, idx_BKQM).reshape(B, K, Q, M * bs.block_k, H)
+  q_BKGQbH = q_BTNH.reshape(B, Q, bs.block_q, K, G, H).transpose(0, 3, 4, 1, 2, 5)
+  logits = jnp.einsum("bkgqth,bkqsh->bkgqts", q_BKGQbH, kg,
+                      preferred_element_type=jnp.float32) * scale
+  q_pos = (jnp.arange(Q)[:, None] * bs.block_q + jnp.arange(bs.block_q)[None, :])  # [Q, bq]
+  k_pos = (idx_BKQM[..., None] * bs.block_k + jnp.arange(bs.block_k)).reshape(B, K, Q, -1)
+  ok = jnp.repeat(slot_ok_BKQM, bs.block_k, axis=-1)[:, :, :, None, :]  # [B, K, Q, 1, Mb]
+  if spec.causal:
+    ok &= k_pos[:, :, :, None, :] <= q_pos[None, None, :, :, None]
+  if spec.sliding_window:
+    ok &= q_pos[None, None, :, :, None] - k_pos[:, :, :, None, :] < spec.sliding_window
+  logits = jnp.where(ok[:, :, None], logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  p = jnp.exp(logits - row_max)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  probs = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bkgqts,bkqsh->bqtkgh", probs.astype(v_BSKH.dtype), vg,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(B, T, N, H).astype(q_BTNH.dtype)

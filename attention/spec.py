@@ -19,6 +19,8 @@ class BlockSparse:
     top_p: cumulative pooled-probability mass in [0, 1] to keep (0: none).
     sink_blocks: leading key blocks always kept (the first-token sink).
     local_blocks: key blocks just before the diagonal always kept.
+    max_blocks: if > 0, a cap on kept key blocks per row (forced blocks first, then
+      by score), so implementations can use static shapes (``gather``); 0: no cap.
   """
   block_q: int = 128
   block_k: int = 128
@@ -26,6 +28,7 @@ class BlockSparse:
   top_p: float = 0.2
   sink_blocks: int = 1
   local_blocks: int = 0
+  max_blocks: int = 0
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
@@ -37,10 +40,31 @@ class BlockSparse:
       if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}={value!r}: out of range; it is a fraction. "
                          f"Fix: choose {name} in [0, 1]")
-    for name in ("sink_blocks", "local_blocks"):
+    for name in ("sink_blocks", "local_blocks", "max_blocks"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0. Fix: use 0 to "
                          "keep none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hierarchical:
+  """Local tokens plus pooled summaries of distant blocks (``attention.hierarchical``).
+
+  Attributes:
+    block: block size in tokens.
+    local_blocks: whole blocks before a query's own block seen token by token;
+      older blocks are seen as one summary each (mean key, mean value).
+  """
+  block: int = 64
+  local_blocks: int = 1
+
+  def __post_init__(self):
+    if self.block <= 0:
+      raise ValueError(f"block={self.block!r}: must be a positive number of tokens. "
+                       "Fix: use e.g. 64")
+    if self.local_blocks < 0:
+      raise ValueError(f"local_blocks={self.local_blocks!r}: must be >= 0. Fix: use 0 "
+                       "for the own block only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +77,20 @@ class AttentionSpec:
     scale: logit scale; None means 1/sqrt(head_dim).
     block_sparse: if set, a data-dependent block mask (``BlockSparse``) is predicted
       from q and k and intersected with the mask above.
+    hierarchical: if set, causal attention to nearby tokens plus one pooled summary
+      per distant block (``Hierarchical``); excludes block_sparse.
   """
   causal: bool = True
   sliding_window: int = 0
   scale: float | None = None
   block_sparse: BlockSparse | None = None
+  hierarchical: Hierarchical | None = None
 
   def __post_init__(self):
+    if self.hierarchical is not None and (self.block_sparse is not None or not self.causal
+                                          or self.sliding_window):
+      raise ValueError("hierarchical attention is causal and excludes block_sparse and "
+                       "sliding_window. Fix: set only one of them")
     if self.sliding_window < 0:
       raise ValueError(
           f"sliding_window={self.sliding_window!r}: must be >= 0. Fix: use 0 for "

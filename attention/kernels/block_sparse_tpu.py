@@ -1,0 +1,592 @@
+"""Block-sparse flash attention as Pallas TPU (Mosaic) kernels, forward and backward.
+
+What it computes: ``attention.sparse.block_sparse_reference`` — softmax attention
+restricted to the kept (query block, key block) pairs of a block mask, intersected
+with the token-level causal / sliding-window mask: query ``t`` attends key ``s`` iff
+their block is kept, ``s <= t`` (causal) and ``t - s < window`` (window > 0). The
+mask is SpargeAttention2-style (``attention.sparse.predict_block_mask``: one mask per
+kv head, the union over its query heads); any bool mask works.
+
+How: FlashAttention-2. The forward walks, for every (batch, query head, query
+block), only the kept key blocks, with an online softmax (running max ``m``, sum
+``l`` and output ``acc`` in fp32 VMEM scratch) and saves the log-sum-exp. The
+backward recomputes the probabilities from that lse: one kernel accumulates dq
+over the kept key blocks of each query block, another accumulates dk and dv over
+the query blocks (of every query head in the kv head's group) that kept each key
+block.
+
+Design:
+
+- Layout. The kernels run heads-major: q, o [B, N, T, H], k, v [B, K, S, H]; the
+  public wrappers transpose from / to the model's [B, T, N, H] (one HBM pass each).
+  Query head ``n`` reads kv head ``n // G`` (grouped-query attention, G = N / K).
+- Block lists. ``attention.sparse.block_indices`` turns the mask into counts
+  [B, K, Q] and ascending kept indices [B, K, Q, C] whose tail repeats the last kept
+  index. Both are flattened to 1-D (SMEM pads multi-dimensional arrays) and passed
+  by scalar prefetch; the key/value index_map reads the list, so the grid's last
+  axis (C steps, the static upper bound) visits kept blocks first and then
+  re-reads the last one — same block index, so no new DMA — while ``pl.when(j <
+  count)`` skips the body. A row with no kept block re-reads block 0 and computes
+  nothing. The backward's dk/dv kernel does the same with the transposed mask
+  (``block_indices(swapaxes(mask))``) over the grid (B, K, C, G * Q).
+- Token mask. Inside a visited block the causal / window mask comes from the block
+  positions (iota); blocks wholly inside the allowed region skip it (a second,
+  unmasked copy of the body chosen by a scalar test).
+- Numerics. Logits, softmax statistics and all accumulators are fp32
+  (``preferred_element_type=jnp.float32``); probabilities and dS are cast to the
+  input dtype for the MXU (bf16 or fp32 inputs). The running max starts at -inf
+  and a row whose max is still -inf uses 0 as its shift, so masked entries give
+  exp(-inf) = 0 and never inf - inf.
+- Empty rows. A query row with no allowed key (possible with a non-causal mask
+  whose row is all False, or a user mask that misses the diagonal) outputs zeros
+  and lse = **-inf** (log of an empty sum); its gradients are zero, and the
+  backward replaces the -inf by 0 before recomputing (all its logits are masked).
+- SMEM. The scalar-prefetched lists take 4 * B * K * Q * (C + 1) bytes of SMEM (1 MiB
+  on v5e). When that exceeds ``SMEM_BUDGET_BYTES`` a call is split into chunks of
+  batch elements (or of kv heads, when one batch element is already too big), each
+  its own pallas_call on HBM slices; a single (batch, kv head) must fit (``_check``
+  raises otherwise: Q * C up to about 128K, i.e. T = S = 45K at block 128).
+- lse and delta live in HBM as [B, N, T, 1] fp32 columns (the [bq, 1] block is
+  legal for any bq that is a multiple of 8); ``return_lse`` reshapes to [B, N, T].
+  The lse cotangent enters as ``delta - dlse`` (d logits = P * (dP - delta + dlse)).
+
+Limits (it does not do): segment ids / packed sequences, a query offset (decode
+with a KV cache), dropout, logit soft-capping, fp8. Head dims must be multiples of
+64 up to 256; T and S must be whole numbers of blocks; blocks must be multiples of
+8 (128 is the efficient choice: it fills the MXU and the lanes). Query heads of a
+group re-read their kv blocks (no sharing across heads within one step). Cost
+estimates passed to XLA are dense-equivalent upper bounds (the kept count is only
+known at run time).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from attention import sparse
+from attention.spec import AttentionSpec
+from moe.kernels.vma import grad_like, out_struct
+
+SUPPORTED_HEAD_DIMS = (64, 128, 192, 256)
+DEFAULT_BLOCK = 128  # attend_pallas's block size for a static (causal / window) mask
+# Scalar-prefetched block lists live in SMEM (1 MiB on v5e); each pallas_call keeps its
+# lists under this budget by splitting the (batch, kv head) pairs into chunks.
+SMEM_BUDGET_BYTES = 512 * 1024
+_SUBLANES = 8
+
+
+def _div(a, b: int):
+  """``a // b`` for non-negative grid indices. (jnp's floor division lowers through
+  ``sign``, which Mosaic resolves against the local device: it breaks AOT compiles.)"""
+  return jax.lax.div(a, jnp.int32(b))
+
+
+def _rem(a, b: int):
+  """``a % b`` for non-negative grid indices (see ``_div``)."""
+  return jax.lax.rem(a, jnp.int32(b))
+
+
+def _unsupported(msg: str):
+  from attention.ops import AttentionUnsupported  # lazy: ops may import this module
+  return AttentionUnsupported("pallas block-sparse attention: " + msg)
+
+
+def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
+  """Raises ``AttentionUnsupported`` (or ValueError for malformed shapes) with the fix."""
+  if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
+    raise ValueError(f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: expected "
+                     "q [B, T, N, H] and k, v [B, S, K, H]")
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
+    raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape}: batch and head dim must match")
+  if K == 0 or N % K:
+    raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
+                     "Fix: choose kv_heads dividing heads")
+  if H % 64 or H > 256:
+    raise _unsupported(
+        f"head_dim={H} is not supported; supported head dims are {SUPPORTED_HEAD_DIMS} "
+        "(multiples of 64 up to 256). Fix: choose such a "
+        "head dim, or use implementation='xla'")
+  for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKH)):
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+      raise _unsupported(f"{name} dtype {x.dtype} is not supported (bfloat16 or float32). "
+                         "Fix: cast the inputs to bfloat16, or use implementation='xla'")
+  for name, blk in (("block_q", block_q), ("block_k", block_k)):
+    if blk <= 0 or blk % _SUBLANES:
+      raise _unsupported(
+          f"{name}={blk} is not a multiple of {_SUBLANES} (TPU sublanes). Fix: use a "
+          f"multiple of {_SUBLANES}; 128 is preferred (it fills the MXU and the lanes)")
+  if T % block_q:
+    raise _unsupported(f"block_q={block_q} does not divide the query length T={T}. Fix: "
+                       f"choose a block_q dividing {T} or pad T to a multiple of {block_q}")
+  if S % block_k:
+    raise _unsupported(f"block_k={block_k} does not divide the key length S={S}. Fix: "
+                       f"choose a block_k dividing {S} or pad S to a multiple of {block_k}")
+  Q, C = T // block_q, S // block_k
+  need = max(_smem_bytes(Q, C), _smem_bytes(C, Q))
+  if need > SMEM_BUDGET_BYTES:
+    raise _unsupported(
+        f"{Q} x {C} blocks (T={T}, S={S}, block_q={block_q}, block_k={block_k}): the block "
+        f"lists of one (batch, kv head) take {need} bytes of SMEM, over the "
+        f"{SMEM_BUDGET_BYTES}-byte budget. Fix: use larger blocks, or implementation='xla'")
+  want = (B, K, Q, C)
+  if tuple(block_mask_BKQC.shape) != want:
+    raise ValueError(f"block_mask shape {tuple(block_mask_BKQC.shape)}: expected [B, K, "
+                     f"T/block_q, S/block_k] = {want}")
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _needs_mask(q_first, k_first, bq, bk, causal, window):
+  """Scalar: does block (q_first, k_first) hold any pair the token mask forbids?"""
+  needs = jnp.bool_(False)
+  if causal:
+    needs |= k_first + bk - 1 > q_first
+  if window:
+    needs |= (q_first + bq - 1) - k_first >= window
+  return needs
+
+
+def _token_mask(q_first, k_first, bq, bk, causal, window):
+  """bool [bq, bk]: allowed (query, key) pairs of one block, from iota positions."""
+  q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  allowed = jnp.ones((bq, bk), jnp.bool_)
+  if causal:
+    allowed &= k_pos <= q_pos
+  if window:
+    allowed &= q_pos - k_pos < window
+  return allowed
+
+
+def _visit(active, q_first, k_first, bq, bk, causal, window, body):
+  """Runs ``body(mask_or_None)`` for an active block, with the token mask only if needed."""
+  if not (causal or window):
+    pl.when(active)(lambda: body(None))
+    return
+  needs = _needs_mask(q_first, k_first, bq, bk, causal, window)
+
+  @pl.when(active & needs)
+  def _masked():
+    body(_token_mask(q_first, k_first, bq, bk, causal, window))
+
+  @pl.when(active & jnp.logical_not(needs))
+  def _full():
+    body(None)
+
+
+def _logits(q, k, scale, mask):
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32) * scale
+  return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
+                *, G, K, Q, C, bq, bk, scale, causal, window):
+  b, n, i, j = (pl.program_id(a) for a in range(4))
+  row = (b * K + _div(n, G)) * Q + i
+  c = idx_ref[row * C + j]
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
+    l_sc[...] = jnp.zeros_like(l_sc)
+    acc_sc[...] = jnp.zeros_like(acc_sc)
+
+  def body(mask):
+    s = _logits(q_ref[...], k_ref[...], scale, mask)  # [bq, bk] fp32
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all-masked so far: no inf - inf
+    alpha = jnp.exp(m_prev - shift)
+    p = jnp.exp(s - shift)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
+    v = v_ref[...]
+    acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    m_sc[...] = m_new
+
+  _visit(j < counts_ref[row], i * bq, c * bk, bq, bk, causal, window, body)
+
+  @pl.when(j == C - 1)
+  def _finish():
+    l = l_sc[...]
+    seen = l > 0.0
+    o_ref[...] = (acc_sc[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def _cost(B, N, T, S, H, matmuls, *arrays):
+  nbytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in arrays)
+  return pl.CostEstimate(flops=2 * matmuls * B * N * T * S * H,
+                         transcendentals=B * N * T * S, bytes_accessed=nbytes)
+
+
+def _fwd_call(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
+  bq, bk, scale, causal, window, interpret = cfg
+  B, N, T, H = q_BNTH.shape
+  K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+  G, Q, C = N // K, T // bq, S // bk
+
+  def q_map(b, n, i, j, cnt, idx):
+    return b, n, i, 0
+
+  def kv_map(b, n, i, j, cnt, idx):
+    return b, _div(n, G), idx[((b * K + _div(n, G)) * Q + i) * C + j], 0
+
+  kernel = functools.partial(_fwd_kernel, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
+                             causal=causal, window=window)
+  o_shape = out_struct((B, N, T, H), q_BNTH.dtype, q_BNTH, k_BKSH, v_BKSH)
+  lse_shape = out_struct((B, N, T, 1), jnp.float32, q_BNTH, k_BKSH, v_BKSH)
+  return pl.pallas_call(
+      kernel,
+      out_shape=(o_shape, lse_shape),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(B, N, Q, C),
+          in_specs=[pl.BlockSpec((None, None, bq, H), q_map),
+                    pl.BlockSpec((None, None, bk, H), kv_map),
+                    pl.BlockSpec((None, None, bk, H), kv_map)],
+          out_specs=[pl.BlockSpec((None, None, bq, H), q_map),
+                     pl.BlockSpec((None, None, bq, 1), q_map)],
+          scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                          pltpu.VMEM((bq, H), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="kestrel_block_sparse_fwd",
+      cost_estimate=_cost(B, N, T, S, H, 2, q_BNTH, k_BKSH, v_BKSH, o_shape),
+  )(counts_BKQ.reshape(-1), idx_BKQC.reshape(-1), q_BNTH, k_BKSH, v_BKSH)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _probs(q, k, lse, scale, mask):
+  """Recomputed probabilities [bq, bk] fp32 (lse is finite: empty rows carry 0)."""
+  return jnp.exp(_logits(q, k, scale, mask) - lse)
+
+
+def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               acc_sc, *, G, K, Q, C, bq, bk, scale, causal, window):
+  b, n, i, j = (pl.program_id(a) for a in range(4))
+  row = (b * K + _div(n, G)) * Q + i
+  c = idx_ref[row * C + j]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_sc[...] = jnp.zeros_like(acc_sc)
+
+  def body(mask):
+    k, v, do = k_ref[...], v_ref[...], do_ref[...]
+    p = _probs(q_ref[...], k, lse_ref[...], scale, mask)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...])
+    acc_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+
+  _visit(j < counts_ref[row], i * bq, c * bk, bq, bk, causal, window, body)
+
+  @pl.when(j == C - 1)
+  def _finish():
+    dq_ref[...] = (acc_sc[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, dk_sc, dv_sc, *, K, Q, C, R, bq, bk, scale, causal, window):
+  b, kh, c, r = (pl.program_id(a) for a in range(4))
+  row = (b * K + kh) * C + c
+  j = _rem(r, Q)
+  i = idx_ref[row * Q + j]
+
+  @pl.when(r == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros_like(dk_sc)
+    dv_sc[...] = jnp.zeros_like(dv_sc)
+
+  def body(mask):
+    q, do, v = q_ref[...], do_ref[...], v_ref[...]
+    p = _probs(q, k_ref[...], lse_ref[...], scale, mask)  # [bq, bk]
+    tn = (((0,), (0,)), ((), ()))  # contract the query rows: X^T @ Y
+    dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, tn,
+                                      preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...])
+    dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, tn,
+                                      preferred_element_type=jnp.float32)
+
+  _visit(j < counts_ref[row], i * bq, c * bk, bq, bk, causal, window, body)
+
+  @pl.when(r == R - 1)
+  def _finish():
+    dk_ref[...] = (dk_sc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _bwd_setup(q_BNTH, k_BKSH, cfg):
+  bq, bk, scale, causal, window, _ = cfg
+  B, N, T, H = q_BNTH.shape
+  K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+  G, Q, C = N // K, T // bq, S // bk
+  statics = dict(K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale, causal=causal, window=window)
+  return B, N, T, H, K, S, G, Q, C, statics
+
+
+def _dq_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, idx_BKQC, cfg):
+  """dq: the forward's grid, over the kept key blocks of each query block."""
+  bq, bk, interpret = cfg[0], cfg[1], cfg[5]
+  B, N, T, H, K, S, G, Q, C, statics = _bwd_setup(q_BNTH, k_BKSH, cfg)
+  operands = (q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1)
+
+  def q_map(b, n, i, j, cnt, idx):
+    return b, n, i, 0
+
+  def kv_map(b, n, i, j, cnt, idx):
+    return b, _div(n, G), idx[((b * K + _div(n, G)) * Q + i) * C + j], 0
+
+  q_spec = pl.BlockSpec((None, None, bq, H), q_map)
+  kv_spec = pl.BlockSpec((None, None, bk, H), kv_map)
+  col_spec = pl.BlockSpec((None, None, bq, 1), q_map)
+  dq_shape = out_struct((B, N, T, H), q_BNTH.dtype, *operands)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, G=G, **statics),
+      out_shape=dq_shape,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(B, N, Q, C),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="kestrel_block_sparse_dq",
+      cost_estimate=_cost(B, N, T, S, H, 3, *operands, dq_shape),
+  )(counts_BKQ.reshape(-1), idx_BKQC.reshape(-1), *operands)
+  return (dq,)
+
+
+def _dkv_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, tcounts_BKC, tidx_BKCQ,
+              cfg):
+  """dk, dv: for each key block, the query blocks that kept it, for each head of the group."""
+  bq, bk, interpret = cfg[0], cfg[1], cfg[5]
+  B, N, T, H, K, S, G, Q, C, statics = _bwd_setup(q_BNTH, k_BKSH, cfg)
+  operands = (q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1)
+  R = G * Q
+
+  def qt_map(b, kh, c, r, cnt, idx):
+    return b, kh * G + _div(r, Q), idx[((b * K + kh) * C + c) * Q + _rem(r, Q)], 0
+
+  def k_map(b, kh, c, r, cnt, idx):
+    return b, kh, c, 0
+
+  qt_spec = pl.BlockSpec((None, None, bq, H), qt_map)
+  colt_spec = pl.BlockSpec((None, None, bq, 1), qt_map)
+  k_spec = pl.BlockSpec((None, None, bk, H), k_map)
+  dk_shape = out_struct((B, K, S, H), k_BKSH.dtype, *operands)
+  dv_shape = out_struct((B, K, S, H), v_BKSH.dtype, *operands)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, R=R, **statics),
+      out_shape=(dk_shape, dv_shape),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(B, K, C, R),
+          in_specs=[qt_spec, k_spec, k_spec, qt_spec, colt_spec, colt_spec],
+          out_specs=[k_spec, k_spec],
+          scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="kestrel_block_sparse_dkv",
+      cost_estimate=_cost(B, N, T, S, H, 4, *operands, dk_shape, dv_shape),
+  )(tcounts_BKC.reshape(-1), tidx_BKCQ.reshape(-1), *operands)
+  return dk, dv
+
+
+def _smem_bytes(rows: int, length: int) -> int:
+  """SMEM taken by one (batch, kv head)'s scalar-prefetched counts [rows] and lists
+  [rows, length] (int32)."""
+  return 4 * rows * (length + 1)
+
+
+def _chunked(call, q_args, kv_args, list_args, cfg, unit_bytes):
+  """Runs ``call(*q_args, *kv_args, *list_args, cfg)`` over (batch, kv head) chunks whose
+  scalar-prefetched block lists fit ``SMEM_BUDGET_BYTES``; one call when they all fit.
+
+  q_args are [B, N, ...], kv_args [B, K, ...], list_args [B, K, ...]; every output is
+  [B, N or K, ...]. Chunks slice and concatenate in HBM: one extra pass over the
+  operands, small next to the attention itself at the lengths that need it.
+  """
+  B, K = list_args[0].shape[:2]
+  G = q_args[0].shape[1] // K
+  budget = SMEM_BUDGET_BYTES
+  if B * K * unit_bytes <= budget:
+    return call(*q_args, *kv_args, *list_args, cfg)
+  if K * unit_bytes <= budget:
+    bc, kc = budget // (K * unit_bytes), K
+  else:
+    bc, kc = 1, max(1, budget // unit_bytes)
+  rows = []
+  for b0 in range(0, B, bc):
+    b1 = min(B, b0 + bc)
+    cols = []
+    for k0 in range(0, K, kc):
+      k1 = min(K, k0 + kc)
+      cols.append(call(*(x[b0:b1, k0 * G:k1 * G] for x in q_args),
+                       *(x[b0:b1, k0:k1] for x in kv_args + list_args), cfg))
+    rows.append([jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+                 for outs in zip(*cols)])
+  return tuple(jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0] for outs in zip(*rows))
+
+
+def _forward(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
+  Q, C = idx_BKQC.shape[2:]
+  return _chunked(_fwd_call, [q_BNTH], [k_BKSH, v_BKSH], [counts_BKQ, idx_BKQC], cfg,
+                  _smem_bytes(Q, C))
+
+
+def _backward(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, idx_BKQC,
+              tcounts_BKC, tidx_BKCQ, cfg):
+  Q, C = idx_BKQC.shape[2:]
+  q_rows = [q_BNTH, do_BNTH, lse_BNT1, delta_BNT1]
+  (dq,) = _chunked(_dq_chunk, q_rows, [k_BKSH, v_BKSH], [counts_BKQ, idx_BKQC], cfg,
+                   _smem_bytes(Q, C))
+  dk, dv = _chunked(_dkv_chunk, q_rows, [k_BKSH, v_BKSH], [tcounts_BKC, tidx_BKCQ], cfg,
+                    _smem_bytes(C, Q))
+  return dq, dk, dv
+
+
+def _dq_chunk(q, do, lse, delta, k, v, counts, idx, cfg):
+  return _dq_call(q, k, v, do, lse, delta, counts, idx, cfg)
+
+
+def _dkv_chunk(q, do, lse, delta, k, v, tcounts, tidx, cfg):
+  return _dkv_call(q, k, v, do, lse, delta, tcounts, tidx, cfg)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_BNTH, k_BKSH, v_BKSH, block_mask_BKQC, cfg):
+  counts, idx = sparse.block_indices(block_mask_BKQC)
+  o, lse = _forward(q_BNTH, k_BKSH, v_BKSH, counts, idx, cfg)
+  return o, lse[..., 0]
+
+
+def _attention_fwd(q_BNTH, k_BKSH, v_BKSH, block_mask_BKQC, cfg):
+  counts, idx = sparse.block_indices(block_mask_BKQC)
+  o, lse = _forward(q_BNTH, k_BKSH, v_BKSH, counts, idx, cfg)
+  return (o, lse[..., 0]), (q_BNTH, k_BKSH, v_BKSH, block_mask_BKQC, counts, idx, o, lse)
+
+
+def _attention_bwd(cfg, res, cotangents):
+  q, k, v, block_mask, counts, idx, o, lse_BNT1 = res
+  do, dlse_BNT = cotangents
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = delta - dlse_BNT.astype(jnp.float32)[..., None]
+  lse_safe = jnp.where(lse_BNT1 == -jnp.inf, 0.0, lse_BNT1)  # empty rows: all logits masked
+  tcounts, tidx = sparse.block_indices(jnp.swapaxes(block_mask, -1, -2))
+  dq, dk, dv = _backward(q, k, v, do.astype(q.dtype), lse_safe, delta, counts, idx, tcounts,
+                         tidx, cfg)
+  return grad_like(dq, q), grad_like(dk, k), grad_like(dv, v), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, *, block_q: int, block_k: int,
+                           causal: bool = True, sliding_window: int = 0,
+                           scale: float | None = None, interpret=False, return_lse: bool = False):
+  """Block-sparse flash attention (Pallas TPU), differentiable in q, k and v.
+
+  Args:
+    q_BTNH: queries [B, T, N, H], bfloat16 or float32.
+    k_BSKH, v_BSKH: keys, values [B, S, K, H], N % K == 0 (query head n uses kv
+      head n // (N / K)).
+    block_mask_BKQC: bool [B, K, T / block_q, S / block_k], one mask per kv head
+      (True = the block is attended). No gradient.
+    block_q, block_k: block sizes in tokens: multiples of 8 dividing T and S; 128
+      is the efficient choice on TPU.
+    causal, sliding_window: token-level mask intersected with the kept blocks
+      (query t attends key s iff s <= t if causal, t - s < window if window > 0).
+    scale: logit scale; None means 1 / sqrt(H).
+    interpret: False on TPU; True (or ``pltpu.InterpretParams()``) elsewhere.
+    return_lse: also return the fp32 log-sum-exp (differentiable).
+
+  Returns:
+    out [B, T, N, H] in q's dtype (rows with no allowed key are 0), and with
+    ``return_lse`` also lse [B, N, T] fp32: natural log of the sum of exp(scaled
+    logits) over the allowed keys; -inf for a row with no allowed key.
+
+  Raises:
+    attention.ops.AttentionUnsupported: head dim, dtype or block size the kernel
+      cannot handle (the message says which and how to fix it).
+  """
+  _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k)
+  H = q_BTNH.shape[-1]
+  cfg = (int(block_q), int(block_k), float(scale if scale is not None else H ** -0.5),
+         bool(causal), int(sliding_window), interpret)
+  to_heads = lambda x: jnp.swapaxes(x, 1, 2)
+  o_BNTH, lse_BNT = _attention(to_heads(q_BTNH), to_heads(k_BSKH), to_heads(v_BSKH),
+                               block_mask_BKQC.astype(jnp.bool_), cfg)
+  out_BTNH = to_heads(o_BNTH)
+  return (out_BTNH, lse_BNT) if return_lse else out_BTNH
+
+
+def attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
+                  block_mask=None, *, interpret=False):
+  """``attention.ops`` registry entry: the block-sparse kernel for any ``AttentionSpec``.
+
+  - ``block_mask`` given: block sizes from ``spec.block_sparse``; the mask is
+    intersected with the static causal / window block structure (no visits to
+    blocks that hold no allowed pair).
+  - ``block_mask`` None and ``spec.block_sparse`` set: the mask is predicted
+    (``attention.sparse.predict_block_mask``).
+  - otherwise (dense causal / sliding-window / full attention): blocks of
+    ``min(128, T)`` queries and ``min(128, S)`` keys, and the static mask
+    ``attention.sparse.valid_blocks`` so that fully masked blocks are skipped.
+
+  Raises ``AttentionUnsupported`` for segment ids and for inputs the kernel
+  cannot handle (see ``block_sparse_attention``).
+  """
+  if segment_ids_BT is not None:
+    raise _unsupported("segment ids (packed sequences) are not supported. Fix: use "
+                       "implementation='xla', or unpack the sequences")
+  B, T = q_BTNH.shape[:2]
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  bs = spec.block_sparse
+  if block_mask is None and bs is None:
+    bq, bk = min(DEFAULT_BLOCK, T), min(DEFAULT_BLOCK, S)
+    if T % bq or S % bk:
+      raise _unsupported(f"T={T}, S={S}: not multiples of the default block {DEFAULT_BLOCK}. "
+                         f"Fix: pad the sequence to a multiple of {DEFAULT_BLOCK}, or use "
+                         "implementation='xla'")
+  else:
+    if bs is None:
+      raise ValueError("block_mask given but spec.block_sparse is None: the block sizes are "
+                       "unknown. Fix: pass a spec with block_sparse=BlockSparse(...)")
+    bq, bk = bs.block_q, bs.block_k
+    if T % bq or S % bk:
+      _check(q_BTNH, k_BSKH, v_BSKH, jnp.zeros((0,)), bq, bk)  # raises the block-size message
+    if block_mask is None:
+      block_mask = sparse.predict_block_mask(q_BTNH, k_BSKH, spec)
+  valid_QC = jnp.asarray(sparse.valid_blocks(spec, T, S, bq, bk))
+  if block_mask is None:
+    block_mask = jnp.broadcast_to(valid_QC, (B, K) + valid_QC.shape)
+  else:
+    block_mask = block_mask & valid_QC
+  return block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask, block_q=bq, block_k=bk,
+                                causal=spec.causal, sliding_window=spec.sliding_window,
+                                scale=spec.scale, interpret=interpret)
