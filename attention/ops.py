@@ -95,7 +95,7 @@ def _pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
   platform = current_platform()
   if platform == "gpu":
     raise AttentionUnsupported("pallas: the block-sparse kernel is written for TPU (Mosaic); "
-                               "there is no GPU version yet")
+                               "on GPU use 'pallas_gpu'")
   return attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
                        interpret=platform != "tpu")
 
@@ -109,11 +109,20 @@ def _gather(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
   return sparse.block_sparse_gather(q_BTNH, k_BSKH, v_BSKH, block_mask, spec)
 
 
+def _pallas_gpu(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
+  """Ours: the block-sparse flash-attention kernel for GPU (Triton lowering;
+  interpreted off GPU). Tested interpreted and lowered to Triton IR; never run on a GPU."""
+  from attention.kernels.block_sparse_gpu import attend_pallas
+  return attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
+                       interpret=current_platform() != "gpu")
+
+
 register("xla", attend_reference)
 register("gather", _gather)
 register("jax_nn", _jax_nn)
 register("splash", _splash)
 register("pallas", _pallas)
+register("pallas_gpu", _pallas_gpu)
 
 
 def _candidates(implementation) -> tuple[str, ...]:

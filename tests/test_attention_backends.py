@@ -57,7 +57,7 @@ def test_platform_context_picks_the_default_order():
   with ops.target_platform("gpu"):
     assert ops._candidates(None)[0] == "jax_nn"
     q, k, v = _qkv()
-    with pytest.raises(ops.AttentionUnsupported, match="no GPU version yet"):
+    with pytest.raises(ops.AttentionUnsupported, match="on GPU use 'pallas_gpu'"):
       ops.attend(q, k, v, AttentionSpec(), implementation="pallas")
 
 

@@ -67,6 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention import sparse
+from attention.kernels.common import resolve_block_mask
 from attention.spec import AttentionSpec
 from moe.kernels.vma import grad_like, out_struct
 
@@ -549,44 +550,13 @@ def attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=No
                   block_mask=None, *, interpret=False):
   """``attention.ops`` registry entry: the block-sparse kernel for any ``AttentionSpec``.
 
-  - ``block_mask`` given: block sizes from ``spec.block_sparse``; the mask is
-    intersected with the static causal / window block structure (no visits to
-    blocks that hold no allowed pair).
-  - ``block_mask`` None and ``spec.block_sparse`` set: the mask is predicted
-    (``attention.sparse.predict_block_mask``).
-  - otherwise (dense causal / sliding-window / full attention): blocks of
-    ``min(128, T)`` queries and ``min(128, S)`` keys, and the static mask
-    ``attention.sparse.valid_blocks`` so that fully masked blocks are skipped.
-
-  Raises ``AttentionUnsupported`` for segment ids and for inputs the kernel
-  cannot handle (see ``block_sparse_attention``).
+  Blocks and mask as ``attention.kernels.common.resolve_block_mask`` decides
+  (``DEFAULT_BLOCK`` for dense causal / sliding-window / full attention). Raises
+  ``AttentionUnsupported`` for segment ids and for inputs the kernel cannot handle
+  (see ``block_sparse_attention``).
   """
-  if segment_ids_BT is not None:
-    raise _unsupported("segment ids (packed sequences) are not supported. Fix: use "
-                       "implementation='xla', or unpack the sequences")
-  B, T = q_BTNH.shape[:2]
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  bs = spec.block_sparse
-  if block_mask is None and bs is None:
-    bq, bk = min(DEFAULT_BLOCK, T), min(DEFAULT_BLOCK, S)
-    if T % bq or S % bk:
-      raise _unsupported(f"T={T}, S={S}: not multiples of the default block {DEFAULT_BLOCK}. "
-                         f"Fix: pad the sequence to a multiple of {DEFAULT_BLOCK}, or use "
-                         "implementation='xla'")
-  else:
-    if bs is None:
-      raise ValueError("block_mask given but spec.block_sparse is None: the block sizes are "
-                       "unknown. Fix: pass a spec with block_sparse=BlockSparse(...)")
-    bq, bk = bs.block_q, bs.block_k
-    if T % bq or S % bk:
-      _check(q_BTNH, k_BSKH, v_BSKH, jnp.zeros((0,)), bq, bk)  # raises the block-size message
-    if block_mask is None:
-      block_mask = sparse.predict_block_mask(q_BTNH, k_BSKH, spec)
-  valid_QC = jnp.asarray(sparse.valid_blocks(spec, T, S, bq, bk))
-  if block_mask is None:
-    block_mask = jnp.broadcast_to(valid_QC, (B, K) + valid_QC.shape)
-  else:
-    block_mask = block_mask & valid_QC
+  bq, bk, block_mask = resolve_block_mask(q_BTNH, k_BSKH, spec, segment_ids_BT, block_mask,
+                                          DEFAULT_BLOCK, _unsupported)
   return block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask, block_q=bq, block_k=bk,
                                 causal=spec.causal, sliding_window=spec.sliding_window,
                                 scale=spec.scale, interpret=interpret)

@@ -1,0 +1,430 @@
+"""Block-sparse flash attention as Pallas GPU (Triton) kernels, forward and backward.
+
+What it computes: exactly what ``attention/kernels/block_sparse_tpu.py`` computes
+(``attention.sparse.block_sparse_reference``): softmax attention restricted to the
+kept (query block, key block) pairs of a block mask [B, K, Q, C] (one mask per kv
+head), intersected with the token-level causal / sliding-window mask. Same public
+functions, signatures, ``return_lse`` and empty-row convention (zeros, lse = -inf).
+
+How: FlashAttention-2 over the kept blocks only. The Triton lowering has no scalar
+prefetch (block index maps cannot read data) and no scratch memory, so:
+
+- Block lists. ``attention.sparse.block_indices`` gives counts [B, K, Q] and the
+  ascending kept indices [B, K, Q, C]; both are flattened and passed as ordinary
+  int32 inputs (whole arrays in global memory). A program reads its row's count
+  and loops (``lax.fori_loop`` with that dynamic trip count) over the kept key
+  blocks, loading each k / v tile at a dynamic offset (``pl.ds(c * block_k,
+  block_k)``) from the (b, kv head) slab its BlockSpec selects.
+- Forward: grid (Q, B * N) (query blocks on the launch grid's x axis, so that
+  consecutive programs share a head's k / v in L2). The online-softmax state
+  (running max, sum and fp32 output accumulator) is the loop carry; the program
+  writes o and the fp32 log-sum-exp [B, N, T].
+- Backward: delta = rowsum(dO * O) - dlse in plain JAX. A dq kernel (the forward's
+  grid and loop) and a dk / dv kernel on grid (C, B * K) that loops, for each query
+  head of the kv head's group, over the query blocks that kept its key block (the
+  transposed lists, ``block_indices(swapaxes(mask))``), recomputing P from lse.
+  Gradients flow through ``jax.custom_vjp``.
+- Layout. The kernels read the model's [B, T, N, H] / [B, S, K, H] directly (rows
+  of a tile are H contiguous elements, N * H apart): no transposes in HBM. Query
+  head ``n`` reads kv head ``n // G`` (grouped-query attention, G = N / K).
+- Token mask. Inside a kept block the causal / window mask comes from iota
+  positions, applied only when the block straddles the mask's boundary (a
+  ``lax.cond`` on the block's corners; interior blocks skip it).
+- Numerics. Logits, softmax statistics and accumulators are fp32; P and dS are cast
+  to the input dtype for the tensor cores (bf16), fp32 inputs multiply at
+  ``HIGHEST`` precision (IEEE, not TF32). The running max starts at -inf and a row
+  whose max is still -inf shifts by 0 (no inf - inf). A row with no allowed key
+  outputs zeros and lse = -inf; its gradients are zero (the backward recomputes
+  with lse replaced by 0: all its logits are masked).
+
+Limits (it does not do): segment ids, a query offset (decode), dropout, soft-capping,
+fp8 / fp16. Head dims 64 and 128. Blocks are powers of two >= 16 (Triton tensors
+have power-of-two sizes and ``dot`` needs >= 16) dividing T and S; 64 is the
+default (128 x 128 tiles at H = 128 in fp32 spill registers). The kv head's group
+re-reads each k / v tile once per query head.
+
+``interpret=True`` runs Pallas's generic interpreter (CPU tests).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from attention import sparse
+from attention.kernels.common import resolve_block_mask
+from attention.spec import AttentionSpec
+from moe.kernels.vma import grad_like, out_struct
+
+try:  # Triton compiler params (jax 0.11.2 and 0.12)
+  from jax.experimental.pallas import triton as plgpu
+  _CompilerParams = plgpu.CompilerParams
+except (ImportError, AttributeError):  # pragma: no cover - older jax
+  _CompilerParams = None
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+DEFAULT_BLOCK = 64  # attend_pallas's block size for a static (causal / window) mask
+_MIN_BLOCK = 16  # Triton's dot needs every block dimension >= 16
+
+
+def _div(a, b: int):
+  """``a // b`` for non-negative indices (integer ops only, no ``sign``)."""
+  return jax.lax.div(a, jnp.int32(b))
+
+
+def _rem(a, b: int):
+  """``a % b`` for non-negative indices."""
+  return jax.lax.rem(a, jnp.int32(b))
+
+
+def _unsupported(msg: str):
+  from attention.ops import AttentionUnsupported  # lazy: ops may import this module
+  return AttentionUnsupported("pallas GPU block-sparse attention: " + msg)
+
+
+def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
+  """Raises ``AttentionUnsupported`` (or ValueError for malformed shapes) with the fix."""
+  if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
+    raise ValueError(f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: expected "
+                     "q [B, T, N, H] and k, v [B, S, K, H]")
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
+    raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape}: batch and head dim must match")
+  if K == 0 or N % K:
+    raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
+                     "Fix: choose kv_heads dividing heads")
+  if H not in SUPPORTED_HEAD_DIMS:
+    raise _unsupported(
+        f"head_dim={H} is not supported; supported head dims are {SUPPORTED_HEAD_DIMS}. "
+        "Fix: choose such a head dim, or use implementation='xla'")
+  for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKH)):
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+      raise _unsupported(f"{name} dtype {x.dtype} is not supported (bfloat16 or float32). "
+                         "Fix: cast the inputs to bfloat16, or use implementation='xla'")
+  for name, blk in (("block_q", block_q), ("block_k", block_k)):
+    if blk < _MIN_BLOCK or blk & (blk - 1):
+      raise _unsupported(
+          f"{name}={blk} is not a power of two >= {_MIN_BLOCK} (Triton tiles have "
+          f"power-of-two sizes and its dot needs >= {_MIN_BLOCK}). Fix: use 16, 32, 64 "
+          "or 128; 64 is preferred")
+  if T % block_q:
+    raise _unsupported(f"block_q={block_q} does not divide the query length T={T}. Fix: "
+                       f"choose a block_q dividing {T} or pad T to a multiple of {block_q}")
+  if S % block_k:
+    raise _unsupported(f"block_k={block_k} does not divide the key length S={S}. Fix: "
+                       f"choose a block_k dividing {S} or pad S to a multiple of {block_k}")
+  want = (B, K, T // block_q, S // block_k)
+  if tuple(block_mask_BKQC.shape) != want:
+    raise ValueError(f"block_mask shape {tuple(block_mask_BKQC.shape)}: expected [B, K, "
+                     f"T/block_q, S/block_k] = {want}")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _dot(a, b, contract):
+  """fp32-accumulated ``dot_general`` of two tiles; fp32 x fp32 at full precision."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+_NT = ((1,), (1,))  # a @ b.T
+_NN = ((1,), (0,))  # a @ b
+_TN = ((0,), (0,))  # a.T @ b
+
+
+def _mask_logits(s, q_first, k_first, bq, bk, causal, window):
+  """Logits [bq, bk] with the token mask applied (-inf), only if the block needs it."""
+  if not (causal or window):
+    return s
+  needs = jnp.bool_(False)
+  if causal:
+    needs |= k_first + (bk - 1) > q_first
+  if window:
+    needs |= q_first + (bq - 1) - k_first >= window
+
+  def masked(s):
+    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    allowed = jnp.ones((bq, bk), jnp.bool_)
+    if causal:
+      allowed &= k_pos <= q_pos
+    if window:
+      allowed &= q_pos - k_pos < window
+    return jnp.where(allowed, s, -jnp.inf)
+
+  return jax.lax.cond(needs, masked, lambda s: s, s)
+
+
+def _params(bq, bk, H):
+  if _CompilerParams is None:
+    return None
+  return _CompilerParams(num_warps=8 if bq * max(bk, H) >= 128 * 128 else 4, num_stages=2)
+
+
+def _full_spec(shape):
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, N, G, K, Q, C,
+                bq, bk, scale, causal, window):
+  i, bn = pl.program_id(0), pl.program_id(1)
+  row = (_div(bn, N) * K + _div(_rem(bn, N), G)) * Q + i
+  count = counts_ref[row]
+  base = row * C
+  q_first = i * bq
+  q = q_ref[...]  # [bq, H]
+  H = q.shape[-1]
+
+  def body(j, carry):
+    m, l, acc = carry
+    k_first = pl.multiple_of(idx_ref[base + j] * bk, bk)
+    k = k_ref[pl.ds(k_first, bk), :]
+    v = v_ref[pl.ds(k_first, bk), :]
+    s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, bq, bk, causal, window)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all masked so far: no inf - inf
+    alpha = jnp.exp(m - shift)
+    p = jnp.exp(s - shift[:, None])
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    return m_new, l, acc
+
+  init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+          jnp.zeros((bq, H), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, count, body, init)
+  seen = l > 0.0
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _q_specs(N, G, bq, H, S):
+  """BlockSpecs on grid (Q, B * N): a query tile, its kv head's whole k / v, an lse row."""
+  q_spec = pl.BlockSpec((None, bq, None, H), lambda i, bn: (_div(bn, N), i, _rem(bn, N), 0))
+  kv_spec = pl.BlockSpec((None, S, None, H),
+                         lambda i, bn: (_div(bn, N), 0, _div(_rem(bn, N), G), 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, bn: (_div(bn, N), _rem(bn, N), i))
+  return q_spec, kv_spec, row_spec
+
+
+def _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts_BKQ, idx_BKQC, cfg):
+  bq, bk, scale, causal, window, interpret = cfg
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G, Q, C = N // K, T // bq, S // bk
+  counts, idx = counts_BKQ.reshape(-1), idx_BKQC.reshape(-1)
+  q_spec, kv_spec, row_spec = _q_specs(N, G, bq, H, S)
+  operands = (q_BTNH, k_BSKH, v_BSKH)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, N=N, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
+                        causal=causal, window=window),
+      out_shape=(out_struct((B, T, N, H), q_BTNH.dtype, *operands),
+                 out_struct((B, N, T), jnp.float32, *operands)),
+      grid=(Q, B * N),
+      in_specs=[_full_spec(counts.shape), _full_spec(idx.shape), q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
+      compiler_params=_params(bq, bk, H),
+      interpret=interpret,
+      name="kestrel_block_sparse_gpu_fwd",
+  )(counts, idx, *operands)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               N, G, K, Q, C, bq, bk, scale, causal, window):
+  i, bn = pl.program_id(0), pl.program_id(1)
+  row = (_div(bn, N) * K + _div(_rem(bn, N), G)) * Q + i
+  count = counts_ref[row]
+  base = row * C
+  q_first = i * bq
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(j, acc):
+    k_first = pl.multiple_of(idx_ref[base + j] * bk, bk)
+    k = k_ref[pl.ds(k_first, bk), :]
+    v = v_ref[pl.ds(k_first, bk), :]
+    s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, bq, bk, causal, window)
+    p = jnp.exp(s - lse[:, None])
+    ds = p * (_dot(do, v, _NT) - delta[:, None])
+    return acc + _dot(ds.astype(k.dtype), k, _NN)
+
+  acc = jax.lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (acc * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(tcounts_ref, tidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, G, K, Q, C, bq, bk, scale, causal, window):
+  c, bkh = pl.program_id(0), pl.program_id(1)
+  row = bkh * C + c  # bkh = b * K + kv head
+  count = tcounts_ref[row]
+  base = row * Q
+  k_first = c * bk
+  k, v = k_ref[...], v_ref[...]  # [bk, H]
+
+  def head(g, carry):
+    def body(j, carry):
+      dk, dv = carry
+      q_first = pl.multiple_of(tidx_ref[base + j] * bq, bq)
+      q = q_ref[pl.ds(q_first, bq), g, :]
+      do = do_ref[pl.ds(q_first, bq), g, :]
+      lse = lse_ref[g, pl.ds(q_first, bq)]
+      delta = delta_ref[g, pl.ds(q_first, bq)]
+      s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, bq, bk, causal, window)
+      p = jnp.exp(s - lse[:, None])  # [bq, bk]
+      dv = dv + _dot(p.astype(do.dtype), do, _TN)
+      ds = p * (_dot(do, v, _NT) - delta[:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      return dk, dv
+
+    return jax.lax.fori_loop(0, count, body, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, G, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, counts_BKQ, idx_BKQC, cfg):
+  """dq: the forward's grid, over the kept key blocks of each query block."""
+  bq, bk, scale, causal, window, interpret = cfg
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G, Q, C = N // K, T // bq, S // bk
+  counts, idx = counts_BKQ.reshape(-1), idx_BKQC.reshape(-1)
+  q_spec, kv_spec, row_spec = _q_specs(N, G, bq, H, S)
+  operands = (q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, N=N, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
+                        causal=causal, window=window),
+      out_shape=out_struct((B, T, N, H), q_BTNH.dtype, *operands),
+      grid=(Q, B * N),
+      in_specs=[_full_spec(counts.shape), _full_spec(idx.shape), q_spec, kv_spec, kv_spec,
+                q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      compiler_params=_params(bq, bk, H),
+      interpret=interpret,
+      name="kestrel_block_sparse_gpu_dq",
+  )(counts, idx, *operands)
+
+
+def _dkv_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, tcounts_BKC, tidx_BKCQ,
+              cfg):
+  """dk, dv: for each key block, the query blocks that kept it, for each head of the group."""
+  bq, bk, scale, causal, window, interpret = cfg
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G, Q, C = N // K, T // bq, S // bk
+  tcounts, tidx = tcounts_BKC.reshape(-1), tidx_BKCQ.reshape(-1)
+  # Grid (C, B * K): the group's G query heads, whole sequence; one k / v tile.
+  qg_spec = pl.BlockSpec((None, T, G, H), lambda c, bkh: (_div(bkh, K), 0, _rem(bkh, K), 0))
+  rowg_spec = pl.BlockSpec((None, G, T), lambda c, bkh: (_div(bkh, K), _rem(bkh, K), 0))
+  k_spec = pl.BlockSpec((None, bk, None, H), lambda c, bkh: (_div(bkh, K), c, _rem(bkh, K), 0))
+  operands = (q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
+                        causal=causal, window=window),
+      out_shape=(out_struct((B, S, K, H), k_BSKH.dtype, *operands),
+                 out_struct((B, S, K, H), v_BSKH.dtype, *operands)),
+      grid=(C, B * K),
+      in_specs=[_full_spec(tcounts.shape), _full_spec(tidx.shape), qg_spec, k_spec, k_spec,
+                qg_spec, rowg_spec, rowg_spec],
+      out_specs=[k_spec, k_spec],
+      compiler_params=_params(bq, bk, H),
+      interpret=interpret,
+      name="kestrel_block_sparse_gpu_dkv",
+  )(tcounts, tidx, *operands)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, cfg):
+  counts, idx = sparse.block_indices(block_mask_BKQC)
+  return _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts, idx, cfg)
+
+
+def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, cfg):
+  counts, idx = sparse.block_indices(block_mask_BKQC)
+  o, lse = _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts, idx, cfg)
+  return (o, lse), (q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, counts, idx, o, lse)
+
+
+def _attention_bwd(cfg, res, cotangents):
+  q, k, v, block_mask, counts, idx, o, lse_BNT = res
+  do, dlse_BNT = cotangents
+  delta_BTN = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  delta_BNT = jnp.swapaxes(delta_BTN, 1, 2) - dlse_BNT.astype(jnp.float32)
+  lse_safe = jnp.where(lse_BNT == -jnp.inf, 0.0, lse_BNT)  # empty rows: all logits masked
+  do = do.astype(q.dtype)
+  dq = _dq_call(q, k, v, do, lse_safe, delta_BNT, counts, idx, cfg)
+  tcounts, tidx = sparse.block_indices(jnp.swapaxes(block_mask, -1, -2))
+  dk, dv = _dkv_call(q, k, v, do, lse_safe, delta_BNT, tcounts, tidx, cfg)
+  return grad_like(dq, q), grad_like(dk, k), grad_like(dv, v), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, *, block_q: int, block_k: int,
+                           causal: bool = True, sliding_window: int = 0,
+                           scale: float | None = None, interpret=False, return_lse: bool = False):
+  """Block-sparse flash attention (Pallas GPU / Triton), differentiable in q, k and v.
+
+  Args:
+    q_BTNH: queries [B, T, N, H], bfloat16 or float32; H in (64, 128).
+    k_BSKH, v_BSKH: keys, values [B, S, K, H], N % K == 0 (query head n uses kv
+      head n // (N / K)).
+    block_mask_BKQC: bool [B, K, T / block_q, S / block_k], one mask per kv head
+      (True = the block is attended). No gradient.
+    block_q, block_k: block sizes in tokens: powers of two >= 16 dividing T and S;
+      64 is the usual choice.
+    causal, sliding_window: token-level mask intersected with the kept blocks
+      (query t attends key s iff s <= t if causal, t - s < window if window > 0).
+    scale: logit scale; None means 1 / sqrt(H).
+    interpret: False on GPU (Triton); True runs Pallas's interpreter (any backend).
+    return_lse: also return the fp32 log-sum-exp (differentiable).
+
+  Returns:
+    out [B, T, N, H] in q's dtype (rows with no allowed key are 0), and with
+    ``return_lse`` also lse [B, N, T] fp32: natural log of the sum of exp(scaled
+    logits) over the allowed keys; -inf for a row with no allowed key.
+
+  Raises:
+    attention.ops.AttentionUnsupported: head dim, dtype or block size the kernel
+      cannot handle (the message says which and how to fix it).
+  """
+  _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k)
+  H = q_BTNH.shape[-1]
+  cfg = (int(block_q), int(block_k), float(scale if scale is not None else H ** -0.5),
+         bool(causal), int(sliding_window), interpret)
+  out_BTNH, lse_BNT = _attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC.astype(jnp.bool_), cfg)
+  return (out_BTNH, lse_BNT) if return_lse else out_BTNH
+
+
+def attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
+                  block_mask=None, *, interpret=False):
+  """``attention.ops`` registry entry: the GPU block-sparse kernel for any ``AttentionSpec``.
+
+  Blocks and mask as ``attention.kernels.common.resolve_block_mask`` decides
+  (``DEFAULT_BLOCK`` for dense causal / sliding-window / full attention). Raises
+  ``AttentionUnsupported`` for segment ids and for inputs the kernel cannot handle
+  (see ``block_sparse_attention``).
+  """
+  bq, bk, block_mask = resolve_block_mask(q_BTNH, k_BSKH, spec, segment_ids_BT, block_mask,
+                                          DEFAULT_BLOCK, _unsupported)
+  return block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask, block_q=bq, block_k=bk,
+                                causal=spec.causal, sliding_window=spec.sliding_window,
+                                scale=spec.scale, interpret=interpret)
