@@ -57,8 +57,13 @@ def main():
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--dense_max_len", type=int, default=8192,
                  help="skip the masked-dense paths (xla, jax.nn) above this length")
+  p.add_argument("--aot", default="",
+                 help="a TPU topology (e.g. v5e:2x2): instead of timing here, compile each "
+                 "implementation for one chip of it and report its temporary memory")
   p.add_argument("--out", default="")
   args = p.parse_args()
+  if args.aot:
+    return aot_table(args)
   import jax
   import jax.numpy as jnp
   from attention import ops, sparse
@@ -135,6 +140,50 @@ def main():
     own_rel = f"{ms / own:.3f}" if own and label != "dense" else ""
     target = f"{d + 0.05:.2f}" if label != "dense" else ""
     lines.append(f"| {T} | {label} | {impl} | {d:.3f} | {ms:.1f} | {rel:.3f} | {own_rel} | {target} |")
+  emit(lines, args.out)
+
+
+def aot_table(args):
+  """Compiles fwd+bwd for one TPU chip (jax[tpu]'s compiler on this host) and reports
+  each implementation's temporary (activation) memory: what materialising the T x T
+  matrix costs, and what the flash kernels save. Nothing runs."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from attention import ops
+  from attention.spec import AttentionSpec, BlockSparse
+  from lm.aot import topology_devices
+  dev = topology_devices(args.aot)[0]
+  sh = NamedSharding(Mesh(np.array([dev]), ("d",)), P())
+  dt = jnp.dtype(args.dtype)
+  N, K, H, b = args.heads, args.kv_heads, args.head_dim, args.block
+  lines = [f"## Attention fwd+bwd compiled for one {args.aot} chip (AOT, nothing run)", "",
+           f"- date {datetime.date.today()}, jax {jax.__version__}; inputs [1, T, {N} heads "
+           f"({K} kv), {H}], {args.dtype}, causal, blocks {b}; temp = the compiler's temporary HBM "
+           "bytes (activations; what fits in VMEM is not counted)", "",
+           "| T | impl | mask | temp MiB |", "| ---: | --- | --- | ---: |"]
+  for T in [int(t) for t in args.lengths.split(",")]:
+    q = jax.ShapeDtypeStruct((1, T, N, H), dt, sharding=sh)
+    kv = jax.ShapeDtypeStruct((1, T, K, H), dt, sharding=sh)
+    m = jax.ShapeDtypeStruct((1, K, T // b, T // b), jnp.bool_, sharding=sh)
+    cases = [("xla", "dense", AttentionSpec(), False), ("splash", "dense", AttentionSpec(), False),
+             ("pallas", "dense", AttentionSpec(), False),
+             ("xla", "block mask", AttentionSpec(block_sparse=BlockSparse(b, b)), True),
+             ("pallas", "block mask", AttentionSpec(block_sparse=BlockSparse(b, b)), True)]
+    for impl, label, spec, masked in cases:
+      def loss(q, k, v, *mask, impl=impl, spec=spec):
+        return jnp.sum(ops.attend(q, k, v, spec, block_mask=mask[0] if mask else None,
+                                  implementation=impl).astype(jnp.float32))
+      f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      try:
+        with ops.target_platform("tpu"):
+          c = f.lower(q, kv, kv, *([m] if masked else [])).compile()
+        mib = f"{c.memory_analysis().temp_size_in_bytes / 2**20:.1f}"
+      except Exception as e:  # noqa: BLE001 - a table cell
+        mib = f"failed: {type(e).__name__}"
+      lines.append(f"| {T} | {impl} | {label} | {mib} |")
+      print(lines[-1], flush=True)
   emit(lines, args.out)
 
 

@@ -82,7 +82,8 @@ def apply_overrides(config, overrides: dict):
 
 
 # Logged metrics that become record columns when a run has them (label: metrics key).
-EXTRA_COLUMNS = {"moe/load_cv": "load CV", "moe/dropped": "dropped"}
+EXTRA_COLUMNS = {"moe/load_cv": "load CV", "moe/dropped": "dropped",
+                 "attention/density": "density", "distill/kl": "distill KL"}
 
 
 def summarise(workdir: str, seconds: float, n_params: int) -> dict:

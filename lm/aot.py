@@ -107,7 +107,9 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
                                    sharding=exp.batch_sharding)
            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
   try:
-    compiled = exp.train_step.lower(exp.abstract_state, batch).compile()
+    # Distilling, the step also takes the frozen teacher's parameters (same shapes).
+    teacher = (exp.abstract_state["params"],) if exp.teacher_graphdef is not None else ()
+    compiled = exp.train_step.lower(exp.abstract_state, batch, *teacher).compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
       detail = next((l for l in str(e).splitlines() if "memory" in l.lower()), str(e))

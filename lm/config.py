@@ -58,6 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_moe(config)
   _validate_long_context(config)
   _validate_sparse(config)
+  _validate_distill(config)
   if not 0 < config.optimizer.learning_rate:
     raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate,
                       "must be positive", "set a learning rate > 0")
@@ -139,6 +140,21 @@ def _validate_sparse(config: ml_collections.ConfigDict) -> None:
   if m.get("sliding_window", 0) < 0:
     raise ConfigError("model.sliding_window", m.sliding_window, "must be >= 0",
                       "use 0 for full causal attention or a window length in tokens")
+  h = m.get("hierarchical")
+  if h is not None and h.block:
+    if not isinstance(h.block, int) or h.block < 0 or config.data.seq_len % h.block:
+      raise ConfigError("model.hierarchical.block", h.block,
+                        f"must be a positive integer dividing data.seq_len={config.data.seq_len}",
+                        "choose a block size dividing the sequence length, or 0 for off")
+    if not isinstance(h.local_blocks, int) or h.local_blocks < 0:
+      raise ConfigError("model.hierarchical.local_blocks", h.local_blocks,
+                        "must be an integer >= 0", "use e.g. 1")
+    others = [f for f, on in (("model.sparse.enabled", m.get("sparse") and m.sparse.enabled),
+                              ("model.sliding_window", m.get("sliding_window", 0))) if on]
+    if others:
+      raise ConfigError("model.hierarchical.block", h.block,
+                        f"hierarchical attention excludes {others[0]}",
+                        f"set model.hierarchical.block=0 or turn {others[0]} off")
   sp = m.get("sparse")
   if sp is None or not sp.enabled:
     return
@@ -163,3 +179,21 @@ def _validate_sparse(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.context_parallel", m.context_parallel,
                       "context parallelism does not support block-sparse attention",
                       "set model.context_parallel=none or model.sparse.enabled=False")
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+  """``distill.*`` (lm/distill.py); the teacher's folder is checked when it is read."""
+  d = config.get("distill")
+  if d is None:
+    return
+  if not isinstance(d.teacher, str):
+    raise ConfigError("distill.teacher", d.teacher, "must be a path (a string)",
+                      "pass a dense run's workdir, or \"\" for no distillation")
+  if d.loss not in ("kl", "kl+ce"):
+    raise ConfigError("distill.loss", d.loss, "unknown choice", "use one of kl, kl+ce")
+  if not d.temperature > 0:
+    raise ConfigError("distill.temperature", d.temperature, "must be > 0",
+                      "use 1.0 (the plain distributions) or another positive value")
+  if not d.ce_weight >= 0:
+    raise ConfigError("distill.ce_weight", d.ce_weight, "must be >= 0",
+                      "use a non-negative weight (distill.loss=kl ignores it)")

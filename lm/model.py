@@ -15,7 +15,7 @@ from flax import nnx
 
 from attention.layer import Attention, logical_param
 from attention.linear import LinearAttention
-from attention.spec import AttentionSpec, BlockSparse
+from attention.spec import AttentionSpec, BlockSparse, Hierarchical
 from lm.sharding import RULES, constrain
 from moe.layer import MoEFeedForward
 from moe.router import update_balance_bias
@@ -90,16 +90,18 @@ def mixer_of(cfg: ml_collections.ConfigDict, layer: int) -> str:
 
 
 def attention_spec(cfg: ml_collections.ConfigDict) -> AttentionSpec:
-  """The softmax layers' mask: causal, ``sliding_window``, and ``model.sparse``'s
-  predicted block mask when ``sparse.enabled``."""
+  """The softmax layers' mask: causal, ``sliding_window``, ``model.sparse``'s
+  predicted block mask when ``sparse.enabled``, or ``model.hierarchical``."""
   sp = cfg.get("sparse")
   block_sparse = None
   if sp is not None and sp.enabled:
     block_sparse = BlockSparse(block_q=sp.block_q, block_k=sp.block_k, top_k=sp.top_k,
                                top_p=sp.top_p, sink_blocks=sp.sink_blocks,
                                local_blocks=sp.local_blocks)
+  h = cfg.get("hierarchical")
+  hierarchical = Hierarchical(h.block, h.local_blocks) if h is not None and h.block else None
   return AttentionSpec(causal=True, sliding_window=cfg.get("sliding_window", 0),
-                       block_sparse=block_sparse)
+                       block_sparse=block_sparse, hierarchical=hierarchical)
 
 
 class Block(nnx.Module):

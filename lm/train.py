@@ -19,8 +19,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from attention import ops as attention_ops
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import distill as distill_lib
 from lm import sharding
 from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger
@@ -44,8 +46,9 @@ class Experiment:
   batch_sharding: NamedSharding
   abstract_state: dict  # ShapeDtypeStructs carrying the target shardings
   init_state: callable
-  train_step: callable
+  train_step: callable  # (state, batch) or, distilling, (state, batch, teacher_params)
   eval_step: callable
+  teacher_graphdef: nnx.GraphDef | None = None  # distilling: the dense teacher's graph
 
   def put_batch(self, local_batch: dict) -> dict:
     """This process's rows -> global arrays sharded over the mesh's batch axes."""
@@ -53,38 +56,61 @@ class Experiment:
             for k, v in local_batch.items()}
 
 
+def cross_entropy(logits_BTV, batch):
+  """Weighted mean next-token cross-entropy (fp32) and the weight sum."""
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  weights_BT = batch["weights"].astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(weights_BT), 1.0)
+  return jnp.sum(losses_BT * weights_BT) / total, total
+
+
 def loss_fn(graphdef, params, batch):
   """Weighted mean next-token cross-entropy (fp32), the weight sum, the layers'
   statistics (``lm.model.apply``)."""
   logits_BTV, stats = apply(graphdef, params, batch["inputs"])
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-  weights_BT = batch["weights"].astype(jnp.float32)
-  total = jnp.maximum(jnp.sum(weights_BT), 1.0)
-  return jnp.sum(losses_BT * weights_BT) / total, (total, stats)
+  ce, total = cross_entropy(logits_BTV, batch)
+  return ce, (total, stats)
 
 
-def make_steps(graphdef, tx, mesh, moe_cfg=None):
+def make_steps(graphdef, tx, mesh, moe_cfg=None, distill_cfg=None, teacher_graphdef=None):
   """Builds the pure ``train_step(state, batch)`` and ``eval_step(params, batch)``.
 
   With MoE layers the training objective adds their balancing and z-losses
   (``moe_cfg`` coefficients), the auxiliary-loss-free bias update runs after the
   optimizer, and the metrics carry each layer's statistics under ``moe``.
   The logged ``loss`` stays the cross-entropy, comparable with dense models.
+
+  Distilling (``teacher_graphdef`` given), the step is ``train_step(state, batch,
+  teacher_params)``: the frozen teacher's logits on the same inputs enter the
+  objective of ``lm.distill`` (``distill_cfg``) and the metrics get
+  ``distill/kl``; the teacher's parameters are an argument, not part of the state.
   """
 
   # Kernels are chosen for the mesh's devices (a CPU host compiling for a TPU
   # topology traces TPU programs).
   platform = mesh.devices.flat[0].platform
 
-  def objective(params, batch):
-    ce, (tokens, stats) = loss_fn(graphdef, params, batch)
-    return ce + moe_aux_loss(stats["moe"], moe_cfg), (ce, tokens, stats)
+  def objective(params, batch, teacher_logits_BTV=None):
+    if teacher_logits_BTV is None:
+      ce, (tokens, stats) = loss_fn(graphdef, params, batch)
+      return ce + moe_aux_loss(stats["moe"], moe_cfg), (ce, tokens, stats, {})
+    logits_BTV, stats = apply(graphdef, params, batch["inputs"])
+    ce, tokens = cross_entropy(logits_BTV, batch)
+    kl = distill_lib.kl_divergence(teacher_logits_BTV, logits_BTV, batch["weights"],
+                                   distill_cfg.temperature)
+    return (distill_lib.objective(kl, ce, distill_cfg) + moe_aux_loss(stats["moe"], moe_cfg),
+            (ce, tokens, stats, {"kl": kl}))
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_params=None):
     with (sharding.activation_sharding(mesh), gmm_lib.target_platform(platform),
+          attention_ops.target_platform(platform),
           jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
-      (total_loss, (loss, tokens, stats)), grads = jax.value_and_grad(
-          objective, has_aux=True)(state["params"], batch)
+      teacher_logits_BTV = None
+      if teacher_params is not None:
+        teacher_logits_BTV, _ = apply(teacher_graphdef, teacher_params, batch["inputs"])
+        teacher_logits_BTV = jax.lax.stop_gradient(teacher_logits_BTV)
+      (total_loss, (loss, tokens, stats, distill)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state["params"], batch, teacher_logits_BTV)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if stats["moe"]:
@@ -96,10 +122,13 @@ def make_steps(graphdef, tx, mesh, moe_cfg=None):
       metrics["moe"] = stats["moe"]
     if stats["attention"]:
       metrics["attention"] = stats["attention"]
+    if distill:
+      metrics["distill"] = distill
     return new_state, metrics
 
   def eval_step(params, batch):
     with (sharding.activation_sharding(mesh), gmm_lib.target_platform(platform),
+          attention_ops.target_platform(platform),
           jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
       loss, (tokens, _) = loss_fn(graphdef, params, batch)
     return loss * tokens, tokens
@@ -119,10 +148,20 @@ def build(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
     config.model.vocab_size = vocab
   graphdef, abstract_params, axes = build_model(config.model, vocab, config.seed, abstract=True)
   optimizer = build_optimizer(config.optimizer, axes, config.train.steps)
-  train_step, eval_step = make_steps(graphdef, optimizer.tx, mesh, config.model.get("moe"))
+  teacher_graphdef = None
+  if distill_lib.enabled(config):
+    teacher_graphdef, _, _ = build_model(distill_lib.teacher_model_config(config.model), vocab,
+                                         config.seed, abstract=True)
+  train_step, eval_step = make_steps(graphdef, optimizer.tx, mesh, config.model.get("moe"),
+                                     config.get("distill"), teacher_graphdef)
 
-  def init_fn():
-    _, params, _ = build_model(config.model, vocab, config.seed)
+  def init_fn(params=None):
+    """A fresh state; with ``params`` (a distilled student's start: the teacher's)
+    a copy of them instead of a random initialisation."""
+    if params is None:
+      _, params, _ = build_model(config.model, vocab, config.seed)
+    else:
+      params = jax.tree.map(jnp.copy, params)  # never alias the teacher's buffers
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": optimizer.tx.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed))}
@@ -138,14 +177,18 @@ def build(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
                                         dict(mesh.shape), what="the batch")
   batch_sharding = NamedSharding(mesh, batch_spec)
   replicated = NamedSharding(mesh, P())
+  step_in = (state_shardings, batch_sharding)
+  if teacher_graphdef is not None:
+    step_in += (state_shardings["params"],)
   return Experiment(
       config, mesh, graphdef, axes, optimizer, data, state_shardings, batch_sharding,
       abstract_state,
       init_state=jax.jit(init_fn, out_shardings=state_shardings),
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+      train_step=jax.jit(train_step, in_shardings=step_in,
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_sharding),
-                        out_shardings=replicated))
+                        out_shardings=replicated),
+      teacher_graphdef=teacher_graphdef)
 
 
 def moe_record(host_metrics: list[dict]) -> dict:
@@ -179,6 +222,13 @@ def attention_record(host_metrics: list[dict]) -> dict:
             for block in host_metrics[0]["attention"]}
   record["attention/density"] = float(np.mean(list(record.values())))
   return record
+
+
+def distill_record(host_metrics: list[dict]) -> dict:
+  """``distill/kl``: KL(teacher || student), averaged over the logged steps."""
+  if not host_metrics or "distill" not in host_metrics[0]:
+    return {}
+  return {"distill/kl": float(np.mean([m["distill"]["kl"] for m in host_metrics]))}
 
 
 def evaluate(exp: Experiment, params) -> float:
@@ -242,9 +292,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   data_iter = exp.data.train_iterator()
   latest = ckpt.latest_step()
+  teacher_args, teacher_note = (), ""
+  if exp.teacher_graphdef is not None:
+    # Restored on every run (and held frozen); the student starts from a copy.
+    teacher, teacher_step, teacher_dir = distill_lib.restore_teacher(
+        config, exp.abstract_state["params"])
+    teacher_args = (teacher,)
+    teacher_note = f", distilling from {teacher_dir} (step {teacher_step})"
   if latest is not None:
     ckpt.check_compatible(config, latest)
     state = ckpt.restore(latest, exp.abstract_state, data_iter)
+  elif teacher_args:
+    state = exp.init_state(teacher_args[0])
   else:
     state = exp.init_state()
   if lead:
@@ -260,13 +319,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   mesh_desc = " x ".join(f"{a}={s}" for a, s in exp.mesh.shape.items() if s > 1) or "1 device"
   active = f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else ""
   logger.info(f"{config.name}: {n_params / 1e6:.2f}M parameters{active}, mesh {mesh_desc}, steps {step} -> {end}"
-              + (f" (resumed from step {latest})" if latest is not None else ""))
+              + (f" (resumed from step {latest})" if latest is not None else "") + teacher_note)
   pending, last_loss, eval_loss = [], float("nan"), None
   t_start = t_last = time.perf_counter()
   multi = jax.process_count() > 1
   with _Preemption(enabled=not multi) as preempt, jax.set_mesh(exp.mesh):
     while step < end:
-      state, metrics = exp.train_step(state, exp.put_batch(next(data_iter)))
+      state, metrics = exp.train_step(state, exp.put_batch(next(data_iter)), *teacher_args)
       step += 1
       pending.append(metrics)
       stop = preempt.requested or (multi and ckpt.manager.reached_preemption(step))
@@ -282,6 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
                   "elapsed_s": now - t_start}
         record.update(moe_record(host))
         record.update(attention_record(host))
+        record.update(distill_record(host))
         for group, schedule in exp.optimizer.learning_rates.items():
           record[f"learning_rate/{group}"] = float(schedule(step - 1))
         record["learning_rate"] = record[f"learning_rate/{next(iter(exp.optimizer.learning_rates))}"]

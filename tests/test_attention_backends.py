@@ -146,3 +146,17 @@ def test_attention_layer_runs_our_kernel_per_device_under_a_mesh():
     with jax.set_mesh(mesh):
       outs[impl] = nnx.jit(lambda m, x, p: m(x, p))(layer, x, pos)
   np.testing.assert_allclose(outs["pallas"], outs["xla"], rtol=1e-4, atol=1e-5)
+
+
+def test_distilling_sparse_train_step_compiles_for_tpu():
+  from experiments.configs import sparse_attention
+  from lm import aot
+  try:
+    aot.topology_devices("v5e:2x2")
+  except Exception as e:  # noqa: BLE001 - no libtpu here
+    pytest.skip(f"no TPU topology (libtpu missing?): {e}")
+  c = sparse_attention.get_config("ablation")
+  c.mesh.data = 4
+  c.model.n_layers = 1
+  r = aot.compile_train_step(c, "v5e:2x2")  # the teacher's folder is only read by train.run
+  assert r.fits and r.devices == 4

@@ -65,6 +65,11 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.sparse.top_p = 0.2  # plus the fewest blocks whose pooled softmax mass reaches p
   c.model.sparse.sink_blocks = 1  # leading key blocks always kept
   c.model.sparse.local_blocks = 0  # key blocks before the diagonal always kept
+  # Hierarchical softmax attention (attention/hierarchical.py): tokens of the own and the
+  # previous local_blocks blocks, one pooled summary per older block. block=0: off.
+  c.model.hierarchical = ml_collections.ConfigDict()
+  c.model.hierarchical.block = 0
+  c.model.hierarchical.local_blocks = 1
   # Context parallelism of softmax attention over mesh.sequence (attention/context.py).
   c.model.context_parallel = "none"  # none | ulysses | headwise | ring
   c.model.heads_per_stage = 1  # headwise: heads per device per stage (Untied Ulysses' U / C)
@@ -83,6 +88,15 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.moe.load_balance_coef = 0.01  # Switch balancing loss coefficient (0 disables)
   c.model.moe.z_loss_coef = 1e-3  # ST-MoE router z-loss coefficient (0 disables)
   c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step (DeepSeek: 1e-3)
+
+  # Distillation fine-tuning (lm/distill.py): the student (this model, e.g. with
+  # model.sparse.enabled) starts from a dense teacher's parameters and learns its
+  # next-token distributions. The logged loss and eval_loss stay the cross-entropy.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""  # "": off; else a dense run's workdir (or its checkpoints/ folder)
+  c.distill.loss = "kl"  # kl: T^2 KL(teacher || student) | kl+ce: plus ce_weight x cross-entropy
+  c.distill.ce_weight = 1.0  # kl+ce only: weight of the student's cross-entropy
+  c.distill.temperature = 1.0  # T: both distributions are softmax(logits / T)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"  # embedded | files | synthetic
