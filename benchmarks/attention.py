@@ -15,6 +15,7 @@ with respect to q, k, v on [1, T, N, H] inputs (no projections), causal:
   ``attention.sparse.block_density`` reports) through ``xla`` (masked dense
   compute: no saving), ``gather`` (ours, XLA, computes the kept blocks only) and
   our kernels where the platform runs them.
+``gather`` pads each row to the longest kept row (at density 1: the full square).
 Ratios: each time over the XLA dense reference at that length, and each sparse
 time over our dense time with the same implementation (the issue's GPU target:
 sparse <= (density + 0.05) x our dense). Mask prediction is not timed here.
