@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_time  # noqa: E402
+from benchmarks.common import emit  # noqa: E402
 
 
 def measure(config, impl: str, steps: int, warmup: int) -> dict:

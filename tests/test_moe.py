@@ -1,6 +1,5 @@
 """moe/: routers, balancing losses, dispatch strategies against the loop-over-experts
 reference (forward and gradients), the MoE layer, and MoE models in training."""
-import json
 
 import jax
 import jax.numpy as jnp

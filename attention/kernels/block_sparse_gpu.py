@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from attention import sparse
+from attention.kernels import common
 from attention.kernels.common import resolve_block_mask
 from attention.spec import AttentionSpec
 from moe.kernels.vma import grad_like, out_struct
@@ -67,14 +68,7 @@ DEFAULT_BLOCK = 64  # attend_pallas's block size for a static (causal / window) 
 _MIN_BLOCK = 16  # Triton's dot needs every block dimension >= 16
 
 
-def _div(a, b: int):
-  """``a // b`` for non-negative indices (integer ops only, no ``sign``)."""
-  return jax.lax.div(a, jnp.int32(b))
-
-
-def _rem(a, b: int):
-  """``a % b`` for non-negative indices."""
-  return jax.lax.rem(a, jnp.int32(b))
+_div, _rem = common.div, common.rem
 
 
 def _unsupported(msg: str):
@@ -84,40 +78,13 @@ def _unsupported(msg: str):
 
 def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
   """Raises ``AttentionUnsupported`` (or ValueError for malformed shapes) with the fix."""
-  if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
-    raise ValueError(f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: expected "
-                     "q [B, T, N, H] and k, v [B, S, K, H]")
-  B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
-    raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape}: batch and head dim must match")
-  if K == 0 or N % K:
-    raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
-                     "Fix: choose kv_heads dividing heads")
-  if H not in SUPPORTED_HEAD_DIMS:
-    raise _unsupported(
-        f"head_dim={H} is not supported; supported head dims are {SUPPORTED_HEAD_DIMS}. "
-        "Fix: choose such a head dim, or use implementation='xla'")
-  for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKH)):
-    if x.dtype not in (jnp.bfloat16, jnp.float32):
-      raise _unsupported(f"{name} dtype {x.dtype} is not supported (bfloat16 or float32). "
-                         "Fix: cast the inputs to bfloat16, or use implementation='xla'")
-  for name, blk in (("block_q", block_q), ("block_k", block_k)):
-    if blk < _MIN_BLOCK or blk & (blk - 1):
-      raise _unsupported(
-          f"{name}={blk} is not a power of two >= {_MIN_BLOCK} (Triton tiles have "
-          f"power-of-two sizes and its dot needs >= {_MIN_BLOCK}). Fix: use 16, 32, 64 "
-          "or 128; 64 is preferred")
-  if T % block_q:
-    raise _unsupported(f"block_q={block_q} does not divide the query length T={T}. Fix: "
-                       f"choose a block_q dividing {T} or pad T to a multiple of {block_q}")
-  if S % block_k:
-    raise _unsupported(f"block_k={block_k} does not divide the key length S={S}. Fix: "
-                       f"choose a block_k dividing {S} or pad S to a multiple of {block_k}")
-  want = (B, K, T // block_q, S // block_k)
-  if tuple(block_mask_BKQC.shape) != want:
-    raise ValueError(f"block_mask shape {tuple(block_mask_BKQC.shape)}: expected [B, K, "
-                     f"T/block_q, S/block_k] = {want}")
+  common.check_inputs(
+      q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k, _unsupported,
+      head_dim_ok=lambda h: h in SUPPORTED_HEAD_DIMS, head_dims=str(SUPPORTED_HEAD_DIMS),
+      block_ok=lambda b: b >= _MIN_BLOCK and not b & (b - 1),
+      block_rule=(f"a power of two >= {_MIN_BLOCK} (Triton tiles have power-of-two sizes "
+                  f"and its dot needs >= {_MIN_BLOCK}). Fix: use 16, 32, 64 or 128; 64 is "
+                  "preferred"))
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -67,6 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention import sparse
+from attention.kernels import common
 from attention.kernels.common import resolve_block_mask
 from attention.spec import AttentionSpec
 from moe.kernels.vma import grad_like, out_struct
@@ -79,15 +80,7 @@ SMEM_BUDGET_BYTES = 512 * 1024
 _SUBLANES = 8
 
 
-def _div(a, b: int):
-  """``a // b`` for non-negative grid indices. (jnp's floor division lowers through
-  ``sign``, which Mosaic resolves against the local device: it breaks AOT compiles.)"""
-  return jax.lax.div(a, jnp.int32(b))
-
-
-def _rem(a, b: int):
-  """``a % b`` for non-negative grid indices (see ``_div``)."""
-  return jax.lax.rem(a, jnp.int32(b))
+_div, _rem = common.div, common.rem
 
 
 def _unsupported(msg: str):
@@ -97,36 +90,14 @@ def _unsupported(msg: str):
 
 def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
   """Raises ``AttentionUnsupported`` (or ValueError for malformed shapes) with the fix."""
-  if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
-    raise ValueError(f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: expected "
-                     "q [B, T, N, H] and k, v [B, S, K, H]")
-  B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
-    raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape}: batch and head dim must match")
-  if K == 0 or N % K:
-    raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
-                     "Fix: choose kv_heads dividing heads")
-  if H % 64 or H > 256:
-    raise _unsupported(
-        f"head_dim={H} is not supported; supported head dims are {SUPPORTED_HEAD_DIMS} "
-        "(multiples of 64 up to 256). Fix: choose such a "
-        "head dim, or use implementation='xla'")
-  for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKH)):
-    if x.dtype not in (jnp.bfloat16, jnp.float32):
-      raise _unsupported(f"{name} dtype {x.dtype} is not supported (bfloat16 or float32). "
-                         "Fix: cast the inputs to bfloat16, or use implementation='xla'")
-  for name, blk in (("block_q", block_q), ("block_k", block_k)):
-    if blk <= 0 or blk % _SUBLANES:
-      raise _unsupported(
-          f"{name}={blk} is not a multiple of {_SUBLANES} (TPU sublanes). Fix: use a "
-          f"multiple of {_SUBLANES}; 128 is preferred (it fills the MXU and the lanes)")
-  if T % block_q:
-    raise _unsupported(f"block_q={block_q} does not divide the query length T={T}. Fix: "
-                       f"choose a block_q dividing {T} or pad T to a multiple of {block_q}")
-  if S % block_k:
-    raise _unsupported(f"block_k={block_k} does not divide the key length S={S}. Fix: "
-                       f"choose a block_k dividing {S} or pad S to a multiple of {block_k}")
+  common.check_inputs(
+      q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k, _unsupported,
+      head_dim_ok=lambda h: h % 64 == 0 and 0 < h <= 256,
+      head_dims=f"{SUPPORTED_HEAD_DIMS} (multiples of 64 up to 256)",
+      block_ok=lambda b: b > 0 and b % _SUBLANES == 0,
+      block_rule=(f"a multiple of {_SUBLANES} (TPU sublanes). Fix: use a multiple of "
+                  f"{_SUBLANES}; 128 is preferred (it fills the MXU and the lanes)"))
+  T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   Q, C = T // block_q, S // block_k
   need = max(_smem_bytes(Q, C), _smem_bytes(C, Q))
   if need > SMEM_BUDGET_BYTES:
@@ -134,10 +105,6 @@ def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
         f"{Q} x {C} blocks (T={T}, S={S}, block_q={block_q}, block_k={block_k}): the block "
         f"lists of one (batch, kv head) take {need} bytes of SMEM, over the "
         f"{SMEM_BUDGET_BYTES}-byte budget. Fix: use larger blocks, or implementation='xla'")
-  want = (B, K, Q, C)
-  if tuple(block_mask_BKQC.shape) != want:
-    raise ValueError(f"block_mask shape {tuple(block_mask_BKQC.shape)}: expected [B, K, "
-                     f"T/block_q, S/block_k] = {want}")
 
 
 # ----------------------------------------------------------------------------- masks
