@@ -149,6 +149,10 @@ def _validate_sparse(config: ml_collections.ConfigDict) -> None:
     if not isinstance(h.local_blocks, int) or h.local_blocks < 0:
       raise ConfigError("model.hierarchical.local_blocks", h.local_blocks,
                         "must be an integer >= 0", "use e.g. 1")
+    if m.attention_impl not in ("xla", "blocked"):
+      raise ConfigError("model.attention_impl", m.attention_impl,
+                        "hierarchical attention has two implementations: blocked and xla",
+                        "use blocked (the block-skipping path) or xla (its dense twin)")
     others = [f for f, on in (("model.sparse.enabled", m.get("sparse") and m.sparse.enabled),
                               ("model.sliding_window", m.get("sliding_window", 0))) if on]
     if others:

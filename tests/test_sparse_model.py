@@ -35,7 +35,7 @@ def test_sparse_at_density_one_and_wide_hierarchical_equal_the_dense_model():
   logits, stats = _logits(full, tokens)
   np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
   assert all(float(s["density"]) == 1.0 for s in stats["attention"].values())
-  wide = _tiny(hierarchical__block=16, hierarchical__local_blocks=4)
+  wide = _tiny(hierarchical__block=16, hierarchical__local_blocks=4, attention_impl="blocked")
   np.testing.assert_allclose(_logits(wide, tokens)[0], dense, rtol=1e-5, atol=1e-5)
   # Sparser settings change the logits.
   sparse, stats = _logits(_tiny(sparse__enabled=True, sparse__block_q=16, sparse__block_k=16,
@@ -47,7 +47,7 @@ def test_sparse_at_density_one_and_wide_hierarchical_equal_the_dense_model():
 @pytest.mark.parametrize("model", [
     dict(sparse__enabled=True, sparse__block_q=16, sparse__block_k=16, sparse__top_k=0.25,
          sparse__top_p=0.5),
-    dict(hierarchical__block=16, hierarchical__local_blocks=1),
+    dict(hierarchical__block=16, hierarchical__local_blocks=1, attention_impl="blocked"),
     dict(sliding_window=24),
 ], ids=["block_sparse", "hierarchical", "sliding_window"])
 def test_trains_and_logs_density(model, tmp_path):
@@ -80,4 +80,7 @@ def test_config_errors(field, value, match):
     train.build(c)
   c = _tiny(sparse__enabled=True, hierarchical__block=16)
   with pytest.raises(ConfigError, match="hierarchical attention excludes model.sparse.enabled"):
+    train.build(c)
+  c = _tiny(hierarchical__block=16, attention_impl="pallas")
+  with pytest.raises(ConfigError, match="model.attention_impl='pallas'.*blocked and xla"):
     train.build(c)

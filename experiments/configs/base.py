@@ -67,6 +67,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.sparse.local_blocks = 0  # key blocks before the diagonal always kept
   # Hierarchical softmax attention (attention/hierarchical.py): tokens of the own and the
   # previous local_blocks blocks, one pooled summary per older block. block=0: off.
+  # Set model.attention_impl=blocked for the block-skipping path (xla: its dense twin).
   c.model.hierarchical = ml_collections.ConfigDict()
   c.model.hierarchical.block = 0
   c.model.hierarchical.local_blocks = 1
