@@ -12,6 +12,7 @@ are never computed (``blocked``); ``reference`` builds the full key set
 Shapes: B batch, T tokens, N query heads, K kv heads (G = N / K), H head dim,
 C = T / b blocks.
 """
+import functools
 import math
 
 import jax
@@ -39,19 +40,12 @@ def summaries(x_BSKH: jax.Array, block: int) -> jax.Array:
 
 def _softmax_parts(*logits):
   """One softmax over the concatenation of several masked (-inf) logit arrays."""
-  m = functools_max(logits)
+  m = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   ps = [jnp.exp(x - m) for x in logits]
   denom = sum(jnp.sum(p, axis=-1, keepdims=True) for p in ps)
   denom = jnp.where(denom > 0, denom, 1.0)
   return [p / denom for p in ps]
-
-
-def functools_max(arrays):
-  out = jnp.max(arrays[0], axis=-1, keepdims=True)
-  for x in arrays[1:]:
-    out = jnp.maximum(out, jnp.max(x, axis=-1, keepdims=True))
-  return out
 
 
 def hierarchical_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec) -> jax.Array:

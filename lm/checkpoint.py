@@ -19,7 +19,7 @@ from lm.errors import ConfigError
 # checkpoint from a config that differs in any of them cannot be resumed. Fields
 # that only change how the same state is computed (attention_impl, remat, the
 # compute dtype, learning rates) may change between runs.
-_ARCH_FIELDS = tuple(f"model.{f}" for f in (
+ARCH_FIELDS = tuple(f"model.{f}" for f in (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
     "tie_embeddings", "param_dtype", "moe.num_experts", "moe.every", "moe.d_ff",
     "moe.num_shared", "layer_pattern", "linear.variant")) + ("optimizer.name",
@@ -32,6 +32,22 @@ def _get(d: dict, dotted: str):
   for part in dotted.split("."):
     d = d[part] if isinstance(d, dict) and part in d else None
   return d
+
+
+def arch_difference(saved: dict, config: ml_collections.ConfigDict,
+                    fields=ARCH_FIELDS) -> tuple[str, object, object] | None:
+  """The first of ``fields`` whose value in a saved config (a JSON dict) differs from
+  ``config``'s, as (field, saved value, current value); None when they agree."""
+  current = json.loads(config.to_json_best_effort())
+  for field in fields:
+    old, new = _get(saved, field), _get(current, field)
+    if old is None:
+      # A field added after the checkpoint was written: it had the default
+      # (dense softmax layers); fields that only matter beside those are moot.
+      old = _ARCH_DEFAULTS.get(field, new)
+    if old != new:
+      return field, old, new
+  return None
 
 
 class Checkpointer:
@@ -63,19 +79,14 @@ class Checkpointer:
     """Raises ConfigError when the checkpoint at ``step`` came from another architecture."""
     saved = self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-    current = json.loads(config.to_json_best_effort())
-    for field in _ARCH_FIELDS:
-      old, new = _get(saved, field), _get(current, field)
-      if old is None:
-        # A field added after the checkpoint was written: it had the default
-        # (dense softmax layers); fields that only matter beside those are moot.
-        old = _ARCH_DEFAULTS.get(field, new)
-      if old != new:
-        raise ConfigError(
-            field, new,
-            f"the workdir's checkpoint (step {step}, {self.directory}) was written with "
-            f"{field}={old!r}, an incompatible config",
-            "use a new --workdir, or the same value as the checkpoint")
+    diff = arch_difference(saved, config)
+    if diff is not None:
+      field, old, new = diff
+      raise ConfigError(
+          field, new,
+          f"the workdir's checkpoint (step {step}, {self.directory}) was written with "
+          f"{field}={old!r}, an incompatible config",
+          "use a new --workdir, or the same value as the checkpoint")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto ``abstract_state``'s shardings (any mesh) and, if

@@ -31,7 +31,6 @@ Not implemented: matching attention outputs (SpargeAttention2's output MSE) laye
 by layer; the logits are matched.
 """
 import copy
-import json
 import os
 
 import jax
@@ -39,13 +38,13 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lm.checkpoint import _ARCH_DEFAULTS, _ARCH_FIELDS, _get
+from lm.checkpoint import ARCH_FIELDS, arch_difference
 from lm.errors import ConfigError
 
 LOSSES = ("kl", "kl+ce")
 # The fields that shape the parameters (the optimizer's do not matter: only the
 # teacher's parameters are read).
-MODEL_FIELDS = tuple(f for f in _ARCH_FIELDS if f.startswith("model."))
+MODEL_FIELDS = tuple(f for f in ARCH_FIELDS if f.startswith("model."))
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -107,18 +106,15 @@ def _manager(directory: str) -> ocp.CheckpointManager:
 def check_teacher(config: ml_collections.ConfigDict, saved: dict, step: int,
                   directory: str) -> None:
   """Raises ConfigError when the teacher's saved config has another architecture."""
-  current = json.loads(config.to_json_best_effort())
-  for field in MODEL_FIELDS:
-    old, new = _get(saved, field), _get(current, field)
-    if old is None:
-      old = _ARCH_DEFAULTS.get(field, new)
-    if old != new:
-      raise ConfigError(
-          field, new,
-          f"the teacher (distill.teacher, checkpoint step {step} in {directory}) has "
-          f"{field}={old!r}; a student must have its teacher's architecture",
-          f"use the teacher's model config ({field}={old!r}; only model.sparse.* and how "
-          "the model is computed may differ) or another teacher")
+  diff = arch_difference(saved, config, MODEL_FIELDS)
+  if diff is not None:
+    field, old, new = diff
+    raise ConfigError(
+        field, new,
+        f"the teacher (distill.teacher, checkpoint step {step} in {directory}) has "
+        f"{field}={old!r}; a student must have its teacher's architecture",
+        f"use the teacher's model config ({field}={old!r}; only model.sparse.* and how "
+        "the model is computed may differ) or another teacher")
 
 
 def restore_teacher(config: ml_collections.ConfigDict, abstract_params) -> tuple[dict, int, str]:

@@ -1,6 +1,5 @@
 """lm/distill.py and distillation runs of lm/train.py: the KL, the start from the
 teacher, learning under a sparse mask, resume, errors."""
-import json
 import os
 
 import jax
@@ -8,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs.base import get_config
 from lm import distill, train
 from lm.errors import ConfigError
+from test_train import records
+from test_train import tiny as train_tiny
 
 SPARSE = dict(model__sparse__enabled=True, model__sparse__block_q=16,
               model__sparse__block_k=16, model__sparse__top_k=0.0, model__sparse__top_p=0.0,
@@ -18,21 +18,10 @@ SPARSE = dict(model__sparse__enabled=True, model__sparse__block_q=16,
 
 
 def tiny(**overrides):
-  c = get_config("tiny")
-  c.data.seq_len = 128  # 8 blocks of 16 per row
-  c.train.progress, c.train.plot = "log", False
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split("__")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c = train_tiny(**overrides)
+  if "data__seq_len" not in overrides:
+    c.data.seq_len = 128  # 8 blocks of 16 per row
   return c
-
-
-def records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

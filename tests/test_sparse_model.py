@@ -4,21 +4,16 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import base
 from lm import train
 from lm.errors import ConfigError
 from lm.model import apply, build_model
+from test_train import records, tiny
 
 
 def _tiny(**model):
-  c = base.get_config("tiny")
+  """The tiny config at seq_len 64, with ``model.<a>.<b>`` overrides given as ``a__b``."""
+  c = tiny(**{f"model__{k}": v for k, v in model.items()})
   c.data.seq_len = 64
-  for key, value in model.items():
-    node = c.model
-    *path, leaf = key.split("__")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
   return c
 
 
@@ -56,8 +51,7 @@ def test_trains_and_logs_density(model, tmp_path):
   c.train.checkpoint_every, c.train.plot = 12, False
   out = train.run(c, str(tmp_path))
   assert out["eval_loss"] < 5.5  # byte vocabulary: ln(256) = 5.55 at chance
-  import json
-  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  lines = records(str(tmp_path))
   dens = [x["attention/density"] for x in lines if "attention/density" in x]
   if "sparse__enabled" in model:
     assert dens and all(0.3 < d < 1.0 for d in dens)
