@@ -18,7 +18,7 @@ setup(
     description="JAX research codebase for efficient LLMs: MoE, sparse/linear attention, Muon.",
     python_requires=">=3.12",
     packages=[
-        "attention", "attention.kernels", "moe", "moe.kernels", "optim", "lm",
+        "core", "attention", "attention.kernels", "moe", "moe.kernels", "optim", "lm",
         "experiments", "experiments.configs",
     ],
     package_data={"lm": ["corpus/*.txt", "corpus/*.gz"]},

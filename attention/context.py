@@ -38,8 +38,10 @@ otherwise (e.g. K < C for Ulysses) kv heads are gathered, i.e. replicated, befor
 the exchange so each device receives exactly the kv heads its query heads use.
 Only N % C (ulysses) or N % (C*U) (headwise) is required of the heads.
 
-With an axis of size 1 every strategy is plain ``attention.ops.attend`` (per device,
-inside the same ``shard_map``, so batch sharding and explicit meshes behave alike).
+Placement (``core.placement``): the arrays are global; ``context_attend`` runs per
+device with the batch and the sequence sharded as the runtime's rules shard the
+``batch`` and ``length`` axes. Without a sharded ``length`` every strategy is plain
+``attention.ops.attend`` (per device, over the batch shards).
 """
 import math
 from collections.abc import Sequence
@@ -47,30 +49,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from attention import masks
 from attention.ops import attend
-from attention.reference import mask_TS
 from attention.spec import AttentionSpec
+from core import placement
+from core.vma import full_like_varying
 
 STRATEGIES = ("ulysses", "headwise", "ring")
-
-
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  if hasattr(aval, "vma"):
-    return frozenset(aval.vma)
-  mat = getattr(aval, "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", ()))
-
-
-def _zeros_like_varying(shape, dtype, ref, fill=0.0):
-  """A constant array typed as varying over the mesh axes ``ref`` varies over, so it
-  can start a scan carry that the loop makes varying (shard_map's ``check_vma``)."""
-  x = jnp.full(shape, fill, dtype)
-  missing = tuple(sorted(_varying_axes(ref) - _varying_axes(x)))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _kv_per_device(U: int, G: int) -> tuple[int, int]:
@@ -137,7 +123,7 @@ def _headwise_body(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C, U, remat, implement
     o_BtSH = stage_out(q_BtNH, k_BtKH, v_BtKH, s)
     return jax.lax.dynamic_update_slice_in_dim(out_BtNH, o_BtSH, s * CU, axis=2), None
 
-  out0 = _zeros_like_varying(q_BtNH.shape, q_BtNH.dtype, q_BtNH)
+  out0 = full_like_varying(q_BtNH.shape, q_BtNH.dtype, q_BtNH)
   out_BtNH, _ = jax.lax.scan(step, out0, jnp.arange(N // CU))
   return out_BtNH
 
@@ -147,19 +133,14 @@ def _headwise_body(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C, U, remat, implement
 
 def _block_live(spec: AttentionSpec, i, src, Tl: int):
   """Whether queries of shard i may attend to any key of shard src."""
-  live = jnp.bool_(True)
-  if spec.causal:
-    live &= src <= i
-  if spec.sliding_window:   # smallest q - k in the block must be inside the window
-    live &= (i - src) * Tl - (Tl - 1) < spec.sliding_window
-  return live
+  return masks.block_has_allowed(i * Tl, src * Tl, Tl, Tl, spec.causal, spec.sliding_window)
 
 
 def _ring_scores(q_BtKGH, k_BsKH, spec, i, src, scale):
   Tl = q_BtKGH.shape[1]
   s_BKGts = jnp.einsum("btkgh,bskh->bkgts", q_BtKGH, k_BsKH,
                        preferred_element_type=jnp.float32) * scale
-  allowed_ts = mask_TS(spec, Tl, Tl, q_offset=(i - src) * Tl)
+  allowed_ts = masks.token_mask(spec.causal, spec.sliding_window, Tl, Tl, q_offset=(i - src) * Tl)
   return jnp.where(allowed_ts, s_BKGts, -jnp.inf)
 
 
@@ -191,9 +172,9 @@ def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
         return m_new, l_new, acc_new
       return jax.lax.cond(_block_live(spec, i, src, Tl), live, lambda c: c, carry)
 
-    m0 = _zeros_like_varying((B, K, G, Tl), jnp.float32, q_BtNH, -jnp.inf)
-    l0 = _zeros_like_varying((B, K, G, Tl), jnp.float32, q_BtNH)
-    acc0 = _zeros_like_varying((B, Tl, K, G, H), jnp.float32, q_BtNH)
+    m0 = full_like_varying((B, K, G, Tl), jnp.float32, q_BtNH, -jnp.inf)
+    l0 = full_like_varying((B, K, G, Tl), jnp.float32, q_BtNH)
+    acc0 = full_like_varying((B, Tl, K, G, H), jnp.float32, q_BtNH)
     carry = fold((m0, l0, acc0), k_BtKH, v_BtKH, i)
 
     def step(c, j):
@@ -243,8 +224,8 @@ def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
         return dq_BtKGH, dk_BsKH, dv_BsKH
       return jax.lax.cond(_block_live(spec, i, src, Tl), live, lambda c: c, carry)
 
-    dq0 = _zeros_like_varying((B, Tl, K, G, H), jnp.float32, q_BtNH)
-    dkv0 = _zeros_like_varying(k_BtKH.shape, jnp.float32, q_BtNH)
+    dq0 = full_like_varying((B, Tl, K, G, H), jnp.float32, q_BtNH)
+    dkv0 = full_like_varying(k_BtKH.shape, jnp.float32, q_BtNH)
     dq, dk, dv = fold((dq0, dkv0, dkv0), k_BtKH, v_BtKH, i)
 
     def step(c, j):
@@ -267,32 +248,23 @@ def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
 # ------------------------------------------------------------------------- wrapper
 
 
-def _resolve_mesh(mesh):
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      raise ValueError("mesh=None: no mesh given and none set. Fix: pass mesh= or call "
-                       "inside `with jax.set_mesh(mesh):`")
-  return mesh
-
-
 def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                   spec: AttentionSpec = AttentionSpec(), *, strategy: str, mesh=None,
-                   axis: str = "sequence", batch_axes: Sequence[str] = (),
+                   spec: AttentionSpec = AttentionSpec(), *, strategy: str,
                    heads_per_stage: int | None = None,
                    implementation: None | str | Sequence[str] = None,
                    remat_stages: bool = True) -> jax.Array:
   """Attention with the sequence sharded over a mesh axis (context parallelism).
 
+  Runs per device (``core.placement.per_device``): the batch is sharded as the
+  placement's rules shard ``batch``, the sequence as they shard ``length`` (C
+  devices). Without a placement, or when ``length`` is not sharded, it is plain
+  ``attention.ops.attend`` (per device, over the batch shards).
+
   Args:
-    q_BTNH: queries [B, T, N, H], global; T sharded over ``axis``, B over
-      ``batch_axes``.
-    k_BTKH, v_BTKH: keys and values [B, T, K, H], sharded like q; N % K == 0.
+    q_BTNH: queries [B, T, N, H], global.
+    k_BTKH, v_BTKH: keys and values [B, T, K, H]; N % K == 0.
     spec: causal / sliding window / scale, applied over the full sequence.
     strategy: ``ulysses``, ``headwise`` or ``ring`` (see the module docstring).
-    mesh: a ``Mesh`` / ``AbstractMesh``; None: the one set by ``jax.set_mesh``.
-    axis: the mesh axis the sequence is sharded over (size C).
-    batch_axes: mesh axes the batch is sharded over.
     heads_per_stage: ``headwise`` only: U query heads per device per stage
       (default 1: C heads per stage globally); N % (C*U) == 0.
     implementation: passed to ``attention.ops.attend`` (ulysses, headwise, and any
@@ -309,16 +281,6 @@ def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
   if heads_per_stage is not None and strategy != "headwise":
     raise ValueError(f"heads_per_stage={heads_per_stage}: only used by strategy='headwise' "
                      f"(got {strategy!r}). Fix: drop it or use strategy='headwise'")
-  mesh = _resolve_mesh(mesh)
-  sizes = dict(mesh.shape)
-  batch_axes = tuple(batch_axes)
-  for a in (axis, *batch_axes):
-    if a not in sizes:
-      raise ValueError(f"mesh axis {a!r}: not in the mesh (axes {tuple(sizes)}). Fix: name an "
-                       "existing axis in axis/batch_axes")
-  if axis in batch_axes or len(set(batch_axes)) != len(batch_axes):
-    raise ValueError(f"batch_axes={batch_axes}: must name distinct axes other than "
-                     f"axis={axis!r}. Fix: list each batch axis once")
   if q_BTNH.ndim != 4 or k_BTKH.shape != v_BTKH.shape or k_BTKH.ndim != 4:
     raise ValueError(f"shapes q={q_BTNH.shape}, k={k_BTKH.shape}, v={v_BTKH.shape}: expected "
                      "q [B, T, N, H] and k, v [B, T, K, H]. Fix: pass 4-D arrays")
@@ -327,43 +289,30 @@ def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
   if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or K == 0 or N % K:
     raise ValueError(f"shapes q={q_BTNH.shape}, k={k_BTKH.shape}: need the same B, T, H and "
                      "heads a multiple of kv_heads. Fix: match the shapes")
-  C = sizes[axis]
-  if T % C:
-    what = "ring size" if strategy == "ring" else "sequence axis size"
-    raise ValueError(f"seq_len={T}: not divisible by the {what} mesh.{axis}={C}. Fix: use a "
-                     f"sequence length that is a multiple of {C}")
-  nb = math.prod(sizes[a] for a in batch_axes)
-  if B % nb:
-    raise ValueError(f"batch_size={B}: not divisible by the batch axes {batch_axes} (size "
-                     f"{nb}). Fix: use a batch size that is a multiple of {nb}")
   U = 1 if heads_per_stage is None else heads_per_stage
-  if strategy == "ulysses" and N % C:
-    raise ValueError(f"num_heads={N}: not divisible by mesh.{axis}={C} (Ulysses gives each "
-                     f"device N/C heads). Fix: use a multiple of {C} heads, a smaller "
-                     f"{axis!r} axis, or strategy='ring'")
-  if strategy == "headwise" and (U < 1 or N % (C * U)):
-    raise ValueError(f"heads_per_stage={U}: num_heads={N} must be divisible by "
-                     f"mesh.{axis}={C} * heads_per_stage={C * U} (each stage gives every "
-                     f"device U heads). Fix: choose U with N % ({C} * U) == 0, e.g. U=1")
-  if C == 1:   # each device holds whole sequences: plain attention, no exchange
-    body = lambda q, k, v: attend(q, k, v, spec, implementation=implementation)
-  elif strategy == "ulysses":
-    body = lambda q, k, v: _ulysses_body(q, k, v, spec=spec, axis=axis, C=C,
-                                         implementation=implementation)
-  elif strategy == "headwise" and N == C * U:   # one stage: exactly Ulysses, no scan
-    body = lambda q, k, v: _ulysses_body(q, k, v, spec=spec, axis=axis, C=C,
-                                         implementation=implementation)
-  elif strategy == "headwise":
-    body = lambda q, k, v: _headwise_body(q, k, v, spec=spec, axis=axis, C=C, U=U,
-                                          remat=remat_stages, implementation=implementation)
-  else:
-    body = lambda q, k, v: _ring_attention(q, k, v, spec=spec, axis=axis, C=C)
+  if strategy == "headwise" and U < 1:
+    raise ValueError(f"heads_per_stage={U}: must be >= 1. Fix: use e.g. 1")
 
-  b = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
-  spec_io = P(b, axis, None, None)
-  args = (q_BTNH, k_BTKH, v_BTKH)
-  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    # Explicit axes: shard_map wants its inputs already laid out as in_specs.
-    args = tuple(jax.sharding.reshard(a, NamedSharding(mesh, spec_io)) for a in args)
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(spec_io,) * 3, out_specs=spec_io)
-  return fn(*args)
+  def body(q, k, v):
+    axis = placement.bound("length")
+    if not axis:   # each device holds whole sequences: plain attention, no exchange
+      return attend(q, k, v, spec, implementation=implementation)
+    axis = axis[0] if len(axis) == 1 else axis
+    C = jax.lax.axis_size(axis)
+    if strategy == "ulysses" and N % C:
+      raise ValueError(f"num_heads={N}: not divisible by the sequence axis size {C} (Ulysses "
+                       f"gives each device N/C heads). Fix: use a multiple of {C} heads, a "
+                       "smaller sequence axis, or strategy='ring'")
+    if strategy == "headwise" and N % (C * U):
+      raise ValueError(f"heads_per_stage={U}: num_heads={N} must be divisible by the sequence "
+                       f"axis size {C} * heads_per_stage={C * U} (each stage gives every device "
+                       f"U heads). Fix: choose U with N % ({C} * U) == 0, e.g. U=1")
+    if strategy == "ring":
+      return _ring_attention(q, k, v, spec=spec, axis=axis, C=C)
+    if strategy == "ulysses" or N == C * U:   # headwise with one stage: exactly Ulysses
+      return _ulysses_body(q, k, v, spec=spec, axis=axis, C=C, implementation=implementation)
+    return _headwise_body(q, k, v, spec=spec, axis=axis, C=C, U=U, remat=remat_stages,
+                          implementation=implementation)
+
+  io = ("batch", "length", None, None)
+  return placement.per_device(body, (q_BTNH, k_BTKH, v_BTKH), (io, io, io), io)

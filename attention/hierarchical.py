@@ -12,12 +12,12 @@ are never computed (``blocked``); ``reference`` builds the full key set
 Shapes: B batch, T tokens, N query heads, K kv heads (G = N / K), H head dim,
 C = T / b blocks.
 """
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from attention import masks
 from attention.spec import AttentionSpec
 
 
@@ -36,16 +36,6 @@ def summaries(x_BSKH: jax.Array, block: int) -> jax.Array:
   B, S, K, H = x_BSKH.shape
   pooled = jnp.mean(x_BSKH.astype(jnp.float32).reshape(B, S // block, block, K, H), axis=2)
   return pooled.astype(x_BSKH.dtype)
-
-
-def _softmax_parts(*logits):
-  """One softmax over the concatenation of several masked (-inf) logit arrays."""
-  m = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  ps = [jnp.exp(x - m) for x in logits]
-  denom = sum(jnp.sum(p, axis=-1, keepdims=True) for p in ps)
-  denom = jnp.where(denom > 0, denom, 1.0)
-  return [p / denom for p in ps]
 
 
 def hierarchical_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec) -> jax.Array:
@@ -67,7 +57,7 @@ def hierarchical_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec) -> jax.A
   q = q_BTNH.reshape(B, T, K, G, H)
   logits = jnp.einsum("btkgh,bakh->bkgta", q, k_all, preferred_element_type=jnp.float32)
   logits = jnp.where(ok_TA, logits * scale + bias_A, -jnp.inf)
-  (probs,) = _softmax_parts(logits)
+  (probs,) = masks.softmax(logits)
   out = jnp.einsum("bkgta,bakh->btkgh", probs.astype(v_all.dtype), v_all,
                    preferred_element_type=jnp.float32)
   return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
@@ -99,7 +89,7 @@ def hierarchical_blocked(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec) -> jax.Arr
   summ = jnp.einsum("bctkgh,bjkh->bkgctj", q, ksum, preferred_element_type=jnp.float32)
   summ_ok = jnp.arange(C)[None, None, :] < jnp.arange(C)[:, None, None] - L  # [C, 1, C]
   summ = jnp.where(summ_ok, summ * scale + math.log(b), -jnp.inf)
-  p_local, p_summ = _softmax_parts(local, summ)
+  p_local, p_summ = masks.softmax(local, summ)
   out = (jnp.einsum("bkgcts,bcskh->bctkgh", p_local.astype(vw.dtype), vw,
                     preferred_element_type=jnp.float32)
          + jnp.einsum("bkgctj,bjkh->bctkgh", p_summ.astype(vsum.dtype), vsum,

@@ -57,6 +57,7 @@ its head_dim (a grouped norm, groups = heads; shards with heads); biases b_dt an
 start at softplus^-1 of log-uniform [1e-3, 1e-1] (Mamba-2's dt range), A_log at
 log U[1, 16] (Mamba-2's A range); conv kernels ~ N(0, 1/width), conv biases 0.
 """
+import dataclasses
 import math
 
 import jax
@@ -64,11 +65,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attention.layer import logical_param
+from core.errors import check_choice, check_int
+from core.params import logical_param
 
 VARIANTS = ("ssd", "mamba2s", "2mamba")
 IMPLEMENTATIONS = ("chunked", "recurrent")
 EPS = 1e-6  # 2mamba denominator guard: o = num / (den + EPS).
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+  """Linear-attention layers (``model.linear``).
+
+  Attributes:
+    variant: ``ssd`` (Mamba-2), ``mamba2s`` or ``2mamba`` (2Mamba2Furious).
+    chunk_size: chunk length of the chunked op: quadratic within a chunk, a state
+      across chunks.
+    implementation: ``chunked`` or ``recurrent`` (the token-by-token twin).
+  """
+  variant: str = "2mamba"
+  chunk_size: int = 64
+  implementation: str = "chunked"
+
+  def __post_init__(self):
+    check_choice("variant", self.variant, VARIANTS)
+    check_int("chunk_size", self.chunk_size, 1)
+    check_choice("implementation", self.implementation, IMPLEMENTATIONS)
 
 
 def _check_variant(variant) -> None:
@@ -254,21 +276,18 @@ class LinearAttention(nnx.Module):
 
   Args:
     d_model: residual width; n_heads, head_dim: heads and their width (q, k, v alike).
-    variant: "ssd", "mamba2s" or "2mamba" (module docstring: what each keeps).
-    chunk_size: chunk length of the chunked op; implementation: "chunked" or "recurrent".
+    config: ``LinearConfig`` (variant: module docstring says what each keeps;
+      chunk size; chunked or recurrent).
     norm_eps: epsilon of the output RMSNorm.
     dtype: compute dtype; param_dtype: storage dtype of the weights.
   """
 
-  def __init__(self, d_model: int, n_heads: int, head_dim: int, *, variant: str,
-               chunk_size: int = 64, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, implementation: str = "chunked",
+  def __init__(self, d_model: int, n_heads: int, head_dim: int, config: LinearConfig, *,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                norm_eps: float = 1e-6):
-    _check_variant(variant)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-      raise ValueError(f"chunk_size={chunk_size!r}: must be a positive int. "
-                       "Fix: pass e.g. chunk_size=64")
-    self.variant, self.chunk_size, self.implementation = variant, chunk_size, implementation
+    variant = config.variant
+    self.variant, self.chunk_size = variant, config.chunk_size
+    self.implementation = config.implementation
     self.n_heads, self.head_dim, self.dtype, self.norm_eps = n_heads, head_dim, dtype, norm_eps
     self.cfg = cfg = _LAYER[variant]
     D, N, H, W = d_model, n_heads, head_dim, cfg["width"]

@@ -1,157 +1,128 @@
 """``attend``: one attention op, many implementations, chosen by a string.
 
-Implementations register under a name. ``implementation`` may be None (the best
-available for the platform), a name, or a sequence of names tried in order; when
-every candidate fails, one error lists every reason. The XLA reference
-(``attention.reference``) is always available and is the ground truth the other
-backends are tested against.
+The implementations are entries of ``REGISTRY`` (``core.registry``): each declares
+the platforms it compiles for, the specs and arguments it supports, and whether
+it must run per device (kernels, which XLA cannot partition: the registry runs
+them under ``core.placement.per_device`` over the batch and head axes).
+``implementation`` may be None (the platform's preference order), a name, or a
+sequence of names tried in order; when every candidate fails, one
+``core.errors.Unsupported`` lists every reason. ``xla`` (``attention.reference``)
+handles every spec and is the ground truth the others are tested against.
+
+Adding a backend: write ``fn(q, k, v, segment_ids, block_mask, *, spec)`` (plus
+``interpret=`` for a kernel) and register it below; one file, plus the
+conformance suite's parameter list (``tests/test_attention_conformance.py``).
 """
-import contextlib
-import contextvars
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 
-from attention import sparse
+from attention import hierarchical, sparse
 from attention.reference import attend_reference
 from attention.spec import AttentionSpec
+from core.errors import Unsupported
+from core.registry import Axes, Registry
 
-AttendFn = Callable[..., jax.Array]
+_QKV = ("batch", None, "heads", None)
+_KV = ("batch", None, "kv_heads", None)
+REGISTRY = Registry(
+    "attention",
+    # Preference order per platform when implementation=None: hierarchical specs take
+    # their blocked path, splash the static masks, our kernel the predicted block
+    # masks, XLA whatever is left.
+    default_order={"cpu": ("blocked", "xla"), "gpu": ("blocked", "jax_nn", "xla"),
+                   "tpu": ("blocked", "splash", "pallas", "xla")},
+    axes=Axes(args=(_QKV, _KV, _KV, ("batch", None), ("batch", "kv_heads", None, None)),
+              out=_QKV))
 
-_REGISTRY: dict[str, AttendFn] = {}
-# Preference order per platform when implementation=None: splash takes the static
-# masks, our kernel the predicted block masks, XLA whatever is left.
-_DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("jax_nn", "xla"), "tpu": ("splash", "pallas", "xla")}
-_PLATFORM = contextvars.ContextVar("attention_platform", default=None)
+
+def _only(spec: AttentionSpec, segment_ids, block_mask, *, what: str, segments=True,
+          masks=True, hierarchical_ok=False, non_causal_window=True) -> str | None:
+  """The common refusals, as a ``supports`` predicate's reason (None: fine)."""
+  if spec.hierarchical is not None and not hierarchical_ok:
+    return "no hierarchical attention (use 'blocked' or its dense twin 'xla')"
+  if not segments and segment_ids is not None:
+    return "segment ids (packed sequences) are not wired up; use 'xla'"
+  if not masks and block_mask is not None:
+    return f"no predicted block masks ({what}); use 'pallas', 'gather' or 'xla'"
+  if not non_causal_window and spec.sliding_window and not spec.causal:
+    return "a non-causal sliding window is not supported"
+  return None
 
 
-@contextlib.contextmanager
-def target_platform(name: str):
-  """Within this context, pick implementations (and interpret mode) for ``name``
-  (``cpu``, ``gpu``, ``tpu``) instead of the default backend: a CPU host compiling
-  for a TPU topology must trace TPU kernels."""
-  token = _PLATFORM.set(name)
+def _xla(q, k, v, segment_ids, block_mask, *, spec):
+  if spec.hierarchical is not None:
+    return hierarchical.hierarchical_reference(q, k, v, spec)
+  return attend_reference(q, k, v, spec, segment_ids, block_mask)
+
+
+def _blocked(q, k, v, segment_ids, block_mask, *, spec):
+  return hierarchical.hierarchical_blocked(q, k, v, spec)
+
+
+def _gather(q, k, v, segment_ids, block_mask, *, spec):
+  return sparse.block_sparse_gather(q, k, v, block_mask, spec)
+
+
+def _jax_nn(q, k, v, segment_ids, block_mask, *, spec):
+  """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when eligible)."""
+  local = (spec.sliding_window - 1, 0) if spec.sliding_window else None
   try:
-    yield
-  finally:
-    _PLATFORM.reset(token)
+    return jax.nn.dot_product_attention(q, k, v, scale=spec.scale, is_causal=spec.causal,
+                                        local_window_size=local)
+  except (ValueError, TypeError, NotImplementedError) as e:
+    raise Unsupported(str(e)) from e
 
 
-def current_platform() -> str:
-  """The platform programs are traced for: ``target_platform``'s, else the default backend."""
-  return _PLATFORM.get() or jax.default_backend()
+def _splash(q, k, v, segment_ids, block_mask, *, spec, interpret):
+  from attention.splash import attend_splash
+  return attend_splash(q, k, v, spec, segment_ids, interpret=interpret)
 
 
-class AttentionUnsupported(ValueError):
-  """An implementation cannot handle these inputs (shape, dtype, mask, platform)."""
+def _pallas(q, k, v, segment_ids, block_mask, *, spec, interpret):
+  from attention.kernels.block_sparse_tpu import KERNEL
+  return KERNEL.attend(q, k, v, spec, segment_ids, block_mask, interpret=interpret)
 
 
-def register(name: str, fn: AttendFn) -> None:
-  """Registers ``fn(q, k, v, spec, segment_ids_BT=None, block_mask=None)`` under ``name``.
+def _pallas_gpu(q, k, v, segment_ids, block_mask, *, spec, interpret):
+  from attention.kernels.block_sparse_gpu import KERNEL
+  return KERNEL.attend(q, k, v, spec, segment_ids, block_mask, interpret=interpret)
 
-  ``block_mask`` is None or bool [B, K, T/block_q, S/block_k] (block sizes from
-  ``spec.block_sparse``); an implementation that cannot honour an argument raises
-  ``AttentionUnsupported`` saying why.
-  """
-  _REGISTRY[name] = fn
+
+REGISTRY.register(
+    "xla", _xla,
+    supports=lambda q, k, v, s, m, *, spec: (
+        "hierarchical attention takes no segment ids"
+        if spec.hierarchical is not None and s is not None else None))
+REGISTRY.register(
+    "blocked", _blocked,
+    supports=lambda q, k, v, s, m, *, spec: (
+        "hierarchical specs only" if spec.hierarchical is None else
+        "takes no segment ids or block mask" if s is not None or m is not None else None))
+REGISTRY.register(
+    "gather", _gather,
+    supports=lambda q, k, v, s, m, *, spec: (
+        "needs a block-sparse spec (spec.block_sparse)" if m is None else
+        _only(spec, s, m, what="", segments=False)))
+REGISTRY.register(
+    "jax_nn", _jax_nn,
+    supports=lambda q, k, v, s, m, *, spec: _only(
+        spec, s, m, what="it would compute the dense matrix", segments=False, masks=False,
+        non_causal_window=False))
+REGISTRY.register(
+    "splash", _splash, native=("tpu",), per_device=True, doc="'jax_nn' or 'xla'",
+    supports=lambda q, k, v, s, m, *, spec: _only(
+        spec, s, m, what="splash masks are static and shared by the batch", masks=False))
+REGISTRY.register(
+    "pallas", _pallas, native=("tpu",), per_device=True, doc="'pallas_gpu'",
+    supports=lambda q, k, v, s, m, *, spec: _only(spec, s, m, what="", segments=False))
+REGISTRY.register(
+    "pallas_gpu", _pallas_gpu, native=("gpu",), per_device=True, doc="'pallas'",
+    supports=lambda q, k, v, s, m, *, spec: _only(spec, s, m, what="", segments=False))
 
 
 def available_implementations() -> tuple[str, ...]:
-  return tuple(_REGISTRY)
-
-
-def _jax_nn(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
-            block_mask=None):
-  """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when eligible)."""
-  if segment_ids_BT is not None:
-    raise AttentionUnsupported("jax_nn: segment ids are not wired up")
-  if block_mask is not None:
-    raise AttentionUnsupported("jax_nn: no block-sparse masks (it would compute the "
-                               "dense matrix); use 'xla' or 'pallas'")
-  local = (spec.sliding_window - 1, 0) if spec.sliding_window else None
-  if local is not None and not spec.causal:
-    raise AttentionUnsupported("jax_nn: a non-causal sliding window is not supported")
-  try:
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, scale=spec.scale, is_causal=spec.causal,
-        local_window_size=local)
-  except (ValueError, TypeError, NotImplementedError) as e:
-    raise AttentionUnsupported(f"jax_nn: {e}") from e
-
-
-def _splash(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
-  """Splash attention (TPU; interpreted elsewhere, which is for tests only)."""
-  from attention.splash import attend_splash
-  platform = current_platform()
-  if platform == "gpu":
-    raise AttentionUnsupported("splash: a TPU kernel; not run on GPU")
-  return attend_splash(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
-                       interpret=platform != "tpu")
-
-
-def _pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
-  """Ours: the block-sparse flash-attention kernel (TPU Mosaic; interpreted on CPU)."""
-  from attention.kernels.block_sparse_tpu import attend_pallas
-  platform = current_platform()
-  if platform == "gpu":
-    raise AttentionUnsupported("pallas: the block-sparse kernel is written for TPU (Mosaic); "
-                               "on GPU use 'pallas_gpu'")
-  return attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
-                       interpret=platform != "tpu")
-
-
-def _gather(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
-  """Block-sparse attention in XLA computing only kept blocks (``sparse.block_sparse_gather``)."""
-  if segment_ids_BT is not None:
-    raise AttentionUnsupported("gather: segment ids are not wired up")
-  if block_mask is None:
-    raise AttentionUnsupported("gather: needs a block-sparse spec (spec.block_sparse)")
-  return sparse.block_sparse_gather(q_BTNH, k_BSKH, v_BSKH, block_mask, spec)
-
-
-def _pallas_gpu(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT=None, block_mask=None):
-  """Ours: the block-sparse flash-attention kernel for GPU (Triton lowering;
-  interpreted off GPU). Tested interpreted and lowered to Triton IR; never run on a GPU."""
-  from attention.kernels.block_sparse_gpu import attend_pallas
-  return attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
-                       interpret=current_platform() != "gpu")
-
-
-register("xla", attend_reference)
-register("gather", _gather)
-register("jax_nn", _jax_nn)
-register("splash", _splash)
-register("pallas", _pallas)
-register("pallas_gpu", _pallas_gpu)
-
-
-def _candidates(implementation) -> tuple[str, ...]:
-  if implementation is None:
-    return _DEFAULT_ORDER.get(current_platform(), ("xla",))
-  if isinstance(implementation, str):
-    return (implementation,)
-  if isinstance(implementation, Sequence) and implementation:
-    return tuple(implementation)
-  raise ValueError(
-      f"implementation={implementation!r}: expected None, a name or a non-empty "
-      f"sequence of names. Fix: use one of {available_implementations()}")
-
-
-def _attend_hierarchical(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
-                         implementation):
-  """Hierarchical specs have their own two implementations: ``xla`` (the dense twin,
-  ``hierarchical_reference``) and ``blocked`` (the block-skipping path, the default)."""
-  from attention import hierarchical
-  if segment_ids_BT is not None or block_mask is not None:
-    raise ValueError("hierarchical attention takes no segment ids or block mask. Fix: drop them")
-  impls = {"xla": hierarchical.hierarchical_reference, "blocked": hierarchical.hierarchical_blocked}
-  names = ("blocked",) if implementation is None else _candidates(implementation)
-  errors = []
-  for name in names:
-    if name in impls:
-      return impls[name](q_BTNH, k_BSKH, v_BSKH, spec)
-    errors.append(f"{name}: no hierarchical attention (have {tuple(impls)})")
-  raise AttentionUnsupported("no attention implementation could run: " + "; ".join(errors))
+  return REGISTRY.names()
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -177,24 +148,13 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   if K == 0 or N % K:
     raise ValueError(f"heads={N}, kv_heads={K}: heads must be a multiple of kv_heads. "
                      "Fix: choose kv_heads dividing heads")
-  if spec.hierarchical is not None:
-    return _attend_hierarchical(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask,
-                                implementation)
   if spec.block_sparse is not None:
-    sparse.check_blocks(spec.block_sparse, q_BTNH.shape[1], k_BSKH.shape[1])
     if block_mask is None:
-      block_mask = sparse.predict_block_mask(q_BTNH, k_BSKH, spec)
+      block_mask = sparse.predict_block_mask(q_BTNH, k_BSKH, spec)  # checks the blocks
+    else:
+      sparse.check_blocks(spec.block_sparse, q_BTNH.shape[1], k_BSKH.shape[1])
   elif block_mask is not None:
     raise ValueError("block_mask given but spec.block_sparse is None: the block sizes are "
                      "unknown. Fix: pass a spec with block_sparse=BlockSparse(...)")
-  errors = []
-  for name in _candidates(implementation):
-    fn = _REGISTRY.get(name)
-    if fn is None:
-      errors.append(f"{name}: not registered (have {available_implementations()})")
-      continue
-    try:
-      return fn(q_BTNH, k_BSKH, v_BSKH, spec, segment_ids_BT, block_mask)
-    except (AttentionUnsupported, NotImplementedError) as e:
-      errors.append(f"{name}: {e}")
-  raise AttentionUnsupported("no attention implementation could run: " + "; ".join(errors))
+  return REGISTRY.call(implementation, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block_mask,
+                       spec=spec)

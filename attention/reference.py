@@ -6,22 +6,8 @@ K key/value heads (grouped-query attention: N is a multiple of K), H head dim.
 import jax
 import jax.numpy as jnp
 
+from attention import masks
 from attention.spec import AttentionSpec
-
-
-def mask_TS(spec: AttentionSpec, T: int, S: int, q_offset: int = 0) -> jax.Array:
-  """Boolean [T, S] mask: True where query t may attend to key s.
-
-  Queries sit at absolute positions ``q_offset + t`` and keys at ``s``.
-  """
-  q_pos = q_offset + jnp.arange(T)[:, None]
-  k_pos = jnp.arange(S)[None, :]
-  allowed = jnp.ones((T, S), dtype=bool)
-  if spec.causal:
-    allowed &= k_pos <= q_pos
-  if spec.sliding_window:
-    allowed &= q_pos - k_pos < spec.sliding_window
-  return allowed
 
 
 def expand_block_mask(block_mask_BKQC: jax.Array, block_q: int, block_k: int) -> jax.Array:
@@ -53,7 +39,8 @@ def attend_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec,
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
   logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32) * scale
-  allowed_BTS = jnp.broadcast_to(mask_TS(spec, T, S), (B, T, S))
+  allowed_BTS = jnp.broadcast_to(masks.token_mask(spec.causal, spec.sliding_window, T, S),
+                                 (B, T, S))
   if segment_ids_BT is not None:
     allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   allowed_BKGTS = allowed_BTS[:, None, None]
@@ -63,13 +50,8 @@ def attend_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec,
       raise ValueError("block_mask given but spec.block_sparse is None: the block sizes "
                        "are unknown. Fix: pass a spec with block_sparse=BlockSparse(...)")
     allowed_BKGTS = allowed_BKGTS & expand_block_mask(block_mask, bs.block_q, bs.block_k)[:, :, None]
-  logits_BKGTS = jnp.where(allowed_BKGTS, logits_BKGTS, -jnp.inf)
   # A row with no allowed key (possible with segment ids) gives zeros, not NaN.
-  row_max = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.exp(logits_BKGTS - jax.lax.stop_gradient(row_max))
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  probs = p / jnp.where(denom > 0, denom, 1.0)
+  (probs,) = masks.softmax(jnp.where(allowed_BKGTS, logits_BKGTS, -jnp.inf))
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH,
                          preferred_element_type=jnp.float32)
   return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)

@@ -5,7 +5,7 @@ query block and each key block to one vector, score the blocks with
 ``P = softmax_row(pool(Q) pool(K)^T * scale)``, and keep in each query-block row the
 union of the top-k key blocks and the shortest prefix (by descending P) whose mass
 reaches p. The rule has no parameters and no gradient; the model is fine-tuned
-under it (distillation from the dense model, ``lm/distill.py``), so gradients flow
+under it (distillation from the dense model, ``lm/losses/distill.py``), so gradients flow
 through the kept blocks only. The same rule runs in training and inference.
 
 Our adaptation to causal language models (decided here, see REFERENCES.md):
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention import masks
 from attention.spec import AttentionSpec, BlockSparse
 
 
@@ -42,29 +43,6 @@ def check_blocks(bs: BlockSparse, T: int, S: int) -> None:
         f"block_k={bs.block_k}: the key length {S} is not divisible by it (config: "
         f"model.sparse.block_k). Fix: choose a block size dividing {S} or pad the "
         f"sequence to a multiple of {bs.block_k}")
-
-
-def token_mask_np(spec: AttentionSpec, T: int, S: int, q_offset: int = 0) -> np.ndarray:
-  """The static causal / sliding-window token mask [T, S] as numpy (True = allowed)."""
-  q_pos = q_offset + np.arange(T)[:, None]
-  k_pos = np.arange(S)[None, :]
-  allowed = np.ones((T, S), bool)
-  if spec.causal:
-    allowed &= k_pos <= q_pos
-  if spec.sliding_window:
-    allowed &= q_pos - k_pos < spec.sliding_window
-  return allowed
-
-
-def valid_blocks(spec: AttentionSpec, T: int, S: int, block_q: int, block_k: int,
-                 q_offset: int = 0) -> np.ndarray:
-  """bool [Q, C]: blocks holding at least one allowed (query, key) pair.
-
-  This static mask is what causal and sliding-window attention need: a kernel that
-  visits only these blocks skips the rest of the matrix.
-  """
-  m = token_mask_np(spec, T, S, q_offset)
-  return m.reshape(T // block_q, block_q, S // block_k, block_k).any(axis=(1, 3))
 
 
 def forced_blocks(bs: BlockSparse, T: int, S: int, q_offset: int = 0) -> np.ndarray:
@@ -100,11 +78,7 @@ def select_blocks(scores: jax.Array, valid: jax.Array, forced: jax.Array, *,
     bool [..., Q, C]: (top-k | top-p | forced) & valid.
   """
   valid = jnp.broadcast_to(valid, scores.shape)
-  logits = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  e = jnp.where(valid, jnp.exp(logits - row_max), 0.0)
-  probs = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+  (probs,) = masks.softmax(jnp.where(valid, scores.astype(jnp.float32), -jnp.inf))
   order = jnp.argsort(-probs, axis=-1, stable=True)  # descending, ties by position
   rank = jnp.argsort(order, axis=-1, stable=True)
   sorted_p = jnp.take_along_axis(probs, order, axis=-1)
@@ -155,7 +129,8 @@ def predict_block_mask(q_BTNH: jax.Array, k_BSKH: jax.Array, spec: AttentionSpec
                      "Fix: set AttentionSpec(block_sparse=BlockSparse(...))")
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   check_blocks(bs, T, S)
-  valid = valid_blocks(spec, T, S, bs.block_q, bs.block_k, q_offset)
+  valid = masks.valid_blocks(spec.causal, spec.sliding_window, T, S, bs.block_q, bs.block_k,
+                             q_offset)
   forced = forced_blocks(bs, T, S, q_offset)
   keep_BKGQC = select_blocks(block_scores(q_BTNH, k_BSKH, spec), jnp.asarray(valid),
                              jnp.asarray(forced), top_k=bs.top_k, top_p=bs.top_p,
@@ -176,7 +151,8 @@ def block_density(block_mask_BKQC: jax.Array, spec: AttentionSpec, q_offset: int
   """Kept share of the valid blocks (the causal triangle): a float in (0, 1]."""
   bs = spec.block_sparse
   Q, C = block_mask_BKQC.shape[-2:]
-  valid = valid_blocks(spec, Q * bs.block_q, C * bs.block_k, bs.block_q, bs.block_k, q_offset)
+  valid = masks.valid_blocks(spec.causal, spec.sliding_window, Q * bs.block_q, C * bs.block_k,
+                             bs.block_q, bs.block_k, q_offset)
   kept = jnp.sum(block_mask_BKQC & jnp.asarray(valid), axis=(-2, -1))
   return jnp.mean(kept / max(int(valid.sum()), 1))
 
@@ -238,16 +214,9 @@ def block_sparse_gather(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, spec: Attention
   q_pos = (jnp.arange(Q)[:, None] * bs.block_q + jnp.arange(bs.block_q)[None, :])  # [Q, bq]
   k_pos = (idx_BKQM[..., None] * bs.block_k + jnp.arange(bs.block_k)).reshape(B, K, Q, -1)
   ok = jnp.repeat(slot_ok_BKQM, bs.block_k, axis=-1)[:, :, :, None, :]  # [B, K, Q, 1, Mb]
-  if spec.causal:
-    ok &= k_pos[:, :, :, None, :] <= q_pos[None, None, :, :, None]
-  if spec.sliding_window:
-    ok &= q_pos[None, None, :, :, None] - k_pos[:, :, :, None, :] < spec.sliding_window
-  logits = jnp.where(ok[:, :, None], logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  p = jnp.exp(logits - row_max)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  probs = p / jnp.where(denom > 0, denom, 1.0)
+  ok &= masks.allowed(q_pos[None, None, :, :, None], k_pos[:, :, :, None, :], spec.causal,
+                      spec.sliding_window)
+  (probs,) = masks.softmax(jnp.where(ok[:, :, None], logits, -jnp.inf))
   out = jnp.einsum("bkgqts,bkqsh->bqtkgh", probs.astype(v_BSKH.dtype), vg,
                    preferred_element_type=jnp.float32)
   return out.reshape(B, T, N, H).astype(q_BTNH.dtype)

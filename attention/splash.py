@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from attention.spec import AttentionSpec
+from core.errors import Unsupported
 
 
 def _block(n: int) -> int:
@@ -26,8 +27,8 @@ def _block(n: int) -> int:
 def _kernel(T: int, S: int, G: int, causal: bool, window: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  if window:
-    mask = sm.LocalMask((T, S), window_size=(window - 1, 0 if causal else window - 1), offset=0)
+  if window:  # t - s < window on the left; causal: nothing on the right, else no limit
+    mask = sm.LocalMask((T, S), window_size=(window - 1, 0 if causal else None), offset=0)
   elif causal:
     mask = sm.CausalMask((T, S))
   else:
@@ -39,20 +40,15 @@ def _kernel(T: int, S: int, G: int, causal: bool, window: int, interpret: bool):
                                           interpret=interpret)
 
 
-def attend_splash(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
-                  block_mask=None, *, interpret: bool = False):
-  """``attend`` through splash attention; raises ``AttentionUnsupported`` when it cannot."""
-  from attention.ops import AttentionUnsupported
-  if block_mask is not None:
-    raise AttentionUnsupported("splash: masks are static and shared by the batch; a predicted "
-                               "block mask is not supported (use 'pallas')")
+def attend_splash(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None, *,
+                  interpret: bool = False):
+  """``attend`` through splash attention; raises ``Unsupported`` when it cannot."""
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   if T % 128 or S % 128:
-    raise AttentionUnsupported(f"splash: sequence lengths must be multiples of 128 "
-                               f"(got q_len={T}, kv_len={S})")
+    raise Unsupported(f"sequence lengths must be multiples of 128 (got q_len={T}, kv_len={S})")
   if T != S and (spec.causal or spec.sliding_window):
-    raise AttentionUnsupported("splash: causal masks here assume q_len == kv_len")
+    raise Unsupported("causal masks here assume q_len == kv_len")
   G = N // K
   scale = spec.scale if spec.scale is not None else H ** -0.5
   kernel = _kernel(T, S, G, spec.causal, spec.sliding_window, bool(interpret))

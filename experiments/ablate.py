@@ -9,24 +9,23 @@ process) in ``<out>/runs/<name>``. The record folder gets ``README.md`` (setup,
 commit, hardware and a Markdown table of final train/eval loss and throughput,
 per run and averaged over seeds), ``results.json`` and ``loss_curves.png``.
 A finished run (it has ``summary.json``) is not run again, so an interrupted
-ablation resumes where it stopped.
+ablation resumes where it stopped. Runs keep ``metrics.jsonl`` and ``config.json``
+(no TensorBoard events; checkpoints only with ``--keep_checkpoints``).
 """
 import ast
-import copy
-import datetime
 import itertools
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file[:arg].")
+from core.errors import ConfigError
+from experiments import cli, record
+from experiments.configs import override
+
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "field=v1,v2,... (repeatable; grid = product)")
 _GRID = flags.DEFINE_multi_string(
     "grid", [], "A whole grid 'field=v1,v2;field=v3' (product of its sweeps); repeatable: the runs "
@@ -43,7 +42,8 @@ def parse_sweep(spec: str) -> tuple[str, list]:
   """'a.b=1,2' -> ('a.b', [1, 2]); values are Python literals or bare strings."""
   field, sep, values = spec.partition("=")
   if not sep or not values:
-    raise ValueError(f"--sweep={spec!r}: expected field=v1,v2. Fix: e.g. --sweep=optimizer.name=adamw,muon")
+    raise ConfigError("--sweep", spec, "expected field=v1,v2",
+                      "write e.g. --sweep=optimizer.name=adamw,muon")
   def literal(v):
     try:
       return ast.literal_eval(v)
@@ -62,23 +62,6 @@ def grid(sweeps: list[tuple[str, list]]) -> list[dict]:
 def run_name(overrides: dict, seed: int) -> str:
   parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
   return ",".join(parts).replace("/", "_")
-
-
-def apply_overrides(config, overrides: dict):
-  from experiments.configs import unknown_override
-  config = copy.deepcopy(config)  # keeps field references (e.g. warmup follows steps)
-  for field, value in overrides.items():
-    message = unknown_override(config, field)
-    if message:
-      raise ValueError(message.replace("--config.", "--sweep="))
-    *parents, leaf = field.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if isinstance(node[leaf], float) and isinstance(value, int):
-      value = float(value)
-    node[leaf] = value
-  return config
 
 
 # Logged metrics that become record columns when a run has them (label: metrics key).
@@ -111,78 +94,54 @@ def to_target(summary: dict, target: float) -> tuple[float, float]:
   return float("nan"), float("nan")
 
 
-def environment() -> dict:
-  import jax
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = "unknown"
-  dev = jax.devices()[0]
-  return {"date": datetime.date.today().isoformat(), "commit": commit,
-          "hardware": f"{dev.platform}: {getattr(dev, 'device_kind', '?')} x{jax.device_count()}, "
-                      f"{os.cpu_count()} host cores ({platform.machine()})",
-          "jax": jax.__version__, "python": platform.python_version()}
-
-
-def _fmt(x, digits=4):
-  return "nan" if x != x else f"{x:.{digits}f}"
-
-
 def write_record(out: str, title: str, base_spec: str, argv: list[str], results: list[dict],
                  target: float | None = None) -> None:
   import numpy as np
   from lm.metrics import read_metrics
-  env = environment()
+  env = record.environment()
   extras = [k for k in EXTRA_COLUMNS if any(k in r["summary"].get("extra", {}) for r in results)]
-  extra_head = "".join(f" {EXTRA_COLUMNS[k]} |" for k in extras)
-  extra_rule = " ---: |" * len(extras)
-  extra_cells = lambda s: "".join(
-      f" {_fmt(s.get('extra', {}).get(k, float('nan')), 3)} |" for k in extras)
-  lines = [f"# {title}", "",
-           f"- date: {env['date']}, commit: {env['commit']}",
-           f"- hardware: {env['hardware']}; jax {env['jax']}, python {env['python']}",
-           f"- base config: `{base_spec}`",
-           f"- command: `python -m experiments.ablate {' '.join(argv)}`", "",
-           "## Runs", "",
-           "| run | steps | train loss | eval loss | tokens/s | params | wall s |" + extra_head
-           + (f" steps to eval {target} | s to eval {target} |" if target else ""),
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + extra_rule
-           + (" ---: | ---: |" if target else "")]
+  extra_cells = lambda s: [record.fmt(s.get("extra", {}).get(k, float("nan")), 3) for k in extras]
+  head = ["run", "steps", "train loss", "eval loss", "tokens/s", "params", "wall s"]
+  head += [EXTRA_COLUMNS[k] for k in extras]
+  head += [f"steps to eval {target}", f"s to eval {target}"] if target else []
+  rows = []
   for r in results:
     s = r["summary"]
-    row = (f"| {r['name']} | {s['step']} | {_fmt(s['loss'])} | {_fmt(s['eval_loss'])} | "
-           f"{s['tokens_per_sec']:,.0f} | {s['params'] / 1e6:.2f}M | {s['seconds']:.0f} |"
-           + extra_cells(s))
+    row = [r["name"], s["step"], record.fmt(s["loss"]), record.fmt(s["eval_loss"]),
+           f"{s['tokens_per_sec']:,.0f}", f"{s['params'] / 1e6:.2f}M", f"{s['seconds']:.0f}",
+           *extra_cells(s)]
     if target:
       st, sec = to_target(s, target)
-      row += f" {_fmt(st, 0)} | {_fmt(sec, 0)} |"
-    lines.append(row)
+      row += [record.fmt(st, 0), record.fmt(sec, 0)]
+    rows.append(row)
   groups: dict[str, list] = {}
   for r in results:
     groups.setdefault(run_name(r["overrides"], 0).rsplit(",seed=", 1)[0] or "base", []).append(r)
-  lines += ["", "## Mean over seeds (± std)", "",
-            "| setting | seeds | train loss | eval loss | tokens/s |" + extra_head
-            + (f" steps to eval {target} (mean; runs that reached it) |" if target else ""),
-            "| --- | ---: | ---: | ---: | ---: |" + extra_rule + (" ---: |" if target else "")]
+  mean_head = ["setting", "seeds", "train loss", "eval loss", "tokens/s"]
+  mean_head += [EXTRA_COLUMNS[k] for k in extras]
+  mean_head += [f"steps to eval {target} (mean; runs that reached it)"] if target else []
+  mean_rows = []
   for name, rs in groups.items():
     col = lambda k: np.array([x["summary"][k] for x in rs], dtype=float)
     ev, tr = col("eval_loss"), col("loss")
-    row = (f"| {name} | {len(rs)} | {_fmt(tr.mean())} ± {_fmt(tr.std(), 3)} | "
-           f"{_fmt(ev.mean())} ± {_fmt(ev.std(), 3)} | {col('tokens_per_sec').mean():,.0f} |")
-    row += "".join(f" {_fmt(np.mean([x['summary'].get('extra', {}).get(k, float('nan')) for x in rs]), 3)} |"
-                   for k in extras)
+    row = [name, len(rs), f"{record.fmt(tr.mean())} ± {record.fmt(tr.std(), 3)}",
+           f"{record.fmt(ev.mean())} ± {record.fmt(ev.std(), 3)}",
+           f"{col('tokens_per_sec').mean():,.0f}"]
+    row += [record.fmt(np.mean([x["summary"].get("extra", {}).get(k, float("nan")) for x in rs]), 3)
+            for k in extras]
     if target:
       reached = [to_target(x["summary"], target)[0] for x in rs]
       hit = [s for s in reached if s == s]
-      row += f" {np.mean(hit):.0f} ({len(hit)}/{len(rs)}) |" if hit else f" never (0/{len(rs)}) |"
-    lines.append(row)
-  lines += ["", "![loss curves](loss_curves.png)", ""]
-  with open(os.path.join(out, "README.md"), "w") as f:
-    f.write("\n".join(lines))
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"environment": env, "base_config": base_spec, "runs": [
-        {k: r[k] for k in ("name", "overrides", "seed", "summary")} for r in results]}, f, indent=2)
+      row.append(f"{np.mean(hit):.0f} ({len(hit)}/{len(rs)})" if hit else f"never (0/{len(rs)})")
+    mean_rows.append(row)
+  lines = record.header(title, env, [
+      f"base config: `{base_spec}`",
+      f"command: `python -m experiments.ablate {' '.join(argv)}`"])
+  lines += ["## Runs", "", *record.table(head, rows), "",
+            "## Mean over seeds (± std)", "", *record.table(mean_head, mean_rows), "",
+            "![loss curves](loss_curves.png)"]
+  record.write(out, lines, {"environment": env, "base_config": base_spec, "runs": [
+      {k: r[k] for k in ("name", "overrides", "seed", "summary")} for r in results]})
 
   import matplotlib
   matplotlib.use("Agg")
@@ -219,7 +178,7 @@ def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
   ``sweeps`` form one grid (their product); each entry of ``grids`` is another
   grid written ``'a=1,2;b=x'``; the runs are the union of all grids.
   """
-  from lm import train
+  from lm import loop
   points = grid([parse_sweep(s) for s in sweeps]) if sweeps or not grids else []
   for g in grids:
     points += grid([parse_sweep(s) for s in g.split(";") if s.strip()])
@@ -233,10 +192,11 @@ def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
         with open(summary_path) as f:
           summary = json.load(f)
       else:
-        config = apply_overrides(base_config, {**overrides, "seed": seed})
+        config = override(base_config, {**overrides, "seed": seed, "train.tensorboard": False},
+                          flag="--sweep")
         print(f"[ablate] {name}", flush=True)
         start = time.perf_counter()
-        result = train.run(config, workdir)
+        result = loop.run(config, workdir)
         summary = summarise(workdir, time.perf_counter() - start, result["params"])
         if not keep_checkpoints:
           shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
@@ -246,29 +206,17 @@ def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
   return results
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  from lm.errors import ConfigError
+def main(config, spec):
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
-  base = _CONFIG.value
-  try:
-    results = run_grid(base, _SWEEP.value, seeds, out, keep_checkpoints=_KEEP_CKPT.value,
-                       grids=_GRID.value)
-  except (ConfigError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+  results = run_grid(config, _SWEEP.value, seeds, out, keep_checkpoints=_KEEP_CKPT.value,
+                     grids=_GRID.value)
   write_record(out, _TITLE.value or os.path.basename(os.path.normpath(out)), spec, sys.argv[1:],
                results, target=_TARGET.value)
   print(f"[ablate] record written to {out}/README.md")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "out"])
-  from experiments.configs import check_overrides
-  check_overrides(sys.argv)
-  app.run(main)
+  flags.mark_flags_as_required(["out"])
+  cli.run(main)

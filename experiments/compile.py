@@ -9,28 +9,21 @@ does not fit in HBM, 2 on a bad config or topology.
 """
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
-                                          lock_config=True)
+from experiments import cli
+
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v5e:16x16.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
 
 
-def main(argv):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
+def main(config, spec):
+  del spec
   from lm import aot
-  from lm.errors import ConfigError
   fix = ("Fix: shard more (larger mesh.fsdp), a smaller data.batch_size or model, or a "
          "larger topology")
   try:
-    report = aot.compile_train_step(_CONFIG.value, _TOPOLOGY.value, _SLICES.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    report = aot.compile_train_step(config, _TOPOLOGY.value, _SLICES.value)
   except aot.DoesNotFit as e:
     print(f"error: does not fit: {e}. {fix}", file=sys.stderr)
     sys.exit(1)
@@ -43,7 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "topology"])
-  from experiments.configs import check_overrides
-  check_overrides(sys.argv)
-  app.run(main)
+  flags.mark_flags_as_required(["topology"])
+  cli.run(main)

@@ -40,30 +40,24 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def measure(exp, params, n_batches: int) -> dict:
+def measure(exp, model: dict, n_batches: int, aux=None) -> dict:
   """Eval loss (cross-entropy) and mean block density over layers on the first
-  ``n_batches`` eval batches (density 1.0 for dense attention)."""
-  import jax
-  import jax.numpy as jnp
-  from lm.model import apply
-  from lm.train import cross_entropy
-  graphdef = exp.graphdef
+  ``n_batches`` eval batches (density 1.0 for dense attention); ``model`` is
+  ``{"params", "model_state"}``; with ``aux`` (a teacher) also its KL."""
+  from lm.loop import evaluate
+  evals = evaluate(exp, model["params"], model["model_state"], n_batches, aux)
+  out = {"eval_loss": evals["eval_loss"], "density": evals.get("eval_attention/density", 1.0)}
+  if "eval_distill/kl" in evals:
+    out["kl"] = evals["eval_distill/kl"]
+  return out
 
-  @jax.jit
-  def step(params, batch):
-    logits, stats = apply(graphdef, params, batch["inputs"])
-    ce, tokens = cross_entropy(logits, batch)
-    dens = [s["density"] for s in stats["attention"].values()]
-    return ce * tokens, tokens, (jnp.mean(jnp.stack(dens)) if dens else jnp.float32(1.0))
 
-  total = count = 0.0
-  densities = []
-  with jax.set_mesh(exp.mesh):
-    for batch in exp.data.eval_batches(n_batches):
-      s, n, d = step(params, exp.put_batch(batch))
-      total, count = total + float(s), count + float(n)
-      densities.append(float(d))
-  return {"eval_loss": total / max(count, 1.0), "density": sum(densities) / len(densities)}
+def _teacher(exp):
+  from lm.losses.distill import restore_teacher
+  abstract = {"params": exp.state.abstract["params"],
+              "model_state": exp.state.abstract["model_state"]}
+  model, _, _ = restore_teacher(exp.config.losses["distill"].teacher, abstract)
+  return model
 
 
 def student_config(label_or_overrides, teacher_dir: str, seed: int = 0, steps=None):
@@ -79,30 +73,31 @@ def student_config(label_or_overrides, teacher_dir: str, seed: int = 0, steps=No
     c.train.checkpoint_every = steps
   c.train.progress = "log"
   c.train.plot = False
+  c.train.tensorboard = False
   return c
 
 
 def before_finetuning(config, n_batches: int) -> dict:
   """The teacher's weights run under ``config``'s mask (0 steps)."""
-  from lm import distill, train
-  exp = train.build(config)
-  params, _, _ = distill.restore_teacher(exp.config, exp.abstract_state["params"])
-  return measure(exp, params, n_batches)
+  from lm import experiment
+  exp = experiment.build(config)
+  teacher = _teacher(exp)
+  return measure(exp, teacher, n_batches, {"distill": teacher} if exp.abstract_aux() else None)
 
 
 def train_teacher(out: str) -> dict:
   from experiments.ablate import summarise
   from experiments.configs import sparse_attention as sa
-  from lm import train
+  from lm import loop
   workdir = os.path.join(out, "runs", "teacher")
   path = os.path.join(workdir, "summary.json")
   # The checkpoint is not committed with the record: retrain it when it is missing.
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     return json.load(open(path))
   c = sa.get_config("teacher")
-  c.train.progress, c.train.plot = "log", False
+  c.train.progress, c.train.plot, c.train.tensorboard = "log", False, False
   print("[sweep] teacher", flush=True)
-  result = train.run(c, workdir)
+  result = loop.run(c, workdir)
   # Wall time from the log (the teacher may have been trained by experiments.train).
   from lm.metrics import read_metrics
   seconds = max(r.get("elapsed_s", 0.0) for r in read_metrics(os.path.join(workdir, "metrics.jsonl")))
@@ -117,7 +112,7 @@ def group_name(label: str, steps=None) -> str:
 
 def distil(out: str, label: str, seed: int, teacher_dir: str, steps=None) -> dict:
   from experiments.ablate import summarise
-  from lm import distill, train
+  from lm import experiment, loop
   name = f"{group_name(label, steps)},seed={seed}"
   workdir = os.path.join(out, "runs", name)
   path = os.path.join(workdir, "summary.json")
@@ -126,16 +121,16 @@ def distil(out: str, label: str, seed: int, teacher_dir: str, steps=None) -> dic
   c = student_config(label, teacher_dir, seed, steps)
   print(f"[sweep] {name}", flush=True)
   start = time.perf_counter()
-  result = train.run(c, workdir)
+  result = loop.run(c, workdir)
   seconds = time.perf_counter() - start
   summary = summarise(workdir, seconds, result["params"])
   summary.update(label=label, name=name)
-  exp = train.build(c)
-  teacher, _, _ = distill.restore_teacher(exp.config, exp.abstract_state["params"])
-  params = result["state"]["params"]
-  summary["after"] = measure(exp, params, c.train.eval_batches)
-  summary["after"]["kl"] = distill.evaluate_kl(exp, params, teacher)
-  summary["before_kl"] = distill.evaluate_kl(exp, teacher, teacher)
+  exp = experiment.build(c)
+  teacher = _teacher(exp)
+  aux = {"distill": teacher} if exp.abstract_aux() else None
+  student = {k: result["state"][k] for k in ("params", "model_state")}
+  summary["after"] = measure(exp, student, c.train.eval_batches, aux)
+  summary["before_kl"] = measure(exp, teacher, c.train.eval_batches, aux).get("kl")
   shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
   json.dump(summary, open(path, "w"), indent=2)
   return summary
@@ -144,10 +139,6 @@ def distil(out: str, label: str, seed: int, teacher_dir: str, steps=None) -> dic
 def _grid(spec: str) -> list[dict]:
   from experiments.ablate import grid, parse_sweep
   return grid([parse_sweep(s) for s in spec.split(";") if s.strip()])
-
-
-def _fmt(x, d=4):
-  return "-" if x is None or x != x else f"{x:.{d}f}"
 
 
 def finished_runs(out: str) -> dict:
@@ -169,9 +160,10 @@ def finished_runs(out: str) -> dict:
 def write_record(out: str, commands: list[str], teacher: dict, before: dict, runs: dict,
                  calibration: list[dict], seconds: float, calibrate_batches: int = 2) -> None:
   import numpy as np
-  from experiments.ablate import environment
+  from experiments import record
   from experiments.configs import sparse_attention as sa
-  env = environment()
+  fmt = record.fmt
+  env = record.environment()
   steps = runs[next(iter(runs))][0]["step"] if runs else 0
   t, a = sa.get_config("teacher"), sa.get_config("ablation")
   m = t.model
@@ -184,68 +176,58 @@ def write_record(out: str, commands: list[str], teacher: dict, before: dict, run
            f"{a.optimizer.schedule} (warmup {a.optimizer.warmup_steps}), distill.loss="
            f"{a.distill.loss}, temperature {a.distill.temperature:g}; the seed changes the "
            "students' data order only (their start is the teacher)")
-  lines = [
-      "# Block-sparse attention: eval loss vs density, before and after distillation", "",
-      f"- date: {env['date']}, commit: {env['commit']} (plus the uncommitted distillation "
-      "code of this change)",
-      f"- hardware: {env['hardware']}, shared with other jobs; jax {env['jax']}, "
-      f"python {env['python']}",
-      "- commands (in this order; a finished run is not rerun, the record lists every "
-      "finished run):", *[f"  - `python -m experiments.sparse_sweep {c}`" for c in commands],
-      f"- wall time: teacher {teacher['seconds'] / 60:.1f} min, students "
-      f"{sum(r['seconds'] for rs in runs.values() for r in rs) / 60:.1f} min in all "
-      "(each run's train.run wall time, compilation included; the calibration and the "
-      "before/after measurements add about a minute)",
-      "- teacher: `experiments/configs/sparse_attention.py:teacher` "
-      f"({teacher['step']} steps, {teacher['seconds'] / 60:.1f} min, eval loss "
-      f"{_fmt(teacher['eval_loss'])}); students: `sparse_attention.py:ablation`, "
-      f"{steps} steps (unless the setting says otherwise) of KL(teacher || student) from "
-      "the teacher's weights, per seed",
-      f"- model: {setup}",
-      "- the teacher's checkpoint (`runs/teacher/checkpoints/`, 4 MB) is not committed; the "
-      "sweep retrains it when it is missing (its numbers may then differ slightly from these)",
-      "- density: kept share of the causally valid 16x16 blocks (mean over layers, batch, kv "
-      "heads) on the 8 eval batches; eval loss: cross-entropy (nats/byte) on the same batches",
-      "", "## Eval loss vs density", "",
-      "| setting | mask (model.sparse) | density, teacher's mask | eval loss, no fine-tuning "
-      "| density after | eval loss after (mean ± std) | eval KL before → after | seeds |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-      f"| teacher (dense) | - | 1.000 | {_fmt(teacher['eval_loss'])} | - | - | - | - |"]
+  lines = record.header(
+      "Block-sparse attention: eval loss vs density, before and after distillation", env, [
+          "commands (in this order; a finished run is not rerun, the record lists every "
+          "finished run):\n" + "\n".join(f"  - `python -m experiments.sparse_sweep {c}`"
+                                          for c in commands),
+          f"wall time: teacher {teacher['seconds'] / 60:.1f} min, students "
+          f"{sum(r['seconds'] for rs in runs.values() for r in rs) / 60:.1f} min in all "
+          "(each run's wall time, compilation included; the calibration and the "
+          "before/after measurements add about a minute)",
+          "teacher: `experiments/configs/sparse_attention.py:teacher` "
+          f"({teacher['step']} steps, {teacher['seconds'] / 60:.1f} min, eval loss "
+          f"{fmt(teacher['eval_loss'])}); students: `sparse_attention.py:ablation`, "
+          f"{steps} steps (unless the setting says otherwise) of KL(teacher || student) from "
+          "the teacher's weights, per seed",
+          f"model: {setup}",
+          "the teacher's checkpoint (`runs/teacher/checkpoints/`, 4 MB) is not committed; the "
+          "sweep retrains it when it is missing (its numbers may then differ slightly from these)",
+          "density: kept share of the causally valid 16x16 blocks (mean over layers, batch, kv "
+          "heads) on the 8 eval batches; eval loss: cross-entropy (nats/byte) on the same batches"])
+  rows = [["teacher (dense)", "-", "1.000", fmt(teacher["eval_loss"]), "-", "-", "-", "-"]]
   for group, rs in runs.items():
     label = rs[0]["label"]
     mask = ", ".join(f"{k}={v}" for k, v in sa.DENSITIES[label].items() if k != "enabled") or "off"
     ev = np.array([r["after"]["eval_loss"] for r in rs])
-    da = np.mean([r["after"]["density"] for r in rs])
-    kl_b = np.mean([r["before_kl"] for r in rs])
-    kl_a = np.mean([r["after"]["kl"] for r in rs])
+    kl = lambda key: [x for x in key if x is not None]
+    kl_b, kl_a = kl(r.get("before_kl") for r in rs), kl(r["after"].get("kl") for r in rs)
     b = before[label]
-    lines.append(f"| {group} | {mask} | {b['density']:.3f} | {_fmt(b['eval_loss'])} | {da:.3f} | "
-                 f"{_fmt(ev.mean())} ± {_fmt(ev.std(), 3)} | {_fmt(kl_b, 3)} → {_fmt(kl_a, 3)} "
-                 f"| {len(rs)} |")
-  lines += ["", "![eval loss vs density](eval_loss_vs_density.png)", "", "## Runs", "",
-            "| run | steps | train loss | eval loss | density (train, last quarter) | "
-            "distill/kl (train, last quarter) | tokens/s | wall s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for rs in runs.values():
-    for r in rs:
-      x = r["extra"]
-      lines.append(f"| {r['name']} | {r['step']} | {_fmt(r['loss'])} | {_fmt(r['eval_loss'])} | "
-                   f"{_fmt(x.get('attention/density', 1.0), 3)} | {_fmt(x.get('distill/kl'), 4)} | "
-                   f"{r['tokens_per_sec']:,.0f} | {r['seconds']:.0f} |")
+    rows.append([group, mask, f"{b['density']:.3f}", fmt(b["eval_loss"]),
+                 f"{np.mean([r['after']['density'] for r in rs]):.3f}",
+                 f"{fmt(ev.mean())} ± {fmt(ev.std(), 3)}",
+                 f"{fmt(np.mean(kl_b) if kl_b else None, 3)} → "
+                 f"{fmt(np.mean(kl_a) if kl_a else None, 3)}", len(rs)])
+  lines += ["## Eval loss vs density", "", *record.table(
+      ["setting", "mask (model.sparse)", "density, teacher's mask", "eval loss, no fine-tuning",
+       "density after", "eval loss after (mean ± std)", "eval KL before → after", "seeds"],
+      rows, numeric_from=2)]
+  lines += ["", "![eval loss vs density](eval_loss_vs_density.png)", "", "## Runs", ""]
+  lines += record.table(
+      ["run", "steps", "train loss", "eval loss", "density (train, last quarter)",
+       "distill/kl (train, last quarter)", "tokens/s", "wall s"],
+      [[r["name"], r["step"], fmt(r["loss"]), fmt(r["eval_loss"]),
+        fmt(r["extra"].get("attention/density", 1.0), 3), fmt(r["extra"].get("distill/kl"), 4),
+        f"{r['tokens_per_sec']:,.0f}", f"{r['seconds']:.0f}"] for rs in runs.values() for r in rs])
   if calibration:
     lines += ["", "## Calibration: the teacher's weights under candidate masks (no fine-tuning)",
-              "", f"{calibrate_batches} eval batches each.", "",
-              "| mask | density | eval loss |", "| --- | ---: | ---: |"]
-    for c in sorted(calibration, key=lambda c: -c["density"]):
-      mask = ", ".join(f"{k}={v}" for k, v in c["mask"].items())
-      lines.append(f"| {mask} | {c['density']:.3f} | {_fmt(c['eval_loss'])} |")
-  lines.append("")
-  with open(os.path.join(out, "README.md"), "w") as f:
-    f.write("\n".join(lines))
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"environment": env, "commands": commands, "teacher": teacher, "before": before,
-               "runs": runs, "calibration": calibration,
-               "densities": sa.DENSITIES}, f, indent=2)
+              "", f"{calibrate_batches} eval batches each.", ""]
+    lines += record.table(["mask", "density", "eval loss"], [
+        [", ".join(f"{k}={v}" for k, v in c["mask"].items()), f"{c['density']:.3f}",
+         fmt(c["eval_loss"])] for c in sorted(calibration, key=lambda c: -c["density"])])
+  record.write(out, lines, {"environment": env, "commands": commands, "teacher": teacher,
+                            "before": before, "runs": runs, "calibration": calibration,
+                            "densities": sa.DENSITIES})
 
   import matplotlib
   matplotlib.use("Agg")

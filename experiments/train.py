@@ -3,15 +3,15 @@
 
 Writes metrics.jsonl, config.json, checkpoints/, tensorboard/ and loss_curve.png into
 the workdir; running again with the same workdir resumes from the last checkpoint.
+A bad config, flag or workdir stops with one line (exit status 2) before anything
+is written.
 """
 import os
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
-                                          lock_config=True)
+from experiments import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has a checkpoint).")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop and checkpoint after this step "
                                 "(the schedule still spans train.steps).")
@@ -38,34 +38,17 @@ def initialize_distributed() -> None:
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+def main(config, spec):
+  del spec
   initialize_distributed()
-  from lm.errors import ConfigError
-  from lm import train
-  try:
-    summary = train.run(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from lm import loop
+  summary = loop.run(config, _WORKDIR.value, stop_at=_STOP_AT.value)
+  eval_loss = summary["eval_loss"]
   print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, "
-        f"eval_loss {summary['eval_loss'] if summary['eval_loss'] is None else round(summary['eval_loss'], 4)}; "
+        f"eval_loss {eval_loss if eval_loss is None else round(eval_loss, 4)}; "
         f"workdir {os.path.abspath(_WORKDIR.value)}")
 
 
-def run_cli():
-  flags.mark_flags_as_required(["config", "workdir"])
-  from experiments.configs import check_overrides
-  check_overrides(sys.argv)
-  try:
-    app.run(main)
-  except (KeyError, AttributeError, ValueError) as e:  # raised while parsing --config.* overrides
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  run_cli()
+  flags.mark_flags_as_required(["workdir"])
+  cli.run(main)

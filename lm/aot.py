@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm.errors import ConfigError
+from core.errors import ConfigError
 
 # HBM per chip in GiB (Google Cloud TPU documentation).
 HBM_GIB_PER_CHIP = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "tpu7x": 192}
@@ -84,32 +84,37 @@ def _per_device_bytes(tree) -> int:
   return total
 
 
-def model_flops_per_step(model_cfg: ml_collections.ConfigDict, params: int, embed_params: int,
-                         batch: int, seq_len: int) -> float:
+def model_flops_per_step(model_cfg, params: int, embed_params: int, batch: int,
+                         seq_len: int) -> float:
   """6 x (non-embedding params) x tokens + 12 x layers x heads x head_dim x T x tokens
   (Kaplan et al. 2020 / PaLM appendix B; causal masking not discounted)."""
-  head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+  head_dim = model_cfg.head_size
   tokens = batch * seq_len
   attention = 12 * model_cfg.n_layers * model_cfg.n_heads * head_dim * seq_len * tokens
   # The output head is a matmul too; the embedding lookup is not.
   return 6.0 * (params - embed_params) * tokens + attention
 
 
-def compile_train_step(config: ml_collections.ConfigDict, topology: str,
-                       num_slices: int = 1) -> CompileReport:
-  """Lowers and compiles ``config``'s train step for ``topology``; returns the report."""
-  from lm import train  # the runtime, imported late: this module is also a library
-  gen, chips = parse_topology(topology)
-  devices = topology_devices(topology, num_slices)
-  exp = train.build(config, devices=devices)
+def lower_train_step(config: ml_collections.ConfigDict, devices):
+  """(the experiment, its train step lowered with abstract inputs) on ``devices``."""
+  from lm import experiment  # the runtime, imported late: this module is also a library
+  exp = experiment.build(config, devices=devices)
   c = exp.config
   batch = {k: jax.ShapeDtypeStruct((c.data.batch_size, c.data.seq_len), dt,
                                    sharding=exp.batch_sharding)
            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+  return exp, exp.train_step.lower(exp.state.abstract, batch, exp.abstract_aux())
+
+
+def compile_train_step(config: ml_collections.ConfigDict, topology: str,
+                       num_slices: int = 1) -> CompileReport:
+  """Lowers and compiles ``config``'s train step for ``topology``; returns the report."""
+  gen, chips = parse_topology(topology)
+  devices = topology_devices(topology, num_slices)
+  exp, lowered = lower_train_step(config, devices)
+  c = exp.config
   try:
-    # Distilling, the step also takes the frozen teacher's parameters (same shapes).
-    teacher = (exp.abstract_state["params"],) if exp.teacher_graphdef is not None else ()
-    compiled = exp.train_step.lower(exp.abstract_state, batch, *teacher).compile()
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
       detail = next((l for l in str(e).splitlines() if "memory" in l.lower()), str(e))
@@ -120,14 +125,15 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   from lm.model import active_param_count
   # MoE: a token meets only its top-k experts; the FLOPs estimate counts those.
-  params = active_param_count(c.model, exp.abstract_state["params"])
-  embed = math.prod(exp.abstract_state["params"]["embedding"].shape)
+  abstract = exp.state.abstract
+  params = active_param_count(c.model, abstract["params"])
+  embed = math.prod(abstract["params"]["embedding"].shape)
   n = len(devices)
   return CompileReport(
       topology=topology, num_slices=num_slices, devices=n, mesh=dict(exp.mesh.shape),
       hbm_bytes=HBM_GIB_PER_CHIP[gen] * 2**30 * chips * num_slices / n,
-      param_bytes=_per_device_bytes(exp.abstract_state["params"]),
-      opt_bytes=_per_device_bytes(exp.abstract_state["opt_state"]),
+      param_bytes=_per_device_bytes(abstract["params"]),
+      opt_bytes=_per_device_bytes(abstract["opt_state"]),
       argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes,

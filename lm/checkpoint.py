@@ -3,94 +3,125 @@
 Built on orbax's ``CheckpointManager``: each step is written into a temporary
 directory and renamed into place only when complete (orbax's atomic commit), so
 a crash or kill mid-save leaves the previous checkpoint intact.
+
+Resuming (``restore_latest``):
+- compatibility is decided by the saved tree itself: its paths, shapes and dtypes
+  (orbax's metadata) must equal the state this config builds; otherwise the run
+  stops with one line (a config error: nothing is moved or written);
+- a checkpoint that cannot be read (a truncated or missing file, corrupt
+  metadata) is moved aside into ``<checkpoints>/damaged/`` with one line saying
+  why, and the next older one is tried; when none restores, the run stops naming
+  the folder.
 """
 import glob
 import json
 import os
+import shutil
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-from lm.errors import ConfigError
+from core.errors import ConfigError
 
-# Config fields that determine the structure and shapes of what is saved: a
-# checkpoint from a config that differs in any of them cannot be resumed. Fields
-# that only change how the same state is computed (attention_impl, remat, the
-# compute dtype, learning rates) may change between runs.
-ARCH_FIELDS = tuple(f"model.{f}" for f in (
-    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-    "tie_embeddings", "param_dtype", "moe.num_experts", "moe.every", "moe.d_ff",
-    "moe.num_shared", "layer_pattern", "linear.variant")) + ("optimizer.name",
-                                                               "optimizer.freeze_axes")
-# Fields added after checkpoints existed: a checkpoint without them had this value.
-_ARCH_DEFAULTS = {"model.moe.num_experts": 0, "model.layer_pattern": "S"}
+DAMAGED = "damaged"
 
 
-def _get(d: dict, dotted: str):
-  for part in dotted.split("."):
-    d = d[part] if isinstance(d, dict) and part in d else None
-  return d
+def _paths(tree) -> dict[str, tuple]:
+  """'a/b/c' -> (shape, dtype) of every array leaf of a state (or its orbax metadata)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
+          for p, x in flat}
 
 
-def arch_difference(saved: dict, config: ml_collections.ConfigDict,
-                    fields=ARCH_FIELDS) -> tuple[str, object, object] | None:
-  """The first of ``fields`` whose value in a saved config (a JSON dict) differs from
-  ``config``'s, as (field, saved value, current value); None when they agree."""
-  current = json.loads(config.to_json_best_effort())
-  for field in fields:
-    old, new = _get(saved, field), _get(current, field)
-    if old is None:
-      # A field added after the checkpoint was written: it had the default
-      # (dense softmax layers); fields that only matter beside those are moot.
-      old = _ARCH_DEFAULTS.get(field, new)
-    if old != new:
-      return field, old, new
+def tree_difference(saved, expected) -> str | None:
+  """The first difference between a saved tree's metadata and ``expected``'s
+  (ShapeDtypeStructs), as one phrase; None when they agree."""
+  a, b = _paths(saved), _paths(expected)
+  for path in sorted(set(a) | set(b)):
+    if path not in b:
+      return f"{path} is in the checkpoint but not in this config's state"
+    if path not in a:
+      return f"{path} is in this config's state but not in the checkpoint"
+    if a[path] != b[path]:
+      (s1, d1), (s2, d2) = a[path], b[path]
+      return (f"{path} is {d1}{list(s1)} in the checkpoint, {d2}{list(s2)} in this config")
   return None
+
+
+def config_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """Leaves of two config dicts that differ, as 'field old -> new' (a hint)."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_difference(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key} {a!r} -> {b!r}")
+  return out
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Checkpointer:
   """Saves and restores the train state and the data iterator under ``directory``."""
 
-  def __init__(self, directory: str, *, keep: int = 2):
+  def __init__(self, directory: str, *, keep: int = 2, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True),
-        item_names=("state", "data", "config"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, create=not read_only,
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
+        read_only=read_only, save_interval_steps=0 if read_only else 1)
+    # Explicit handlers: a manager that has not saved yet can read the metadata. Read
+    # only, the state's is the PyTree handler, which restores part of a tree.
+    state = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "state": state, "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict) -> None:
+  def save(self, step: int, state, data_iterator, config: dict) -> None:
     self.manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))),
+            config=ocp.args.JsonSave(config)),
         force=True)
     self.manager.wait_until_finished()
 
-  def check_compatible(self, config: ml_collections.ConfigDict, step: int) -> None:
-    """Raises ConfigError when the checkpoint at ``step`` came from another architecture."""
-    saved = self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-    diff = arch_difference(saved, config)
-    if diff is not None:
-      field, old, new = diff
-      raise ConfigError(
-          field, new,
-          f"the workdir's checkpoint (step {step}, {self.directory}) was written with "
-          f"{field}={old!r}, an incompatible config",
-          "use a new --workdir, or the same value as the checkpoint")
+  def check_compatible(self, step: int, abstract_state, current_config: dict | None = None,
+                       what: str = "the workdir's checkpoint") -> None:
+    """Raises ConfigError when the state saved at ``step`` is not ``abstract_state``'s
+    tree (paths, shapes, dtypes). Reading the metadata may raise anything: the
+    checkpoint is then damaged (``restore_latest`` moves it aside)."""
+    saved = self.manager.item_metadata(step)["state"]
+    diff = tree_difference(getattr(saved, "tree", saved), abstract_state)
+    if diff is None:
+      return
+    hint = ""
+    if current_config is not None:
+      try:
+        old = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+        changed = config_difference(old, current_config)
+        hint = f" (config fields that differ: {'; '.join(changed[:3])})" if changed else ""
+      except Exception:  # noqa: BLE001 - only a hint
+        pass
+    raise ConfigError("--workdir", os.path.dirname(self.directory),
+                      f"{what} (step {step}, {self.directory}) was written by an incompatible "
+                      f"config: {diff}{hint}",
+                      "use a new --workdir, or the config the checkpoint was written with "
+                      "(its config.json)")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto ``abstract_state``'s shardings (any mesh) and, if
-    given, the data iterator in place.
+    given, the data iterator in place; the config item is read too (a check).
 
     grain writes one iterator file per process. Kestrel's pipelines are the same
     on every process up to the global batch (each process then keeps its rows),
@@ -98,7 +129,7 @@ class Checkpointer:
     iterator is restored from process 0's file.
     """
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+        state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
     if data_iterator is not None:
       data_dir = os.path.join(self.directory, str(step), "data")
       own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -108,6 +139,56 @@ class Checkpointer:
         data_iterator.set_state(json.load(f))
     return restored["state"]
 
+  def restore_latest(self, abstract_state, data_iterator=None, *, config: dict | None = None,
+                     log=print):
+    """(state, step) of the newest checkpoint that restores, or None without any.
+
+    A checkpoint that cannot be read is moved into ``<directory>/damaged/`` (never
+    deleted), with one line through ``log``, and the next older one is tried.
+
+    Raises:
+      ConfigError: a checkpoint of another architecture or optimizer (nothing is
+        moved), or checkpoints exist but none restores.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        self.check_compatible(step, abstract_state, config)
+        return self.restore(step, abstract_state, data_iterator), step
+      except ConfigError:
+        raise
+      except Exception as e:  # noqa: BLE001 - whatever orbax or the files raise
+        aside = self._move_aside(step)
+        log(f"checkpoint step {step} in {self.directory} cannot be restored ({_first_line(e)}); "
+            f"moved to {aside}")
+    if steps:
+      raise ConfigError("--workdir", os.path.dirname(self.directory),
+                        f"none of its checkpoints ({', '.join(map(str, steps))}) restores; "
+                        f"they were moved to {os.path.join(self.directory, DAMAGED)}",
+                        "inspect them, or start again in a new --workdir")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves ``<directory>/<step>`` into ``<directory>/damaged/`` and forgets the step."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory, DAMAGED, str(step))
+    if jax.process_index() == 0 and os.path.exists(source):
+      n = 1
+      while os.path.exists(target):
+        target = os.path.join(self.directory, DAMAGED, f"{step}.{n}")
+        n += 1
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"kestrel_checkpoint_aside_{step}")
+    self.manager.reload()  # so a later save of this step is written, not refused
+    return target
+
   def close(self) -> None:
     self.manager.close()
 
+
+def read_only(directory: str) -> Checkpointer:
+  """A checkpointer that never creates, cleans up or deletes anything in ``directory``."""
+  return Checkpointer(directory, read_only=True)

@@ -1,203 +1,319 @@
-"""Validation and resolution of experiment configs: every bad value stops with one line."""
+"""Experiment configs: the ml-collections ConfigDict -> frozen dataclasses, once.
+
+``resolve(config)`` converts every group into its typed dataclass: the libraries'
+(``moe.config.MoEConfig``, ``attention.linear.LinearConfig``,
+``attention.spec.BlockSparse`` / ``Hierarchical``, ``optim.chain.OptimizerConfig``),
+the loss terms' (``lm.losses``) and the runtime's below. Each dataclass checks its
+own fields; a bad value stops with one line naming the full field path
+(``model.moe.top_k=9: exceeds num_experts=4. Fix: ...``). ``check`` then keeps
+only what crosses groups (mesh x model, data x model). Every field must be in the
+config (``experiments/configs/base.py`` holds them all): nothing here repeats a
+default.
+"""
+import dataclasses
+import types
+import typing
+
 import ml_collections
 
-from lm.errors import ConfigError
+from attention.layer import CONTEXT_PARALLEL
+from attention.linear import LinearConfig
+from attention.ops import REGISTRY as ATTENTION
+from attention.spec import BlockSparse, Hierarchical
+from core.errors import ConfigError, check_choice, check_int, check_range
+from moe.config import MoEConfig
+from optim.chain import OptimizerConfig
 
-_POSITIVE_INTS = (
-    "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
-    "data.seq_len", "data.batch_size", "train.steps", "train.log_every",
-    "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-    "train.keep_checkpoints")
-_CHOICES = {
-    "optimizer.name": ("adamw", "muon", "namo", "namo_d"),
-    "optimizer.schedule": ("cosine", "wsd", "constant"),
-    "data.source": ("embedded", "files", "synthetic"),
-    "train.progress": ("auto", "bar", "log"),
-    "model.linear.variant": ("ssd", "mamba2s", "2mamba"),
-    "model.context_parallel": ("none", "ulysses", "headwise", "ring"),
-    "model.moe.score": ("softmax", "sigmoid"),
-    "model.moe.dispatch": ("dropless", "dropping", "reference"),
-    "model.moe.gmm_impl": ("auto", "ragged_dot", "pallas", "pallas_gpu", "megablox", "xla"),
-    "model.moe.expert_parallel": ("none", "ragged", "fixed"),
-}
+DTYPES = ("float32", "bfloat16", "float16")
+PROGRESS = ("auto", "bar", "log")
+MIXERS = "SL"  # S: softmax attention, L: linear attention
 
 
-def get(config: ml_collections.ConfigDict, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
+def _positive(obj, *names: str) -> None:
+  for name in names:
+    check_int(name, getattr(obj, name), 1)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields every run needs; raises ConfigError naming the first bad one."""
-  for field in _POSITIVE_INTS:
-    value = get(config, field)
-    if not isinstance(value, int) or value <= 0:
-      raise ConfigError(field, value, "must be a positive integer", f"set --config.{field}=N, N > 0")
-  for field, choices in _CHOICES.items():
-    value = get(config, field)
-    if value not in choices:
-      raise ConfigError(field, value, "unknown choice", f"use one of {', '.join(choices)}")
-  m = config.model
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError("model.n_kv_heads", m.n_kv_heads,
-                      f"must divide model.n_heads={m.n_heads} (grouped-query attention)",
-                      "choose n_kv_heads among the divisors of n_heads")
-  head_dim = m.head_dim or m.d_model // m.n_heads
-  if m.head_dim < 0 or (not m.head_dim and m.d_model % m.n_heads):
-    raise ConfigError("model.head_dim", m.head_dim,
-                      f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}",
-                      "set model.head_dim explicitly or make d_model a multiple of n_heads")
-  if head_dim % 2:
-    raise ConfigError("model.head_dim", head_dim, "RoPE needs an even head dim",
-                      "use an even head_dim")
-  if m.vocab_size < 0:
-    raise ConfigError("model.vocab_size", m.vocab_size, "must be >= 0",
-                      "use 0 for the tokenizer's vocabulary or a positive size")
-  _validate_moe(config)
-  _validate_long_context(config)
-  _validate_sparse(config)
-  _validate_distill(config)
-  if not 0 < config.optimizer.learning_rate:
-    raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate,
-                      "must be positive", "set a learning rate > 0")
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes (``lm.sharding``); -1 fills the remaining devices."""
+  dcn: int
+  data: int
+  fsdp: int
+  expert: int
+  sequence: int
+  tensor: int
 
 
-def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
-  """The model's vocabulary: config value, or the tokenizer's padded to a multiple of 128."""
-  v = config.model.vocab_size
-  if v == 0:
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder (``lm.model``). See ``experiments/configs/base.py`` for each field."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  tie_embeddings: bool
+  rope_theta: float
+  norm_eps: float
+  dtype: str
+  param_dtype: str
+  attention_impl: str
+  remat: bool
+  layer_pattern: str
+  linear: LinearConfig
+  sliding_window: int
+  sparse: BlockSparse | None = dataclasses.field(metadata={"enabled_by": "enabled"})
+  hierarchical: Hierarchical | None = dataclasses.field(metadata={"enabled_by": "block"})
+  context_parallel: str
+  heads_per_stage: int
+  moe: MoEConfig
+
+  def __post_init__(self):
+    _positive(self, "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+              "heads_per_stage")
+    check_int("vocab_size", self.vocab_size, 0)
+    check_int("head_dim", self.head_dim, 0)
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError("n_kv_heads", self.n_kv_heads,
+                        f"must divide n_heads={self.n_heads} (grouped-query attention)",
+                        "choose n_kv_heads among the divisors of n_heads")
+    if not self.head_dim and self.d_model % self.n_heads:
+      raise ConfigError("head_dim", self.head_dim,
+                        f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+                        "set model.head_dim explicitly or make d_model a multiple of n_heads")
+    if self.head_size % 2:
+      raise ConfigError("head_dim", self.head_size, "RoPE needs an even head dim",
+                        "use an even head_dim")
+    for name in ("dtype", "param_dtype"):
+      check_choice(name, getattr(self, name), DTYPES)
+    check_choice("attention_impl", self.attention_impl, ATTENTION.names())
+    if not self.layer_pattern or set(self.layer_pattern) - set(MIXERS):
+      raise ConfigError("layer_pattern", self.layer_pattern,
+                        "must be a non-empty string of S and L",
+                        "use e.g. S (softmax), L (linear) or LLLS (hybrid, cycled over layers)")
+    check_int("sliding_window", self.sliding_window, 0)
+    check_choice("context_parallel", self.context_parallel, CONTEXT_PARALLEL)
+    if self.hierarchical is not None:
+      if self.attention_impl not in ("xla", "blocked"):
+        raise ConfigError("attention_impl", self.attention_impl,
+                          "hierarchical attention has two implementations: blocked and xla",
+                          "use blocked (the block-skipping path) or xla (its dense twin)")
+      for other, on in (("sparse.enabled", self.sparse is not None),
+                        ("sliding_window", self.sliding_window)):
+        if on:
+          raise ConfigError("hierarchical.block", self.hierarchical.block,
+                            f"hierarchical attention excludes model.{other}",
+                            f"set model.hierarchical.block=0 or turn model.{other} off")
+    if self.sparse is not None and self.context_parallel != "none":
+      raise ConfigError("context_parallel", self.context_parallel,
+                        "context parallelism does not support block-sparse attention",
+                        "set model.context_parallel=none or model.sparse.enabled=False")
+
+  @property
+  def head_size(self) -> int:
+    """``head_dim``, or ``d_model // n_heads`` when it is 0."""
+    return self.head_dim or self.d_model // self.n_heads
+
+  def mixer(self, layer: int) -> str:
+    """``S`` (softmax attention) or ``L`` (linear attention): ``layer_pattern`` cycled."""
+    return self.layer_pattern[layer % len(self.layer_pattern)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """Synthetic tasks (``lm.data``): mqar or copy."""
+  task: str
+  num_pairs: int
+  num_queries: int
+  copy_len: int
+  vocab: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The input pipeline (``lm.data``); sources and tokenizers are checked there."""
+  source: str
+  path: str
+  tokenizer: str
+  seq_len: int
+  batch_size: int
+  val_fraction: float
+  shuffle_seed: int
+  synthetic: SyntheticConfig
+
+  def __post_init__(self):
+    _positive(self, "seq_len", "batch_size")
+    check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop (``lm.loop``)."""
+  steps: int
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  progress: str
+  plot: bool
+  tensorboard: bool
+
+  def __post_init__(self):
+    _positive(self, "steps", "log_every", "eval_every", "eval_batches",
+              "checkpoint_every", "keep_checkpoints")
+    check_choice("progress", self.progress, PROGRESS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole experiment, typed. ``losses`` maps each loss term's config group name
+  (``lm.losses.TERMS``) to its config."""
+  name: str
+  seed: int
+  target_topology: str
+  mesh: MeshConfig
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  optimizer: OptimizerConfig
+  losses: dict = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _is_optional(tp) -> tuple[bool, object]:
+  args = typing.get_args(tp)
+  if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+    rest = [a for a in args if a is not type(None)]
+    return True, rest[0]
+  return False, tp
+
+
+def _value(tp, value, path: str, metadata=None):
+  optional, tp = _is_optional(tp)
+  if dataclasses.is_dataclass(tp):
+    switch = (metadata or {}).get("enabled_by")
+    if switch is not None:
+      if not isinstance(value, ml_collections.ConfigDict) or switch not in value:
+        raise ConfigError(f"{path}.{switch}", None, "missing from the config",
+                          "add it (see experiments/configs/base.py)")
+      if not value[switch]:
+        return None
+      if switch not in {f.name for f in dataclasses.fields(tp)}:
+        value = ml_collections.ConfigDict({k: v for k, v in value.items() if k != switch})
+    return convert(tp, value, path)
+  if optional and value is None:
+    return None
+  origin = typing.get_origin(tp)
+  if origin is tuple:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+      return tuple(value)
+    raise ConfigError(path, value, "must be a tuple of names", "use e.g. ('vocab',)")
+  if tp is bool:
+    ok = isinstance(value, bool)
+  elif tp is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif tp is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif tp is str:
+    ok = isinstance(value, str)
+  else:
+    ok = True
+  if not ok:
+    what = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}[tp]
+    raise ConfigError(path, value, f"must be {what}", f"set --config.{path} to {what}")
+  return value
+
+
+def convert(cls, node, path: str):
+  """``cls(**node)`` with every field type-checked; errors name ``path.field``."""
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ConfigError(path, node, "must be a config group", "see experiments/configs/base.py")
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name == "losses" and cls is ExperimentConfig:
+      continue
+    if f.name not in node:
+      raise ConfigError(f"{path}.{f.name}" if path else f.name, None, "missing from the config",
+                        "add it (see experiments/configs/base.py)")
+    kwargs[f.name] = _value(hints[f.name], node[f.name], f"{path}.{f.name}" if path else f.name,
+                            f.metadata)
+  try:
+    return cls(**kwargs)
+  except ConfigError as e:
+    raise e.within(path) from None
+
+
+def resolve(config: ml_collections.ConfigDict) -> ExperimentConfig:
+  """The typed, checked ``ExperimentConfig`` of a ConfigDict (see the module doc)."""
+  from lm import losses
+  known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"losses"}
+  groups = {t.group: t for t in losses.TERMS.values() if t.group}
+  unknown = sorted(set(config.keys()) - known - set(groups))
+  if unknown:
+    raise ConfigError(unknown[0], config[unknown[0]], "not a config field or group",
+                      f"remove it, or use one of {', '.join(sorted(known | set(groups)))}")
+  typed = convert(ExperimentConfig, config, "")
+  term_configs = {}
+  for group, term in groups.items():
+    if group not in config:
+      raise ConfigError(group, None, "missing from the config (a loss term's group)",
+                        "add it (see experiments/configs/base.py)")
+    term_configs[group] = convert(term.Config, config[group], group)
+  typed = dataclasses.replace(typed, losses=term_configs)
+  check(typed)
+  return typed
+
+
+# ----------------------------------------------------------------------------- cross-cutting
+
+
+def check(cfg: ExperimentConfig) -> None:
+  """What crosses groups: mesh x model and data x model."""
+  m, mesh, T = cfg.model, cfg.mesh, cfg.data.seq_len
+  if m.moe.enabled and mesh.expert > 1 and m.moe.num_experts % mesh.expert:
+    raise ConfigError("model.moe.num_experts", m.moe.num_experts,
+                      f"not divisible by mesh.expert={mesh.expert}",
+                      f"use a multiple of {mesh.expert} experts or a mesh.expert dividing "
+                      f"{m.moe.num_experts}")
+  seq = mesh.sequence
+  if m.context_parallel != "none" and seq > 1:
+    if m.context_parallel in ("ulysses", "headwise") and m.n_heads % seq:
+      raise ConfigError("model.n_heads", m.n_heads, f"not divisible by mesh.sequence={seq} "
+                        f"({m.context_parallel} gives each device whole heads)",
+                        f"use a multiple of {seq} heads, a mesh.sequence dividing it, or ring")
+    if m.context_parallel == "headwise" and m.n_heads % (seq * m.heads_per_stage):
+      raise ConfigError("model.heads_per_stage", m.heads_per_stage,
+                        f"mesh.sequence={seq} x heads_per_stage must divide n_heads={m.n_heads}",
+                        "choose heads_per_stage >= 1 dividing n_heads / mesh.sequence")
+    if T % seq:
+      raise ConfigError("data.seq_len", T, f"not divisible by mesh.sequence={seq}",
+                        f"use a multiple of {seq}")
+  if m.hierarchical is not None and T % m.hierarchical.block:
+    raise ConfigError("model.hierarchical.block", m.hierarchical.block,
+                      f"must divide data.seq_len={T}",
+                      "choose a block size dividing the sequence length, or 0 for off")
+  if m.sparse is not None:
+    for name in ("block_q", "block_k"):
+      b = getattr(m.sparse, name)
+      if T % b:
+        raise ConfigError(f"model.sparse.{name}", b, f"does not divide data.seq_len={T}",
+                          f"choose a block size dividing {T}, or a seq_len multiple of {b}")
+
+
+def resolve_vocab(vocab_size: int, tokenizer_vocab: int) -> int:
+  """The model's vocabulary: the config's, or the tokenizer's padded to a multiple of 128."""
+  if vocab_size == 0:
     return -(-tokenizer_vocab // 128) * 128
-  if v < tokenizer_vocab:
-    raise ConfigError("model.vocab_size", v,
+  if vocab_size < tokenizer_vocab:
+    raise ConfigError("model.vocab_size", vocab_size,
                       f"smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
                       f"use 0 (automatic) or a value >= {tokenizer_vocab}")
-  return v
-
-
-def _validate_moe(config: ml_collections.ConfigDict) -> None:
-  moe = config.model.get("moe")
-  if moe is None or moe.num_experts == 0:
-    return
-  E = moe.num_experts
-  for field in ("num_experts", "every", "top_k"):
-    value = moe[field]
-    if not isinstance(value, int) or value <= 0:
-      raise ConfigError(f"model.moe.{field}", value, "must be a positive integer",
-                        f"set --config.model.moe.{field}=N, N > 0 (num_experts=0: dense model)")
-  for field in ("d_ff", "num_shared"):
-    if not isinstance(moe[field], int) or moe[field] < 0:
-      raise ConfigError(f"model.moe.{field}", moe[field], "must be an integer >= 0",
-                        f"set --config.model.moe.{field}=N, N >= 0")
-  if moe.top_k > E:
-    raise ConfigError("model.moe.top_k", moe.top_k, f"exceeds model.moe.num_experts={E}",
-                      "lower top_k or add experts")
-  if not moe.capacity_factor > 0:
-    raise ConfigError("model.moe.capacity_factor", moe.capacity_factor, "must be > 0",
-                      "use 1.0-1.25 (Switch), or model.moe.dispatch=dropless for no capacity")
-  expert_axis = config.mesh.get("expert", 1)
-  if expert_axis > 1 and E % expert_axis:
-    raise ConfigError("model.moe.num_experts", E, f"not divisible by mesh.expert={expert_axis}",
-                      f"use a multiple of {expert_axis} experts or a mesh.expert dividing {E}")
-  if moe.expert_parallel != "none" and moe.dispatch != "dropless":
-    raise ConfigError("model.moe.expert_parallel", moe.expert_parallel,
-                      f"needs model.moe.dispatch=dropless (got {moe.dispatch!r})",
-                      "set --config.model.moe.dispatch=dropless or expert_parallel=none")
-  for field in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
-    if moe[field] < 0:
-      raise ConfigError(f"model.moe.{field}", moe[field], "must be >= 0", "use 0 to disable")
-
-
-def _validate_long_context(config: ml_collections.ConfigDict) -> None:
-  m = config.model
-  pattern = m.get("layer_pattern", "S")
-  if not pattern or set(pattern) - set("SL"):
-    raise ConfigError("model.layer_pattern", pattern, "must be a non-empty string of S and L",
-                      "use e.g. S (softmax), L (linear) or LLLS (hybrid, cycled over layers)")
-  if "L" in pattern and not (isinstance(m.linear.chunk_size, int) and m.linear.chunk_size > 0):
-    raise ConfigError("model.linear.chunk_size", m.linear.chunk_size, "must be a positive integer",
-                      "use e.g. 64")
-  cp = m.get("context_parallel", "none")
-  seq = config.mesh.get("sequence", 1)
-  if cp == "none" or seq <= 1:
-    return
-  if cp in ("ulysses", "headwise") and m.n_heads % seq:
-    raise ConfigError("model.n_heads", m.n_heads, f"not divisible by mesh.sequence={seq} "
-                      f"({cp} gives each device whole heads)",
-                      f"use a multiple of {seq} heads, a mesh.sequence dividing it, or ring")
-  if cp == "headwise" and (m.heads_per_stage < 1 or m.n_heads % (seq * m.heads_per_stage)):
-    raise ConfigError("model.heads_per_stage", m.heads_per_stage,
-                      f"mesh.sequence={seq} x heads_per_stage must divide n_heads={m.n_heads}",
-                      "choose heads_per_stage >= 1 dividing n_heads / mesh.sequence")
-  if config.data.seq_len % seq:
-    raise ConfigError("data.seq_len", config.data.seq_len, f"not divisible by mesh.sequence={seq}",
-                      f"use a multiple of {seq}")
-
-
-def _validate_sparse(config: ml_collections.ConfigDict) -> None:
-  m = config.model
-  if m.get("sliding_window", 0) < 0:
-    raise ConfigError("model.sliding_window", m.sliding_window, "must be >= 0",
-                      "use 0 for full causal attention or a window length in tokens")
-  h = m.get("hierarchical")
-  if h is not None and h.block:
-    if not isinstance(h.block, int) or h.block < 0 or config.data.seq_len % h.block:
-      raise ConfigError("model.hierarchical.block", h.block,
-                        f"must be a positive integer dividing data.seq_len={config.data.seq_len}",
-                        "choose a block size dividing the sequence length, or 0 for off")
-    if not isinstance(h.local_blocks, int) or h.local_blocks < 0:
-      raise ConfigError("model.hierarchical.local_blocks", h.local_blocks,
-                        "must be an integer >= 0", "use e.g. 1")
-    if m.attention_impl not in ("xla", "blocked"):
-      raise ConfigError("model.attention_impl", m.attention_impl,
-                        "hierarchical attention has two implementations: blocked and xla",
-                        "use blocked (the block-skipping path) or xla (its dense twin)")
-    others = [f for f, on in (("model.sparse.enabled", m.get("sparse") and m.sparse.enabled),
-                              ("model.sliding_window", m.get("sliding_window", 0))) if on]
-    if others:
-      raise ConfigError("model.hierarchical.block", h.block,
-                        f"hierarchical attention excludes {others[0]}",
-                        f"set model.hierarchical.block=0 or turn {others[0]} off")
-  sp = m.get("sparse")
-  if sp is None or not sp.enabled:
-    return
-  T = config.data.seq_len
-  for field in ("block_q", "block_k"):
-    b = sp[field]
-    if not isinstance(b, int) or b <= 0:
-      raise ConfigError(f"model.sparse.{field}", b, "must be a positive integer",
-                        "use e.g. 64 (128 on TPU)")
-    if T % b:
-      raise ConfigError(f"model.sparse.{field}", b, f"does not divide data.seq_len={T}",
-                        f"choose a block size dividing {T}, or a seq_len multiple of {b}")
-  for field in ("top_k", "top_p"):
-    if not 0.0 <= sp[field] <= 1.0:
-      raise ConfigError(f"model.sparse.{field}", sp[field], "out of range; it is a fraction",
-                        f"choose {field} in [0, 1]")
-  for field in ("sink_blocks", "local_blocks"):
-    if not isinstance(sp[field], int) or sp[field] < 0:
-      raise ConfigError(f"model.sparse.{field}", sp[field], "must be an integer >= 0",
-                        "use 0 to keep none")
-  if m.get("context_parallel", "none") != "none" and config.mesh.get("sequence", 1) > 1:
-    raise ConfigError("model.context_parallel", m.context_parallel,
-                      "context parallelism does not support block-sparse attention",
-                      "set model.context_parallel=none or model.sparse.enabled=False")
-
-
-def _validate_distill(config: ml_collections.ConfigDict) -> None:
-  """``distill.*`` (lm/distill.py); the teacher's folder is checked when it is read."""
-  d = config.get("distill")
-  if d is None:
-    return
-  if not isinstance(d.teacher, str):
-    raise ConfigError("distill.teacher", d.teacher, "must be a path (a string)",
-                      "pass a dense run's workdir, or \"\" for no distillation")
-  if d.loss not in ("kl", "kl+ce"):
-    raise ConfigError("distill.loss", d.loss, "unknown choice", "use one of kl, kl+ce")
-  if not d.temperature > 0:
-    raise ConfigError("distill.temperature", d.temperature, "must be > 0",
-                      "use 1.0 (the plain distributions) or another positive value")
-  if not d.ce_weight >= 0:
-    raise ConfigError("distill.ce_weight", d.ce_weight, "must be >= 0",
-                      "use a non-negative weight (distill.loss=kl ignores it)")
+  return vocab_size

@@ -37,7 +37,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
-from lm.errors import ConfigError
+from core.errors import ConfigError
 
 DOC_SEPARATOR = "\n\x1e\n"  # between documents in lm/corpus/python_docs.txt.gz
 EMBEDDED_CORPUS = "python_docs.txt.gz"

@@ -1,21 +1,61 @@
-"""Metrics out of the loop: metrics.jsonl, TensorBoard events, a progress bar or log lines."""
+"""Metrics out of the loop: metrics.jsonl, TensorBoard events, a progress bar or log lines.
+
+``summarize`` turns the step metrics of one logging interval (nested dicts of
+arrays, from ``lm.step``) into one flat record: every leaf averaged over the
+steps, keys joined with ``/`` (``moe/block_0/load``), and for every group of
+per-block statistics the mean of each scalar over the blocks (``moe/dropped``).
+"""
 import json
 import math
 import os
 import sys
 
-from tensorboardX import SummaryWriter
+import numpy as np
 from tqdm import tqdm
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def rounded(record: dict, digits: int = 5) -> dict:
+  """``record`` with its vector entries rounded (shorter logs)."""
+  return {k: [round(x, digits) for x in v] if isinstance(v, list) else v
+          for k, v in record.items()}
+
+
+def summarize(host_metrics: list[dict]) -> dict:
+  """The mean of every leaf over ``host_metrics`` (lists of floats for vectors),
+  flattened, plus per-group means over blocks (see the module docstring)."""
+  flat = [_flatten(m) for m in host_metrics]
+  record = {}
+  for key in flat[0]:
+    mean = np.mean([np.asarray(f[key], np.float64) for f in flat], axis=0)
+    record[key] = float(mean) if mean.ndim == 0 else [float(x) for x in mean]
+  groups: dict[str, dict[str, list]] = {}
+  for key, value in record.items():
+    parts = key.split("/")
+    if len(parts) == 3 and parts[1].startswith("block_") and isinstance(value, float):
+      groups.setdefault(f"{parts[0]}/{parts[2]}", []).append(value)
+  record.update({k: float(np.mean(v)) for k, v in groups.items()})
+  return record
 
 
 class MetricsLogger:
   """Writes each record to ``metrics.jsonl`` and TensorBoard and shows progress.
 
-  ``progress``: 'bar' (tqdm), 'log' (plain lines), or 'auto' (bar on a terminal).
+  ``progress``: 'bar' (tqdm), 'log' (plain lines), or 'auto' (bar on a terminal);
+  ``tensorboard``: also write TensorBoard events into ``<workdir>/tensorboard``.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
-               progress: str = "auto", enabled: bool = True):
+               progress: str = "auto", enabled: bool = True, tensorboard: bool = True):
     self.workdir, self.enabled = workdir, enabled
     if not enabled:
       return
@@ -26,7 +66,10 @@ class MetricsLogger:
     self._jsonl = open(path, "w")
     for r in kept:
       self._jsonl.write(json.dumps(r) + "\n")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if use_bar else None
     self._step = start_step
@@ -46,7 +89,8 @@ class MetricsLogger:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+      if (self._tb is not None and key != "step" and isinstance(value, (int, float))
+          and math.isfinite(value)):
         self._tb.add_scalar(key, value, step)
     if "loss" in record:
       text = f"loss {record['loss']:.4f}  {record['tokens_per_sec']:,.0f} tok/s"
@@ -60,12 +104,14 @@ class MetricsLogger:
       self.info(f"step {step}: eval_loss {record['eval_loss']:.4f}")
 
   def close(self, plot: bool = True) -> None:
-    if not self.enabled:
+    """Closes the files (safe to call twice, e.g. on an error path)."""
+    if not self.enabled or self._jsonl.closed:
       return
     if self._bar is not None:
       self._bar.close()
     self._jsonl.close()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
     if plot:
       plot_losses(os.path.join(self.workdir, "metrics.jsonl"),
                   os.path.join(self.workdir, "loss_curve.png"))

@@ -6,7 +6,8 @@ the names are resolved left to right, the first rule of a name whose mesh axes
 are still free in that array wins, and a mesh axis is never bound twice in one
 array. Mesh axes of size 1 drop out, so the same config runs on one CPU device
 and on a pod. Nothing in a layer looks at the mesh: layers name their arrays,
-this module decides where they live.
+this module decides where they live (the resolution itself is
+``core.placement.resolve``; ``placed(mesh)`` installs this table for the traced step).
 
 Mesh axes, outermost first: ``dcn`` (slices over the data-center network; data
 parallel across slices), ``data``, ``fsdp`` (parameters and optimizer state
@@ -23,12 +24,12 @@ import math
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm.errors import ConfigError
+from core import placement, platform
+from core.errors import ConfigError
 
 MESH_AXES = ("dcn", "data", "fsdp", "expert", "sequence", "tensor")
 
@@ -57,13 +58,10 @@ _SIZE_FIELD = {"batch": "data.batch_size", "length": "data.seq_len", "vocab": "m
                "expert": "model.moe.num_experts"}
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
-  """Axis sizes from the config, with one ``-1`` filling the remaining devices."""
-  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
-  unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES))
-  if unknown:
-    raise ConfigError(f"mesh.{unknown[0]}", mesh_cfg[unknown[0]], "unknown mesh axis",
-                      f"use the axes {', '.join(MESH_AXES)}")
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+  """Axis sizes from the config (``lm.config.MeshConfig``), with one ``-1`` filling
+  the remaining devices."""
+  sizes = {a: int(getattr(mesh_cfg, a)) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   for a, s in sizes.items():
     if s == 0 or s < -1:
@@ -86,7 +84,7 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str,
   return sizes
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
+def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
   """Builds the mesh over ``devices`` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_cfg, len(devices))
@@ -122,36 +120,18 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes
     ConfigError: an unknown logical name, or a mesh axis that does not divide
       the dimension it shards.
   """
-  known = {name for name, _ in rules}
-  used: set[str] = set()
-  spec = []
-  for dim, (name, size) in enumerate(zip(axes, shape)):
-    if name is None:
-      spec.append(None)
-      continue
-    if name not in known:
-      raise ConfigError(f"logical axis of {what}", name, "has no rule in lm/sharding.py RULES",
-                        f"add ('{name}', <mesh axes or None>) to RULES, or use one of {sorted(known)}")
-    chosen: tuple[str, ...] = ()
-    for rule_name, target in rules:
-      if rule_name != name:
-        continue
-      targets = (target,) if isinstance(target, str) else tuple(target or ())
-      free = tuple(t for t in targets if t not in used and mesh_sizes.get(t, 1) > 1)
-      if target is None or free or all(mesh_sizes.get(t, 1) == 1 for t in targets):
-        chosen = free
-        break
-    n = math.prod(mesh_sizes[t] for t in chosen)
-    if size % n:
-      field = _SIZE_FIELD.get(name, f"dimension {dim} of {what}")
-      mesh_fields = " x ".join(f"mesh.{t}={mesh_sizes[t]}" for t in chosen)
-      raise ConfigError(mesh_fields, n, f"does not divide {field}={size} ({what}, axis '{name}')",
-                        f"choose mesh sizes that divide {size}, or change {field}")
-    used.update(chosen)
-    spec.append(chosen[0] if len(chosen) == 1 else (chosen or None))
-  while spec and spec[-1] is None:
-    spec.pop()
-  return P(*spec)
+  try:
+    return placement.to_spec(placement.resolve(axes, shape, mesh_sizes, rules))
+  except placement.UnknownAxis as e:
+    raise ConfigError(f"logical axis of {what}", e.name, "has no rule in lm/sharding.py RULES",
+                      f"add ('{e.name}', <mesh axes or None>) to RULES, or use one of "
+                      f"{list(e.known)}") from None
+  except placement.Indivisible as e:
+    field = _SIZE_FIELD.get(e.name, f"dimension {e.dim} of {what}")
+    mesh_fields = " x ".join(f"mesh.{t}={mesh_sizes[t]}" for t in e.mesh_axes)
+    raise ConfigError(mesh_fields, e.n, f"does not divide {field}={e.size} ({what}, axis "
+                      f"'{e.name}')", f"choose mesh sizes that divide {e.size}, or change "
+                      f"{field}") from None
 
 
 def _is_axes(x) -> bool:
@@ -200,25 +180,14 @@ def named(mesh: Mesh, specs):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
-# Activation constraints: the model names its activations; the trainer says which
-# rules apply while the step is traced.
-_ACTIVE: list[tuple[Mesh, tuple]] = []
-
-
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules=RULES):
-  """Within this context ``constrain`` pins activations to ``mesh`` by ``rules``."""
-  _ACTIVE.append((mesh, rules))
-  try:
+def placed(mesh: Mesh, rules=RULES):
+  """Traces programs for ``mesh``: its platform's kernels (``core.platform``), this
+  rules table for activations and per-device entries (``core.placement``), and its
+  abstract mesh. Enter it around everything that traces the model."""
+  with (platform.target(mesh.devices.flat[0].platform),
+        placement.use(placement.Placement(mesh, rules)),
+        jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
     yield
-  finally:
-    _ACTIVE.pop()
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """``with_sharding_constraint`` by logical names; a no-op outside ``activation_sharding``."""
-  if not _ACTIVE:
-    return x
-  mesh, rules = _ACTIVE[-1]
-  spec = logical_to_spec(axes, x.shape, dict(mesh.shape), what="activation", rules=rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

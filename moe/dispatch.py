@@ -160,7 +160,9 @@ def moe_ffn(x_BSD: jax.Array, routing: Routing, w: ExpertWeights, *, strategy: s
             capacity_factor: float = 1.25, dtype=None,
             gmm_impl: None | str | Sequence[str] = None, tiling=None):
   """The routed experts' output for tokens [B, S, D] (the batch rows are the
-  ``dropping`` groups), by ``strategy`` (one of ``STRATEGIES``)."""
+  ``dropping`` groups), by ``strategy`` (one of ``STRATEGIES``), on whatever arrays
+  it is given: the model places the strategies on a mesh with
+  ``moe.parallel.routed_experts``."""
   B, S, D = x_BSD.shape
   if strategy == "dropping":
     return dropping(x_BSD, routing, w, capacity_factor=capacity_factor, dtype=dtype)

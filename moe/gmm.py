@@ -6,68 +6,38 @@ order) by ``rhs[g]``. Rows past ``sum(group_sizes)`` give zeros. This is the
 inner product of dropless MoE (MegaBlocks; Gale et al. 2022): tokens sorted by
 expert, one matmul over contiguous groups, no capacity.
 
-Implementations (tokamax style: ``implementation=None | name | [names]``; when
-every candidate fails, one error lists every reason):
+Implementations (entries of ``REGISTRY``, ``core.registry``; tokamax style:
+``implementation=None | name | [names]``; when every candidate fails, one error
+lists every reason; kernels run interpreted on CPU):
 
 - ``xla``: the slow, obvious twin: every row times every group's matrix, masked.
   O(G M K N); the ground truth in tests.
 - ``ragged_dot``: ``jax.lax.ragged_dot``.
-- ``megablox``: JAX's Pallas TPU ``gmm``/``tgmm`` (needs M divisible by the tile;
-  runs interpreted off TPU).
+- ``megablox``: JAX's Pallas TPU ``gmm``/``tgmm`` (needs M divisible by the tile).
 - ``pallas``: our Pallas TPU (Mosaic) kernel, ``moe/kernels/gmm_pallas.py``,
-  forward and both backward products under ``custom_vjp``; interpreted off TPU.
-- ``pallas_gpu``: our Pallas GPU (Triton) kernel, ``moe/kernels/gmm_gpu.py``;
-  interpreted off GPU. Tested interpreted and lowered to Triton IR here, never run
-  on a GPU yet, so GPUs default to ``ragged_dot``.
+  forward and both backward products under ``custom_vjp``.
+- ``pallas_gpu``: our Pallas GPU (Triton) kernel, ``moe/kernels/gmm_gpu.py``.
+  Tested interpreted and lowered to Triton IR here, never run on a GPU yet, so
+  GPUs default to ``ragged_dot``.
 
 All accumulate in float32; the output has ``preferred_element_type`` (default:
 ``lhs.dtype``).
 """
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-GmmFn = Callable[..., jax.Array]
+from core.errors import Unsupported
+from core.registry import Registry
 
-_REGISTRY: dict[str, GmmFn] = {}
 # implementation=None: the preference order per platform.
-_DEFAULT_ORDER = {"tpu": ("pallas", "megablox", "ragged_dot"), "gpu": ("ragged_dot",),
-                  "cpu": ("ragged_dot",)}
-
-
-_PLATFORMS: list[str] = []
-
-
-@contextlib.contextmanager
-def target_platform(name: str):
-  """Within this context, pick implementations (and interpret mode) for ``name``
-  (``tpu``, ``gpu``, ``cpu``) instead of the default backend's: a CPU host that
-  compiles ahead of time for a TPU topology traces TPU programs."""
-  _PLATFORMS.append(name)
-  try:
-    yield
-  finally:
-    _PLATFORMS.pop()
-
-
-def current_platform() -> str:
-  """The platform programs are traced for: ``target_platform``'s, else the default backend."""
-  return _PLATFORMS[-1] if _PLATFORMS else jax.default_backend()
-
-
-class GmmUnsupported(ValueError):
-  """An implementation cannot handle these inputs (shape, dtype, platform)."""
-
-
-def register(name: str, fn: GmmFn) -> None:
-  """Registers ``fn(lhs, rhs, group_sizes, *, out_dtype, tiling, interpret)``."""
-  _REGISTRY[name] = fn
+REGISTRY = Registry("grouped-matmul", default_order={
+    "tpu": ("pallas", "megablox", "ragged_dot"), "gpu": ("ragged_dot",), "cpu": ("ragged_dot",)})
 
 
 def available_implementations() -> tuple[str, ...]:
-  return tuple(_REGISTRY)
+  return REGISTRY.names()
 
 
 def group_ids(group_sizes_G: jax.Array, m: int) -> jax.Array:
@@ -76,87 +46,78 @@ def group_ids(group_sizes_G: jax.Array, m: int) -> jax.Array:
   return jnp.searchsorted(ends_G, jnp.arange(m), side="right").astype(jnp.int32)
 
 
-def gmm_reference(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
+def gmm_reference(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None):
   """Every row times every group's matrix, keeping the row's own group. Obvious, slow."""
-  del tiling, interpret
+  del tiling
   G = rhs_GKN.shape[0]
   onehot_MG = jax.nn.one_hot(group_ids(group_sizes_G, lhs_MK.shape[0]), G, dtype=jnp.float32)
   all_MGN = jnp.einsum("mk,gkn->mgn", lhs_MK, rhs_GKN, preferred_element_type=jnp.float32)
   return jnp.einsum("mgn,mg->mn", all_MGN, onehot_MG).astype(out_dtype)
 
 
-def _ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
-  del tiling, interpret
+def _ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None):
+  del tiling
   out = jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
                            preferred_element_type=jnp.float32)
   return out.astype(out_dtype)
 
 
-def _interpret(interpret):
-  return current_platform() != "tpu" if interpret is None else interpret
-
-
-def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
+def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret):
   from jax.experimental.pallas.ops.tpu.megablox import ops as mb
   tm, tk, tn = tiling or (128, 128, 128)
   M, K = lhs_MK.shape
   N = rhs_GKN.shape[2]
   tm, tk, tn = min(tm, M), min(tk, K), min(tn, N)
   if M % tm or K % tk or N % tn:
-    raise GmmUnsupported(f"megablox: shapes M={M}, K={K}, N={N} must be multiples of the "
-                         f"tiles ({tm}, {tk}, {tn})")
+    raise Unsupported(f"shapes M={M}, K={K}, N={N} must be multiples of the tiles "
+                      f"({tm}, {tk}, {tn})")
   try:
     out = mb.gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), jnp.float32,
-                 (tm, tk, tn), None, None, False, _interpret(interpret))
+                 (tm, tk, tn), None, None, False, interpret)
   except ValueError as e:
     if "manual_axis_type" not in str(e):
       raise
-    raise GmmUnsupported("megablox: cannot run inside shard_map's varying-axes check (its "
-                         "output declares no manual axis types); use 'pallas'") from e
+    raise Unsupported("cannot run inside shard_map's varying-axes check (its output "
+                      "declares no manual axis types); use 'pallas'") from e
   # megablox leaves rows past the last group undefined; ours are zeros.
   valid_M = jnp.arange(M) < jnp.sum(group_sizes_G)
   return jnp.where(valid_M[:, None], out, 0).astype(out_dtype)
 
 
-def _pallas(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
+def _pallas(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret):
   from moe.kernels import gmm_pallas
-  return gmm_pallas.gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
-                        tiling=tiling or gmm_pallas.DEFAULT_TILING,
-                        interpret=_interpret(interpret)).astype(out_dtype)
+  return gmm_pallas.gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling=tiling, interpret=interpret,
+                        preferred_element_type=out_dtype)
 
 
-def _pallas_gpu(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret=None):
+def _pallas_gpu(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret):
   from moe.kernels import gmm_gpu
   try:
-    return gmm_gpu.gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
-                       tiling=tiling or gmm_gpu.DEFAULT_TILING,
-                       interpret=(current_platform() != "gpu") if interpret is None else interpret,
+    return gmm_gpu.gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling=tiling, interpret=interpret,
                        preferred_element_type=out_dtype)
   except ValueError as e:  # tiles that are not powers of two >= 16
-    raise GmmUnsupported(f"pallas_gpu: {e}") from e
+    raise Unsupported(str(e)) from e
 
 
-register("xla", gmm_reference)
-register("ragged_dot", _ragged_dot)
-register("megablox", _megablox)
-register("pallas", _pallas)
-register("pallas_gpu", _pallas_gpu)
+REGISTRY.register("xla", gmm_reference, doc="the reference")
+REGISTRY.register("ragged_dot", _ragged_dot)
+REGISTRY.register("megablox", _megablox, native=("tpu",), doc="'ragged_dot'")
+REGISTRY.register("pallas", _pallas, native=("tpu",), doc="'pallas_gpu' or 'ragged_dot'")
+REGISTRY.register("pallas_gpu", _pallas_gpu, native=("gpu",), doc="'pallas' or 'ragged_dot'")
 
 
-def _candidates(implementation) -> tuple[str, ...]:
-  if implementation is None:
-    return _DEFAULT_ORDER.get(current_platform(), ("ragged_dot",))
-  if isinstance(implementation, str):
-    return (implementation,)
-  if isinstance(implementation, Sequence) and implementation:
-    return tuple(implementation)
-  raise ValueError(f"implementation={implementation!r}: expected None, a name or a non-empty "
-                   f"sequence of names. Fix: use one of {available_implementations()}")
+def interpreted(implementation=None) -> bool:
+  """Whether any candidate of ``implementation`` is a kernel interpreted on this platform
+  (Pallas's interpreter trips shard_map's varying-axes check)."""
+  from core import platform
+  target = platform.current()
+  return any(REGISTRY[n].interpret(target) for n in REGISTRY.candidates(implementation)
+             if n in REGISTRY)
 
 
 def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
         implementation: None | str | Sequence[str] = None, preferred_element_type=None,
-        tiling: tuple[int, int, int] | None = None, interpret: bool | None = None) -> jax.Array:
+        tiling: tuple[int, int, int] | None = None) -> jax.Array:
   """Grouped matmul ``out[m] = lhs[m] @ rhs[group(m)]``, differentiable in lhs and rhs.
 
   Args:
@@ -166,7 +127,6 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
     implementation: None (the best for the platform), a name, or names to try in order.
     preferred_element_type: output dtype (default lhs.dtype); accumulation is fp32.
     tiling: (tm, tk, tn) for the Pallas kernels.
-    interpret: run Pallas kernels interpreted (default: off TPU).
 
   Returns:
     [M, N].
@@ -177,16 +137,5 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
   if group_sizes_G.shape != (rhs_GKN.shape[0],):
     raise ValueError(f"gmm: group_sizes {group_sizes_G.shape} must be [G={rhs_GKN.shape[0]}]. "
                      "Fix: one size per expert")
-  out_dtype = preferred_element_type or lhs_MK.dtype
-  errors = []
-  for name in _candidates(implementation):
-    fn = _REGISTRY.get(name)
-    if fn is None:
-      errors.append(f"{name}: not registered (have {available_implementations()})")
-      continue
-    try:
-      return fn(lhs_MK, rhs_GKN, group_sizes_G, out_dtype=out_dtype, tiling=tiling,
-                interpret=interpret)
-    except (GmmUnsupported, NotImplementedError) as e:
-      errors.append(f"{name}: {e}")
-  raise GmmUnsupported("no grouped-matmul implementation could run: " + "; ".join(errors))
+  return REGISTRY.call(implementation, lhs_MK, rhs_GKN, group_sizes_G,
+                       out_dtype=preferred_element_type or lhs_MK.dtype, tiling=tiling)

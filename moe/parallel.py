@@ -8,7 +8,9 @@ its local experts with one grouped matmul per projection (``moe.gmm``) and sends
 the results back, where they are combined with the router weights.
 
 ``expert_parallel_ffn`` is the per-device body (call it inside ``jax.shard_map``);
-``ep_moe_ffn`` wraps it for a mesh. Two exchanges:
+``routed_experts`` places it (and the other strategies) on the current mesh
+through ``core.placement``: tokens over the ``batch`` and ``length`` axes,
+experts over ``expert``. Two exchanges:
 
 - ``ragged``: assignments sorted by expert; the per-destination row counts are
   swapped with an ``all_to_all``; the rows themselves move with
@@ -42,9 +44,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from core import placement, platform
+from core.vma import varying_like
+from moe import dispatch, gmm
 from moe.dispatch import DispatchStats, ExpertWeights, expert_ffn_grouped
 from moe.router import Routing
 
@@ -59,21 +62,6 @@ def _excl_cumsum(x):
 def _a2a(x, axis_name):
   """Row ``j`` of ``x`` goes to device ``j``; row ``s`` of the result came from ``s``."""
   return jax.lax.all_to_all(x, axis_name, 0, 0, tiled=True)
-
-
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  if hasattr(aval, "vma"):                       # jax <= 0.8
-    return frozenset(aval.vma)
-  mat = getattr(aval, "manual_axis_type", None)  # later: ManualAxisType.varying
-  return frozenset(getattr(mat, "varying", ()))
-
-
-def _varying_like(x, ref):
-  """``x`` typed as varying over the mesh axes ``ref`` varies over (shard_map's
-  ``check_vma``; a no-op without it)."""
-  missing = tuple(sorted(_varying_axes(ref) - _varying_axes(x)))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -102,7 +90,7 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 def _ragged_a2a(impl, operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                 axis_name, max_send_rows):
-  output = _varying_like(output, operand)
+  output = varying_like(output, operand)
   args = (operand, output, input_offsets.astype(jnp.int32), send_sizes.astype(jnp.int32),
           output_offsets.astype(jnp.int32), recv_sizes.astype(jnp.int32))
   if impl == "native":
@@ -124,8 +112,7 @@ def _check_common(exchange, capacity_factor, ragged_impl):
 
 def default_ragged_impl() -> str:
   """``native`` where XLA has ragged-all-to-all (GPU, TPU), ``emulated`` on CPU."""
-  from moe.gmm import current_platform
-  return "emulated" if current_platform() == "cpu" else "native"
+  return "emulated" if platform.current() == "cpu" else "native"
 
 
 def expert_parallel_ffn(x_TD: jax.Array, routing: Routing, w_local: ExpertWeights, *,
@@ -239,87 +226,62 @@ def expert_parallel_ffn(x_TD: jax.Array, routing: Routing, w_local: ExpertWeight
   return y_TD, DispatchStats(load_E, dropped)
 
 
-def ep_moe_ffn(x_BSD: jax.Array, routing: Routing, w: ExpertWeights, *, mesh=None,
-               expert_axis: str = "expert", batch_axes: Sequence[str] | None = None,
-               exchange: str = "ragged", capacity_factor: float | None = None, dtype=None,
-               gmm_impl: None | str | Sequence[str] = None, tiling=None,
-               ragged_impl: str | None = None):
-  """Expert-parallel routed experts for tokens [B, S, D] on a mesh.
+def routed_experts(x_BSD: jax.Array, routing: Routing, w: ExpertWeights, *, strategy: str,
+                   capacity_factor: float = 1.25, dtype=None, expert_parallel: str = "none",
+                   gmm_impl: None | str | Sequence[str] = None, tiling=None,
+                   ragged_impl: str | None = None):
+  """The routed experts' output for tokens [B, S, D], placed on the current mesh.
 
-  Args:
-    x_BSD: tokens, batch sharded over ``batch_axes``.
-    routing: ``Routing`` with [B, S, K] weights and experts (global ids).
-    w: all experts' stacked weights [E, ...]; sharded on dim 0 over
-      ``expert_axis``, replicated over the other axes.
-    mesh: a ``Mesh``/``AbstractMesh``; None: the one set by ``jax.set_mesh``.
-    expert_axis: mesh axis the experts are sharded over.
-    batch_axes: mesh axes the batch is sharded over; must include
-      ``expert_axis``. Default ``(expert_axis,)``.
-    exchange, capacity_factor, dtype, gmm_impl, tiling, ragged_impl: see
-      ``expert_parallel_ffn``.
+  ``dropping`` and ``reference`` are einsums XLA partitions itself
+  (``moe.dispatch``). ``dropless`` sorts tokens by expert, which must not happen
+  across devices: it runs per device (``core.placement.per_device``) on the
+  device's tokens (``batch`` and ``length`` shards):
 
-  Returns:
-    ([B, S, D] output, ``DispatchStats`` with the global load and dropped share).
+  - ``expert_parallel="none"``: with every expert's weights (gathered over the mesh
+    axes that shard them, as FSDP gathers any layer's weights);
+  - ``ragged`` / ``fixed``: with the device's experts (``expert`` shards), tokens
+    exchanged over the ``expert`` axis (``expert_parallel_ffn``); when the
+    placement does not shard ``expert``, as ``none``.
+
+  Returns ([B, S, D] output, ``DispatchStats`` with the global load and dropped share).
   """
-  _check_common(exchange, capacity_factor, ragged_impl)
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      raise ValueError("mesh=None: no mesh given and none set. Fix: pass mesh= or call inside "
-                       "`with jax.set_mesh(mesh):`")
-  sizes = dict(mesh.shape)
-  batch_axes = (expert_axis,) if batch_axes is None else tuple(batch_axes)
-  for a in (expert_axis, *batch_axes):
-    if a not in sizes:
-      raise ValueError(f"mesh axis {a!r}: not in the mesh (axes {tuple(sizes)}). Fix: name an "
-                       "existing axis in expert_axis/batch_axes")
-  if expert_axis not in batch_axes:
-    raise ValueError(f"batch_axes={batch_axes}: must include expert_axis={expert_axis!r} "
-                     f"(tokens are spread over the expert devices). Fix: add {expert_axis!r}")
-  if len(set(batch_axes)) != len(batch_axes):
-    raise ValueError(f"batch_axes={batch_axes}: an axis is repeated. Fix: name each once")
-  E = w.gate_EDF.shape[0]
-  n = sizes[expert_axis]
-  if E % n:
-    raise ValueError(f"moe.num_experts={E}: not divisible by mesh.{expert_axis}={n} (each "
-                     f"device of the expert axis holds E/{n} experts). Fix: use a multiple of "
-                     f"{n} experts or a mesh.{expert_axis} that divides {E}")
+  if strategy != "dropless":
+    if expert_parallel != "none":
+      raise ValueError(f"expert_parallel={expert_parallel!r} with strategy={strategy!r}: "
+                       "expert parallelism exchanges sorted tokens. Fix: use "
+                       "strategy='dropless' (or expert_parallel='none')")
+    return dispatch.moe_ffn(x_BSD, routing, w, strategy=strategy,
+                            capacity_factor=capacity_factor, dtype=dtype)
+  if expert_parallel != "none":
+    _check_common(expert_parallel, capacity_factor, ragged_impl)
   B, S, D = x_BSD.shape
-  nb = math.prod(sizes[a] for a in batch_axes)
-  if B % nb:
-    shown = " x ".join(f"mesh.{a}={sizes[a]}" for a in batch_axes)
-    raise ValueError(f"batch_size={B}: not divisible by {shown}={nb} (the batch axes). Fix: use "
-                     f"a batch size that is a multiple of {nb}")
-  K = routing.experts_TK.shape[-1]
-  if routing.experts_TK.shape != (B, S, K) or routing.weights_TK.shape != (B, S, K):
-    raise ValueError(f"routing: experts {routing.experts_TK.shape} and weights "
-                     f"{routing.weights_TK.shape} must be [B={B}, S={S}, K]. Fix: route x_BSD")
-
-  b = batch_axes[0] if len(batch_axes) == 1 else batch_axes
-  tok_spec, w_spec = P(b, None, None), P(expert_axis, None, None)
+  E, K = w.gate_EDF.shape[0], routing.experts_TK.shape[-1]
+  cf = capacity_factor if expert_parallel == "fixed" else None
 
   def body(x, weights, experts, w_loc):
-    Bl = x.shape[0]
-    r = Routing(weights.reshape(Bl * S, K), experts.reshape(Bl * S, K), None, None)
-    y, stats = expert_parallel_ffn(
-        x.reshape(Bl * S, D), r, w_loc, axis_name=expert_axis, num_experts=E,
-        exchange=exchange, capacity_factor=capacity_factor, dtype=dtype, gmm_impl=gmm_impl,
-        tiling=tiling, stats_axes=batch_axes, ragged_impl=ragged_impl)
-    return y.reshape(Bl, S, D), stats
+    Bl, Sl = x.shape[:2]
+    r = Routing(weights.reshape(Bl * Sl, K), experts.reshape(Bl * Sl, K), None, None)
+    tokens = placement.bound("batch") + placement.bound("length")
+    ep = placement.bound("expert") if expert_parallel != "none" else ()
+    if ep:
+      y, stats = expert_parallel_ffn(
+          x.reshape(Bl * Sl, D), r, w_loc, axis_name=ep[0], num_experts=E,
+          exchange=expert_parallel, capacity_factor=cf, dtype=dtype, gmm_impl=gmm_impl,
+          tiling=tiling, stats_axes=tokens, ragged_impl=ragged_impl)
+    else:
+      y, stats = dispatch.dropless(x.reshape(Bl * Sl, D), r, w_loc, dtype=dtype,
+                                   gmm_impl=gmm_impl, tiling=tiling)
+      if tokens:  # every device holds as many tokens: the global share is the mean
+        stats = DispatchStats(jax.lax.pmean(stats.load_E, tokens),
+                              jax.lax.pmean(stats.dropped, tokens))
+    return y.reshape(Bl, Sl, D), stats
 
-  args = (x_BSD, routing.weights_TK, routing.experts_TK, w)
-  specs = (tok_spec, tok_spec, tok_spec, ExpertWeights(w_spec, w_spec, w_spec))
-  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    # Explicit axes: shard_map wants inputs already laid out as in_specs.
-    args = jax.tree.map(lambda a, s: jax.sharding.reshard(a, NamedSharding(mesh, s)), args,
-                        specs)
-  # Interpreted Pallas kernels (a CPU host) trip shard_map's varying-axes check
-  # inside the interpreter (jax 0.12); there, shard_map runs unchecked and its
-  # transpose sums the replicated inputs' gradients itself.
-  from moe.gmm import current_platform
-  kernel_platform = {"pallas": "tpu", "megablox": "tpu", "pallas_gpu": "gpu"}
-  target = kernel_platform.get(gmm_impl) if isinstance(gmm_impl, str) else None
-  interpreted = target is not None and target != current_platform()
-  fn = jax.shard_map(body, mesh=mesh, in_specs=specs,
-                     out_specs=(tok_spec, DispatchStats(P(), P())), check_vma=not interpreted)
-  return fn(*args)
+  tok = ("batch", "length", None)
+  experts_axes = ("expert", None, None) if expert_parallel != "none" else None
+  w_axes = ExpertWeights(experts_axes, experts_axes, experts_axes)
+  return placement.per_device(
+      body, (x_BSD, routing.weights_TK, routing.experts_TK, w), (tok, tok, tok, w_axes),
+      (tok, DispatchStats((None,), ())),
+      # Interpreted Pallas kernels trip shard_map's varying-axes check; unchecked,
+      # shard_map's transpose sums the replicated weights' gradients itself.
+      check_vma=not gmm.interpreted(gmm_impl))

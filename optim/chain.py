@@ -7,27 +7,25 @@ over it passes ``is_leaf=_is_axes``.
 
 * any ``vocab`` axis (embedding, output head) or ``router`` axis (MoE router)
   -> ``'adam'``;
-* any ``router_bias`` axis (``STATE_AXES``: updated outside the optimizer) ->
-  ``'frozen'`` (zero update);
 * not a matrix (``is_matrix``: fewer than 2 non-batch axes, or no ``embed`` /
   ``mlp`` axis: norm scales, biases, per-head vectors, short conv kernels) -> ``'adam'``;
-* otherwise -> ``'muon'`` (``'namo'`` for the NAMO optimizers). Batch axes
-  (``BATCH_AXES``: stacked layers, experts; with ``per_head`` also
-  ``HEAD_AXES``) are not part of the matrix; Muon / NAMO treat each batch slice
-  as its own matrix.
+* otherwise -> the matrix group of the optimizer (``MATRIX_OPTIMIZERS``: ``'muon'``
+  for Muon, ``'namo'`` for NAMO / NAMO-D). Batch axes (``BATCH_AXES``: stacked
+  layers, experts; with ``per_head`` also ``HEAD_AXES``) are not part of the
+  matrix; the matrix optimizers treat each batch slice as its own matrix.
+* any axis of ``optimizer.freeze_axes`` -> ``'frozen'`` (zero update, no state).
 
-Muon (Jordan 2024, "modded-nanogpt"; Liu et al. 2025, "Muon is Scalable for LLM
-Training") is assembled from optax 0.2.8 pieces, in the same order as
-``optax.contrib.muon``'s muon group:
-``scale_by_muon -> scale_by_shape -> add_decayed_weights -> scale_by_learning_rate``.
-``optax.contrib.scale_by_muon`` applies no shape scaling by itself (the width
-factor ``sqrt(max(1, fan_out / fan_in))`` lives in the private
-``optax.contrib._muon.scale_by_shape``), so ``scale_by_shape`` below restates it.
+Only parameters reach the optimizer: model state that is not a parameter (the MoE
+router's balancing bias) lives outside it.
 
-NAMO / NAMO-D (Zhang, Liu, Schaeffer 2026) are ``optim.namo.namo`` /
-``namo_d`` on the same matrices, with the same dimension numbers.
+Adding an optimizer for the matrices: a file with its ``GradientTransformation``,
+its config dataclass and a group builder (``optim/muon.py``, ``optim/namo.py``),
+and one entry in ``MATRIX_OPTIMIZERS`` plus its config field in
+``OptimizerConfig`` (this file). The experiment config group is generated from
+the dataclass (``experiments/configs/base.py``).
 """
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -35,9 +33,10 @@ import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
+from core.errors import ConfigError, check_choice, check_int, check_positive, check_range
+from optim import muon as muon_lib
 from optim import namo as namo_lib
 from optim import schedules as sched_lib
-from optim.schedules import config_error, get_field
 
 Schedule = sched_lib.Schedule
 MuonDimensionNumbers = optax_contrib.MuonDimensionNumbers
@@ -49,15 +48,11 @@ HEAD_AXES = ("heads", "kv_heads")
 # Axes whose parameters always stay on AdamW (embedding rows / head columns, the
 # MoE router's expert-logit axis: routers are small and stay on AdamW).
 ADAM_AXES = ("vocab", "router")
-# Axes of state that the optimizer never updates: it is changed outside the
-# optimizer (the MoE router's auxiliary-loss-free balancing bias).
-STATE_AXES = ("router_bias",)
 # The residual-stream axis: on the input side of projections out of the stream,
 # on the output side of projections into it.
 EMBED_AXIS = "embed"
 # Axes of the residual stream and the FFN hidden layer: a matrix has one of them.
 FEATURE_AXES = ("embed", "mlp")
-OPTIMIZERS = ("adamw", "muon", "namo", "namo_d")
 
 
 def _is_axes(x: Any) -> bool:
@@ -68,7 +63,7 @@ def _check_axes(path: Any, axes: Any) -> tuple:
   """Returns ``axes`` if it is a tuple of axis names, else raises ValueError."""
   if not isinstance(axes, tuple) or not all(
       a is None or isinstance(a, str) for a in axes):
-    raise config_error(
+    raise ConfigError(
         f"logical_axes{jax.tree_util.keystr(path)}", axes,
         "leaf must be a tuple of axis names (str or None)",
         "give every parameter a tuple like ('embed', 'mlp')")
@@ -154,7 +149,7 @@ def muon_dimension_numbers(axes: tuple,
   """
   mat = matrix_axes(axes, per_head)
   if len(mat) < 2:
-    raise config_error("logical_axes", axes,
+    raise ConfigError("logical_axes", axes,
                        "Muon needs at least 2 non-batch axes",
                        "route this parameter to adam (see param_labels)")
   if axes[mat[0]] == EMBED_AXIS:
@@ -190,53 +185,76 @@ def muon_dimension_tree(logical_axes: Any, per_head: bool = False) -> Any:
                     else optax.MaskedNode()), logical_axes)
 
 
-def _is_dim_nums(x: Any) -> bool:
-  return isinstance(x, MuonDimensionNumbers)
+class MatrixOptimizer(NamedTuple):
+  """How an optimizer updates the matrix group.
 
-
-def _fans(shape: tuple[int, ...], dim_nums: MuonDimensionNumbers) -> tuple[int, int]:
-  """(fan_in, fan_out): products of the reduction and output axis sizes."""
-  fan_in = fan_out = 1
-  for ax in dim_nums.reduction_axis:
-    fan_in *= shape[ax]
-  for ax in dim_nums.output_axis:
-    fan_out *= shape[ax]
-  return fan_in, fan_out
-
-
-def scale_by_shape(dimension_numbers: Any,
-                   consistent_rms: float | None = None
-                   ) -> optax.GradientTransformation:
-  """Scales each orthogonalised update by a factor of its matrix shape.
-
-  ``consistent_rms=None``: ``sqrt(max(1, fan_out / fan_in))`` (Jordan's Muon;
-  what ``optax.contrib.muon`` applies by default). A float ``r``:
-  ``r * sqrt(max(fan_in, fan_out))`` (Liu et al. 2025, matching AdamW's update
-  RMS with ``r = 0.2``). Fans exclude batch axes.
-
-  Args:
-    dimension_numbers: pytree like the (masked) updates with
-      ``MuonDimensionNumbers`` leaves, e.g. from ``muon_dimension_tree``.
-    consistent_rms: optional RMS target, see above.
-
-  Returns:
-    A stateless ``optax.GradientTransformation``.
+  Attributes:
+    group: the group's label (and its learning rate's name in the logs).
+    config: the ``OptimizerConfig`` field holding its hyperparameters.
+    build: ``(config, schedule, dimension-number tree) -> GradientTransformation``.
   """
+  group: str
+  config: str
+  build: Callable[[Any, Schedule, Any], optax.GradientTransformation]
 
-  def scale(u: jax.Array, dim_nums: MuonDimensionNumbers) -> jax.Array:
-    fan_in, fan_out = _fans(u.shape, dim_nums)
-    if consistent_rms is None:
-      factor = max(1.0, fan_out / fan_in) ** 0.5
-    else:
-      factor = consistent_rms * max(fan_in, fan_out) ** 0.5
-    return u * jnp.asarray(factor, u.dtype)
 
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree.map(scale, updates, dimension_numbers,
-                        is_leaf=_is_dim_nums), state
+# optimizer.name -> its matrix group; ``adamw`` has none (AdamW on everything).
+MATRIX_OPTIMIZERS = {
+    "muon": MatrixOptimizer("muon", "muon", muon_lib.muon_group),
+    "namo": MatrixOptimizer("namo", "namo", lambda c, s, d: namo_lib.namo_group(
+        c, s, d, per_column=False)),
+    "namo_d": MatrixOptimizer("namo", "namo", lambda c, s, d: namo_lib.namo_group(
+        c, s, d, per_column=True)),
+}
+OPTIMIZERS = ("adamw",) + tuple(MATRIX_OPTIMIZERS)
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The ``optimizer`` config group.
+
+  Attributes:
+    name: one of ``OPTIMIZERS``.
+    learning_rate: peak learning rate of AdamW (and of the AdamW group of the hybrids).
+    schedule: one of ``optim.schedules.SCHEDULES``.
+    warmup_steps: linear warmup from 0.
+    decay_fraction: ``wsd``: share of the steps spent decaying.
+    min_lr_ratio: final learning rate / peak.
+    b1, b2, eps, weight_decay: AdamW's (decay on matrices only).
+    clip_norm: global-norm clipping of the whole gradient; 0 disables.
+    freeze_axes: logical axes whose parameters are frozen, e.g. ``('vocab',)``.
+    muon, namo: the matrix groups' hyperparameters (``MATRIX_OPTIMIZERS``).
+  """
+  name: str = "adamw"
+  learning_rate: float = 3e-3
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  decay_fraction: float = 0.2
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  freeze_axes: tuple[str, ...] = ()
+  muon: muon_lib.MuonConfig = muon_lib.MuonConfig()
+  namo: namo_lib.NamoConfig = namo_lib.NamoConfig()
+
+  def __post_init__(self):
+    check_choice("name", self.name, OPTIMIZERS)
+    check_choice("schedule", self.schedule, sched_lib.SCHEDULES)
+    check_positive("learning_rate", self.learning_rate)
+    check_int("warmup_steps", self.warmup_steps, 0)
+    check_range("decay_fraction", self.decay_fraction, 0.0, 1.0, lo_open=True)
+    check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+    for name in ("b1", "b2"):
+      check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
+    check_positive("eps", self.eps)
+    check_range("weight_decay", self.weight_decay, 0.0, float("inf"))
+    check_range("clip_norm", self.clip_norm, 0.0, float("inf"))
+    if not all(isinstance(a, str) for a in self.freeze_axes):
+      raise ConfigError("freeze_axes", self.freeze_axes, "must be a tuple of axis names",
+                        "use e.g. ('vocab',)")
 
 
 class Built(NamedTuple):
@@ -253,119 +271,7 @@ class Built(NamedTuple):
   labels: Any
 
 
-def _sub(cfg: Any) -> Any:
-  """Accepts the ``optimizer`` node or a whole experiment config."""
-  if isinstance(cfg, dict):
-    return cfg.get("optimizer", cfg)
-  return getattr(cfg, "optimizer", cfg)
-
-
-def _optional(cfg: Any, name: str, default: Any) -> Any:
-  if isinstance(cfg, dict) or hasattr(cfg, "get"):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
-
-
-def _adamw(cfg: Any, schedule: Schedule, mask: Any) -> optax.GradientTransformation:
-  b1 = sched_lib.check_range("optimizer.b1", get_field(cfg, "b1"), 0.0, 1.0,
-                             hi_open=True)
-  b2 = sched_lib.check_range("optimizer.b2", get_field(cfg, "b2"), 0.0, 1.0,
-                             hi_open=True)
-  eps = sched_lib.check_positive("optimizer.eps", get_field(cfg, "eps"))
-  wd = sched_lib.check_range("optimizer.weight_decay",
-                             get_field(cfg, "weight_decay"), 0.0, float("inf"))
-  return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd,
-                     mask=mask)
-
-
-def _bool(cfg: Any, name: str, prefix: str, default: Any = None) -> bool:
-  """Reads a bool field (required when ``default`` is None)."""
-  value = (get_field(cfg, name, prefix) if default is None
-           else _optional(cfg, name, default))
-  if not isinstance(value, bool):
-    raise config_error(f"{prefix}.{name}", value, "must be a bool",
-                       "use True or False")
-  return value
-
-
-def _ns_steps(cfg: Any, prefix: str) -> int:
-  ns_steps = get_field(cfg, "ns_steps", prefix)
-  if not sched_lib.is_int(ns_steps) or ns_steps < 1:
-    raise config_error(f"{prefix}.ns_steps", ns_steps, "must be an int >= 1",
-                       "use 5 (Jordan's default)")
-  return int(ns_steps)
-
-
-def _muon(mcfg: Any, schedule: Schedule, dim_tree: Any
-          ) -> optax.GradientTransformation:
-  """The muon group: momentum + Newton-Schulz, shape scale, decay, -lr."""
-  p = "optimizer.muon"
-  beta = sched_lib.check_range(f"{p}.momentum", get_field(mcfg, "momentum", p),
-                               0.0, 1.0, hi_open=True)
-  nesterov = _bool(mcfg, "nesterov", p)
-  ns_steps = _ns_steps(mcfg, p)
-  wd = sched_lib.check_range(f"{p}.weight_decay",
-                             get_field(mcfg, "weight_decay", p), 0.0,
-                             float("inf"))
-  rms = _optional(mcfg, "consistent_rms", None)
-  if rms is not None:
-    rms = sched_lib.check_positive(f"{p}.consistent_rms", rms)
-  ns_dtype = _optional(mcfg, "ns_dtype", "float32")
-  if ns_dtype not in NS_DTYPES:
-    raise config_error(f"{p}.ns_dtype", ns_dtype, "unknown dtype",
-                       f"use one of {', '.join(NS_DTYPES)}")
-  if ns_dtype == "float32":  # optax's own Newton-Schulz, in the update's dtype
-    orthogonalised = [optax_contrib.scale_by_muon(
-        ns_steps=ns_steps, beta=beta, nesterov=nesterov, weight_dimension_numbers=dim_tree)]
-  else:  # optax's momentum and normalisation, then our Newton-Schulz in bf16
-    orthogonalised = [
-        optax_contrib.scale_by_muon(ns_steps=0, beta=beta, nesterov=nesterov,
-                                    weight_dimension_numbers=dim_tree),
-        namo_lib.orthogonalize(ns_steps, NS_DTYPES[ns_dtype], dim_tree)]
-  return optax.chain(
-      *orthogonalised,
-      scale_by_shape(dim_tree, consistent_rms=rms),
-      optax.add_decayed_weights(wd),
-      optax.scale_by_learning_rate(schedule),
-  )
-
-
-NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-def _namo(ncfg: Any, schedule: Schedule, dim_tree: Any, per_column: bool
-          ) -> optax.GradientTransformation:
-  """The namo group: ``optim.namo.namo`` (or ``namo_d``) from ``optimizer.namo``."""
-  p = "optimizer.namo"
-  field = lambda name: get_field(ncfg, name, p)
-  unit = lambda name: sched_lib.check_range(f"{p}.{name}", field(name), 0.0,
-                                            1.0, hi_open=True)
-  mode = field("weight_decay_mode")
-  if mode not in namo_lib.WEIGHT_DECAY_MODES:
-    raise config_error(f"{p}.weight_decay_mode", mode, "unknown mode",
-                       f"use one of {', '.join(namo_lib.WEIGHT_DECAY_MODES)}")
-  ns_dtype = _optional(ncfg, "ns_dtype", "bfloat16")
-  if ns_dtype not in NS_DTYPES:
-    raise config_error(f"{p}.ns_dtype", ns_dtype, "unknown dtype",
-                       f"use one of {', '.join(NS_DTYPES)}")
-  kwargs = dict(
-      b1=unit("b1"), b2=unit("b2"),
-      eps=sched_lib.check_positive(f"{p}.eps", field("eps")),
-      weight_decay=sched_lib.check_range(f"{p}.weight_decay",
-                                         field("weight_decay"), 0.0,
-                                         float("inf")),
-      weight_decay_mode=mode, nesterov=_bool(ncfg, "nesterov", p),
-      ns_steps=_ns_steps(ncfg, p),
-      scale=sched_lib.check_positive(f"{p}.scale", field("scale")),
-      ns_dtype=NS_DTYPES[ns_dtype], weight_dimension_numbers=dim_tree)
-  if not per_column:
-    return namo_lib.namo(schedule, **kwargs)
-  clamp_c = sched_lib.check_range(f"{p}.clamp_c", field("clamp_c"), 0.0, 1.0,
-                                  lo_open=True)
-  return namo_lib.namo_d(schedule, clamp_c=clamp_c, **kwargs)
-
-
-def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
+def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int) -> Built:
   """Builds the optimizer named by ``cfg.name`` for params with these axes.
 
   Chain: ``clip_by_global_norm(clip_norm)`` on the whole gradient (skipped when
@@ -373,24 +279,16 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
 
   * ``adamw``: ``optax.adamw`` with weight decay on parameters with >= 2 matrix
     axes only;
-  * ``muon``: ``optax.partition({'muon': ..., 'adam': ...}, param_labels)``;
-    the muon group is ``scale_by_muon`` (per-leaf dimension numbers from the
-    axis names) -> ``scale_by_shape`` -> ``add_decayed_weights(muon.weight_decay)``
-    -> ``scale_by_learning_rate(muon schedule)``; the adam group is the AdamW
-    above with the base ``learning_rate`` schedule;
-  * ``optimizer.freeze_axes`` (optional): parameters with any of these logical
-    axes get the label ``'frozen'`` and a zero update (``optax.set_to_zero``);
-    so do parameters with a ``STATE_AXES`` axis (updated outside the optimizer);
-  * ``namo`` / ``namo_d``: the same partition with group ``'namo'`` =
-    ``optim.namo.namo`` / ``namo_d`` configured by ``optimizer.namo``
-    (learning_rate, b1, b2, eps, weight_decay, weight_decay_mode, nesterov,
-    ns_steps, scale; clamp_c for ``namo_d``; optional ns_dtype, per_head).
-
-  ``optimizer.<muon|namo>.per_head`` (optional, default False) makes the head
-  axes batch axes of the matrix group (one matrix per attention head).
+  * a matrix optimizer (``MATRIX_OPTIMIZERS``):
+    ``optax.partition({group: ..., 'adam': ...}, param_labels)``; the group is built
+    from its config (per-leaf dimension numbers from the axis names, its own
+    learning rate with the optimizer's schedule shape); the adam group is the
+    AdamW above with the base ``learning_rate`` schedule;
+  * ``freeze_axes``: parameters with any of these logical axes get the label
+    ``'frozen'`` and a zero update (``optax.set_to_zero``).
 
   Args:
-    cfg: the ``optimizer`` config node (or a whole config with ``.optimizer``).
+    cfg: ``OptimizerConfig``.
     logical_axes: pytree like the params with tuples of axis names as leaves.
     total_steps: number of training steps, for the schedules.
 
@@ -398,45 +296,30 @@ def build_optimizer(cfg: Any, logical_axes: Any, total_steps: int) -> Built:
     ``Built(tx, learning_rates, labels)``.
 
   Raises:
-    ValueError: unknown optimizer or schedule, out-of-range values, or a bad
+    core.errors.ConfigError: a schedule that does not fit ``total_steps``, or a bad
       logical-axes leaf (one line naming the field, the value and the fix).
   """
-  cfg = _sub(cfg)
-  name = get_field(cfg, "name")
-  if name not in OPTIMIZERS:
-    raise config_error("optimizer.name", name, "unknown optimizer",
-                       f"use one of {', '.join(OPTIMIZERS)}")
-  clip = sched_lib.check_range("optimizer.clip_norm", get_field(cfg, "clip_norm"),
-                               0.0, float("inf"))
-  adam_lr = sched_lib.make_schedule(get_field(cfg, "learning_rate"), cfg,
-                                    total_steps)
-  adamw = _adamw(cfg, adam_lr, decay_mask(logical_axes))
-  freeze = tuple(_optional(cfg, "freeze_axes", ()) or ()) + STATE_AXES
-  frozen = _map_axes(lambda axes: any(a in freeze for a in axes), logical_axes)
-  if name == "adamw":
+  adam_lr = sched_lib.make_schedule(cfg.learning_rate, cfg, total_steps)
+  adamw = optax.adamw(adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask(logical_axes))
+  frozen = _map_axes(lambda axes: any(a in cfg.freeze_axes for a in axes), logical_axes)
+  matrix = MATRIX_OPTIMIZERS.get(cfg.name)
+  if matrix is None:
     groups, rates = {"adam": adamw}, {"adam": adam_lr}
     labels = _map_axes(lambda axes: "adam", logical_axes)
   else:
-    group = "muon" if name == "muon" else "namo"
-    prefix = f"optimizer.{group}"
-    gcfg = _optional(cfg, group, {})  # Missing: errors name its first field.
-    per_head = _bool(gcfg, "per_head", prefix, default=False)
-    lr = sched_lib.make_schedule(
-        get_field(gcfg, "learning_rate", prefix), cfg, total_steps,
-        field=f"{prefix}.learning_rate")
-    dim_tree = muon_dimension_tree(logical_axes, per_head)
+    gcfg = getattr(cfg, matrix.config)
+    lr = sched_lib.make_schedule(gcfg.learning_rate, cfg, total_steps)
+    dim_tree = muon_dimension_tree(logical_axes, gcfg.per_head)
     # Frozen matrices are masked out of the matrix group like AdamW's leaves.
     dim_tree = jax.tree.map(lambda f, d: optax.MaskedNode() if f else d, frozen, dim_tree)
-    if group == "muon":
-      matrices = _muon(gcfg, lr, dim_tree)
-    else:
-      matrices = _namo(gcfg, lr, dim_tree, per_column=name == "namo_d")
-    labels = param_labels(logical_axes, per_head, group)
-    groups, rates = {group: matrices, "adam": adamw}, {group: lr, "adam": adam_lr}
+    labels = param_labels(logical_axes, gcfg.per_head, matrix.group)
+    groups = {matrix.group: matrix.build(gcfg, lr, dim_tree), "adam": adamw}
+    rates = {matrix.group: lr, "adam": adam_lr}
   if any(jax.tree.leaves(frozen)):
     labels = jax.tree.map(lambda f, l: "frozen" if f else l, frozen, labels)
     groups["frozen"] = optax.set_to_zero()
   tx = groups["adam"] if len(groups) == 1 else optax.partition(groups, labels)
-  if clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  if cfg.clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return Built(tx=tx, learning_rates=rates, labels=labels)

@@ -51,6 +51,7 @@ Choices made here (the paper leaves them open or states them for PyTorch):
   ``update``.
 """
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -58,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
+
+from core.errors import ConfigError, check_choice, check_int, check_positive, check_range
 
 MuonDimensionNumbers = optax_contrib.MuonDimensionNumbers
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -357,3 +360,64 @@ def namo_d(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
                nesterov=nesterov, ns_steps=ns_steps, scale=scale,
                clamp_c=clamp_c, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
                weight_dimension_numbers=weight_dimension_numbers)
+
+
+@dataclasses.dataclass(frozen=True)
+class NamoConfig:
+  """The NAMO / NAMO-D group's hyperparameters (``optimizer.namo``); see ``namo``.
+
+  Attributes:
+    learning_rate: peak lr (the paper's GPT-2-small peak; NAMO-D: 9e-3).
+    b1, b2: mu1, mu2.
+    eps: added to sqrt(v).
+    weight_decay: lambda.
+    weight_decay_mode: ``adaptive`` (the paper) or ``lr`` (AdamW-style).
+    nesterov: Nesterov form of N.
+    ns_steps: Newton-Schulz iterations.
+    ns_dtype: dtype of the Newton-Schulz iterations.
+    scale: step scale s = scale * sqrt(max(m, n)).
+    clamp_c: NAMO-D: per-column scales clamped to [c, 1/c] x mean.
+    per_head: each attention head's projection is its own matrix.
+  """
+  learning_rate: float = 1.2e-2
+  b1: float = 0.95
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  weight_decay_mode: str = "adaptive"
+  nesterov: bool = True
+  ns_steps: int = 5
+  ns_dtype: str = "bfloat16"
+  scale: float = 0.2
+  clamp_c: float = 0.5
+  per_head: bool = False
+
+  def __post_init__(self):
+    check_positive("learning_rate", self.learning_rate)
+    for name in ("b1", "b2"):
+      check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
+    check_positive("eps", self.eps)
+    check_range("weight_decay", self.weight_decay, 0.0, float("inf"))
+    check_choice("weight_decay_mode", self.weight_decay_mode, WEIGHT_DECAY_MODES)
+    check_int("ns_steps", self.ns_steps, 1)
+    check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
+    check_positive("scale", self.scale)
+    check_range("clamp_c", self.clamp_c, 0.0, 1.0, lo_open=True)
+    for name in ("nesterov", "per_head"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(name, getattr(self, name), "must be a bool", "use True or False")
+
+
+NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def namo_group(cfg: NamoConfig, schedule, dim_tree: Any, *,
+               per_column: bool) -> optax.GradientTransformation:
+  """The namo group: ``namo`` (``per_column=False``) or ``namo_d`` from ``cfg``."""
+  kwargs = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                weight_decay_mode=cfg.weight_decay_mode, nesterov=cfg.nesterov,
+                ns_steps=cfg.ns_steps, scale=cfg.scale, ns_dtype=NS_DTYPES[cfg.ns_dtype],
+                weight_dimension_numbers=dim_tree)
+  if per_column:
+    return namo_d(schedule, clamp_c=cfg.clamp_c, **kwargs)
+  return namo(schedule, **kwargs)

@@ -51,11 +51,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from attention import sparse
 from attention.kernels import common
-from attention.kernels.common import resolve_block_mask
-from attention.spec import AttentionSpec
-from moe.kernels.vma import grad_like, out_struct
+from core.vma import out_struct
 
 try:  # Triton compiler params (jax 0.11.2 and 0.12)
   from jax.experimental.pallas import triton as plgpu
@@ -69,22 +66,6 @@ _MIN_BLOCK = 16  # Triton's dot needs every block dimension >= 16
 
 
 _div, _rem = common.div, common.rem
-
-
-def _unsupported(msg: str):
-  from attention.ops import AttentionUnsupported  # lazy: ops may import this module
-  return AttentionUnsupported("pallas GPU block-sparse attention: " + msg)
-
-
-def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
-  """Raises ``AttentionUnsupported`` (or ValueError for malformed shapes) with the fix."""
-  common.check_inputs(
-      q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k, _unsupported,
-      head_dim_ok=lambda h: h in SUPPORTED_HEAD_DIMS, head_dims=str(SUPPORTED_HEAD_DIMS),
-      block_ok=lambda b: b >= _MIN_BLOCK and not b & (b - 1),
-      block_rule=(f"a power of two >= {_MIN_BLOCK} (Triton tiles have power-of-two sizes "
-                  f"and its dot needs >= {_MIN_BLOCK}). Fix: use 16, 32, 64 or 128; 64 is "
-                  "preferred"))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -102,27 +83,13 @@ _NN = ((1,), (0,))  # a @ b
 _TN = ((0,), (0,))  # a.T @ b
 
 
-def _mask_logits(s, q_first, k_first, bq, bk, causal, window):
+def _mask_logits(s, q_first, k_first, cfg):
   """Logits [bq, bk] with the token mask applied (-inf), only if the block needs it."""
-  if not (causal or window):
+  if not (cfg.causal or cfg.window):
     return s
-  needs = jnp.bool_(False)
-  if causal:
-    needs |= k_first + (bk - 1) > q_first
-  if window:
-    needs |= q_first + (bq - 1) - k_first >= window
-
-  def masked(s):
-    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    allowed = jnp.ones((bq, bk), jnp.bool_)
-    if causal:
-      allowed &= k_pos <= q_pos
-    if window:
-      allowed &= q_pos - k_pos < window
-    return jnp.where(allowed, s, -jnp.inf)
-
-  return jax.lax.cond(needs, masked, lambda s: s, s)
+  masked = lambda s: jnp.where(
+      common.token_mask(q_first, k_first, cfg.block_q, cfg.block_k, cfg), s, -jnp.inf)
+  return jax.lax.cond(common.needs_mask(q_first, k_first, cfg), masked, lambda s: s, s)
 
 
 def _params(bq, bk, H):
@@ -139,7 +106,8 @@ def _full_spec(shape):
 
 
 def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, N, G, K, Q, C,
-                bq, bk, scale, causal, window):
+                cfg):
+  bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   i, bn = pl.program_id(0), pl.program_id(1)
   row = (_div(bn, N) * K + _div(_rem(bn, N), G)) * Q + i
   count = counts_ref[row]
@@ -153,7 +121,7 @@ def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, N, 
     k_first = pl.multiple_of(idx_ref[base + j] * bk, bk)
     k = k_ref[pl.ds(k_first, bk), :]
     v = v_ref[pl.ds(k_first, bk), :]
-    s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, bq, bk, causal, window)
+    s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, cfg)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all masked so far: no inf - inf
     alpha = jnp.exp(m - shift)
@@ -181,7 +149,7 @@ def _q_specs(N, G, bq, H, S):
 
 
 def _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts_BKQ, idx_BKQC, cfg):
-  bq, bk, scale, causal, window, interpret = cfg
+  bq, bk = cfg.block_q, cfg.block_k
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   G, Q, C = N // K, T // bq, S // bk
@@ -189,15 +157,14 @@ def _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts_BKQ, idx_BKQC, cfg):
   q_spec, kv_spec, row_spec = _q_specs(N, G, bq, H, S)
   operands = (q_BTNH, k_BSKH, v_BSKH)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, N=N, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
-                        causal=causal, window=window),
+      functools.partial(_fwd_kernel, N=N, G=G, K=K, Q=Q, C=C, cfg=cfg),
       out_shape=(out_struct((B, T, N, H), q_BTNH.dtype, *operands),
                  out_struct((B, N, T), jnp.float32, *operands)),
       grid=(Q, B * N),
       in_specs=[_full_spec(counts.shape), _full_spec(idx.shape), q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, row_spec],
       compiler_params=_params(bq, bk, H),
-      interpret=interpret,
+      interpret=cfg.interpret,
       name="kestrel_block_sparse_gpu_fwd",
   )(counts, idx, *operands)
 
@@ -206,7 +173,8 @@ def _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts_BKQ, idx_BKQC, cfg):
 
 
 def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               N, G, K, Q, C, bq, bk, scale, causal, window):
+               N, G, K, Q, C, cfg):
+  bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   i, bn = pl.program_id(0), pl.program_id(1)
   row = (_div(bn, N) * K + _div(_rem(bn, N), G)) * Q + i
   count = counts_ref[row]
@@ -219,7 +187,7 @@ def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     k_first = pl.multiple_of(idx_ref[base + j] * bk, bk)
     k = k_ref[pl.ds(k_first, bk), :]
     v = v_ref[pl.ds(k_first, bk), :]
-    s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, bq, bk, causal, window)
+    s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, cfg)
     p = jnp.exp(s - lse[:, None])
     ds = p * (_dot(do, v, _NT) - delta[:, None])
     return acc + _dot(ds.astype(k.dtype), k, _NN)
@@ -229,7 +197,8 @@ def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 
 
 def _dkv_kernel(tcounts_ref, tidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, G, K, Q, C, bq, bk, scale, causal, window):
+                dv_ref, *, G, K, Q, C, cfg):
+  bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   c, bkh = pl.program_id(0), pl.program_id(1)
   row = bkh * C + c  # bkh = b * K + kv head
   count = tcounts_ref[row]
@@ -245,7 +214,7 @@ def _dkv_kernel(tcounts_ref, tidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
       do = do_ref[pl.ds(q_first, bq), g, :]
       lse = lse_ref[g, pl.ds(q_first, bq)]
       delta = delta_ref[g, pl.ds(q_first, bq)]
-      s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, bq, bk, causal, window)
+      s = _mask_logits(_dot(q, k, _NT) * scale, q_first, k_first, cfg)
       p = jnp.exp(s - lse[:, None])  # [bq, bk]
       dv = dv + _dot(p.astype(do.dtype), do, _TN)
       ds = p * (_dot(do, v, _NT) - delta[:, None])
@@ -262,7 +231,7 @@ def _dkv_kernel(tcounts_ref, tidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
 
 def _dq_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, counts_BKQ, idx_BKQC, cfg):
   """dq: the forward's grid, over the kept key blocks of each query block."""
-  bq, bk, scale, causal, window, interpret = cfg
+  bq, bk = cfg.block_q, cfg.block_k
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   G, Q, C = N // K, T // bq, S // bk
@@ -270,15 +239,14 @@ def _dq_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, counts_BKQ, id
   q_spec, kv_spec, row_spec = _q_specs(N, G, bq, H, S)
   operands = (q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
   return pl.pallas_call(
-      functools.partial(_dq_kernel, N=N, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
-                        causal=causal, window=window),
+      functools.partial(_dq_kernel, N=N, G=G, K=K, Q=Q, C=C, cfg=cfg),
       out_shape=out_struct((B, T, N, H), q_BTNH.dtype, *operands),
       grid=(Q, B * N),
       in_specs=[_full_spec(counts.shape), _full_spec(idx.shape), q_spec, kv_spec, kv_spec,
                 q_spec, row_spec, row_spec],
       out_specs=q_spec,
       compiler_params=_params(bq, bk, H),
-      interpret=interpret,
+      interpret=cfg.interpret,
       name="kestrel_block_sparse_gpu_dq",
   )(counts, idx, *operands)
 
@@ -286,7 +254,7 @@ def _dq_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, counts_BKQ, id
 def _dkv_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, tcounts_BKC, tidx_BKCQ,
               cfg):
   """dk, dv: for each key block, the query blocks that kept it, for each head of the group."""
-  bq, bk, scale, causal, window, interpret = cfg
+  bq, bk = cfg.block_q, cfg.block_k
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   G, Q, C = N // K, T // bq, S // bk
@@ -297,8 +265,7 @@ def _dkv_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, tcounts_BKC, 
   k_spec = pl.BlockSpec((None, bk, None, H), lambda c, bkh: (_div(bkh, K), c, _rem(bkh, K), 0))
   operands = (q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
-                        causal=causal, window=window),
+      functools.partial(_dkv_kernel, G=G, K=K, Q=Q, C=C, cfg=cfg),
       out_shape=(out_struct((B, S, K, H), k_BSKH.dtype, *operands),
                  out_struct((B, S, K, H), v_BSKH.dtype, *operands)),
       grid=(C, B * K),
@@ -306,92 +273,29 @@ def _dkv_call(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT, tcounts_BKC, 
                 qg_spec, rowg_spec, rowg_spec],
       out_specs=[k_spec, k_spec],
       compiler_params=_params(bq, bk, H),
-      interpret=interpret,
+      interpret=cfg.interpret,
       name="kestrel_block_sparse_gpu_dkv",
   )(tcounts, tidx, *operands)
 
 
-# ----------------------------------------------------------------------------- custom_vjp
+# ----------------------------------------------------------------------------- the kernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, cfg):
-  counts, idx = sparse.block_indices(block_mask_BKQC)
-  return _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts, idx, cfg)
+def _backward(q, k, v, do, lse_BNT, delta_BNT, counts, idx, tcounts, tidx, cfg):
+  dq = _dq_call(q, k, v, do, lse_BNT, delta_BNT, counts, idx, cfg)
+  dk, dv = _dkv_call(q, k, v, do, lse_BNT, delta_BNT, tcounts, tidx, cfg)
+  return dq, dk, dv
 
 
-def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, cfg):
-  counts, idx = sparse.block_indices(block_mask_BKQC)
-  o, lse = _fwd_call(q_BTNH, k_BSKH, v_BSKH, counts, idx, cfg)
-  return (o, lse), (q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, counts, idx, o, lse)
+KERNEL = common.BlockSparseKernel(
+    name="pallas GPU block-sparse attention", heads_major=False, default_block=DEFAULT_BLOCK,
+    head_dim_ok=lambda h: h in SUPPORTED_HEAD_DIMS, head_dims=str(SUPPORTED_HEAD_DIMS),
+    block_ok=lambda b: b >= _MIN_BLOCK and not b & (b - 1),
+    block_rule=(f"a power of two >= {_MIN_BLOCK} (Triton tiles have power-of-two sizes "
+                f"and its dot needs >= {_MIN_BLOCK}). Fix: use 16, 32, 64 or 128; 64 is "
+                "preferred"),
+    forward=_fwd_call, backward=_backward)
 
-
-def _attention_bwd(cfg, res, cotangents):
-  q, k, v, block_mask, counts, idx, o, lse_BNT = res
-  do, dlse_BNT = cotangents
-  delta_BTN = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  delta_BNT = jnp.swapaxes(delta_BTN, 1, 2) - dlse_BNT.astype(jnp.float32)
-  lse_safe = jnp.where(lse_BNT == -jnp.inf, 0.0, lse_BNT)  # empty rows: all logits masked
-  do = do.astype(q.dtype)
-  dq = _dq_call(q, k, v, do, lse_safe, delta_BNT, counts, idx, cfg)
-  tcounts, tidx = sparse.block_indices(jnp.swapaxes(block_mask, -1, -2))
-  dk, dv = _dkv_call(q, k, v, do, lse_safe, delta_BNT, tcounts, tidx, cfg)
-  return grad_like(dq, q), grad_like(dk, k), grad_like(dv, v), None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-# ----------------------------------------------------------------------------- public API
-
-
-def block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, *, block_q: int, block_k: int,
-                           causal: bool = True, sliding_window: int = 0,
-                           scale: float | None = None, interpret=False, return_lse: bool = False):
-  """Block-sparse flash attention (Pallas GPU / Triton), differentiable in q, k and v.
-
-  Args:
-    q_BTNH: queries [B, T, N, H], bfloat16 or float32; H in (64, 128).
-    k_BSKH, v_BSKH: keys, values [B, S, K, H], N % K == 0 (query head n uses kv
-      head n // (N / K)).
-    block_mask_BKQC: bool [B, K, T / block_q, S / block_k], one mask per kv head
-      (True = the block is attended). No gradient.
-    block_q, block_k: block sizes in tokens: powers of two >= 16 dividing T and S;
-      64 is the usual choice.
-    causal, sliding_window: token-level mask intersected with the kept blocks
-      (query t attends key s iff s <= t if causal, t - s < window if window > 0).
-    scale: logit scale; None means 1 / sqrt(H).
-    interpret: False on GPU (Triton); True runs Pallas's interpreter (any backend).
-    return_lse: also return the fp32 log-sum-exp (differentiable).
-
-  Returns:
-    out [B, T, N, H] in q's dtype (rows with no allowed key are 0), and with
-    ``return_lse`` also lse [B, N, T] fp32: natural log of the sum of exp(scaled
-    logits) over the allowed keys; -inf for a row with no allowed key.
-
-  Raises:
-    attention.ops.AttentionUnsupported: head dim, dtype or block size the kernel
-      cannot handle (the message says which and how to fix it).
-  """
-  _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k)
-  H = q_BTNH.shape[-1]
-  cfg = (int(block_q), int(block_k), float(scale if scale is not None else H ** -0.5),
-         bool(causal), int(sliding_window), interpret)
-  out_BTNH, lse_BNT = _attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC.astype(jnp.bool_), cfg)
-  return (out_BTNH, lse_BNT) if return_lse else out_BTNH
-
-
-def attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
-                  block_mask=None, *, interpret=False):
-  """``attention.ops`` registry entry: the GPU block-sparse kernel for any ``AttentionSpec``.
-
-  Blocks and mask as ``attention.kernels.common.resolve_block_mask`` decides
-  (``DEFAULT_BLOCK`` for dense causal / sliding-window / full attention). Raises
-  ``AttentionUnsupported`` for segment ids and for inputs the kernel cannot handle
-  (see ``block_sparse_attention``).
-  """
-  bq, bk, block_mask = resolve_block_mask(q_BTNH, k_BSKH, spec, segment_ids_BT, block_mask,
-                                          DEFAULT_BLOCK, _unsupported)
-  return block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask, block_q=bq, block_k=bk,
-                                causal=spec.causal, sliding_window=spec.sliding_window,
-                                scale=spec.scale, interpret=interpret)
+# The public API (``common.BlockSparseKernel.attention`` / ``.attend``).
+block_sparse_attention = KERNEL.attention
+attend_pallas = KERNEL.attend

@@ -44,7 +44,7 @@ Design:
 - SMEM. The scalar-prefetched lists take 4 * B * K * Q * (C + 1) bytes of SMEM (1 MiB
   on v5e). When that exceeds ``SMEM_BUDGET_BYTES`` a call is split into chunks of
   batch elements (or of kv heads, when one batch element is already too big), each
-  its own pallas_call on HBM slices; a single (batch, kv head) must fit (``_check``
+  its own pallas_call on HBM slices; a single (batch, kv head) must fit (``_check_smem``
   raises otherwise: Q * C up to about 128K, i.e. T = S = 45K at block 128).
 - lse and delta live in HBM as [B, N, T, 1] fp32 columns (the [bq, 1] block is
   legal for any bq that is a multiple of 8); ``return_lse`` reshapes to [B, N, T].
@@ -66,11 +66,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attention import sparse
 from attention.kernels import common
-from attention.kernels.common import resolve_block_mask
-from attention.spec import AttentionSpec
-from moe.kernels.vma import grad_like, out_struct
+from core.errors import Unsupported
+from core.vma import out_struct
 
 SUPPORTED_HEAD_DIMS = (64, 128, 192, 256)
 DEFAULT_BLOCK = 128  # attend_pallas's block size for a static (causal / window) mask
@@ -83,65 +81,32 @@ _SUBLANES = 8
 _div, _rem = common.div, common.rem
 
 
-def _unsupported(msg: str):
-  from attention.ops import AttentionUnsupported  # lazy: ops may import this module
-  return AttentionUnsupported("pallas block-sparse attention: " + msg)
-
-
-def _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k):
-  """Raises ``AttentionUnsupported`` (or ValueError for malformed shapes) with the fix."""
-  common.check_inputs(
-      q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k, _unsupported,
-      head_dim_ok=lambda h: h % 64 == 0 and 0 < h <= 256,
-      head_dims=f"{SUPPORTED_HEAD_DIMS} (multiples of 64 up to 256)",
-      block_ok=lambda b: b > 0 and b % _SUBLANES == 0,
-      block_rule=(f"a multiple of {_SUBLANES} (TPU sublanes). Fix: use a multiple of "
-                  f"{_SUBLANES}; 128 is preferred (it fills the MXU and the lanes)"))
+def _check_smem(q_BTNH, k_BSKH, block_q, block_k):
+  """One (batch, kv head)'s scalar-prefetched block lists must fit the SMEM budget."""
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   Q, C = T // block_q, S // block_k
   need = max(_smem_bytes(Q, C), _smem_bytes(C, Q))
   if need > SMEM_BUDGET_BYTES:
-    raise _unsupported(
-        f"{Q} x {C} blocks (T={T}, S={S}, block_q={block_q}, block_k={block_k}): the block "
-        f"lists of one (batch, kv head) take {need} bytes of SMEM, over the "
-        f"{SMEM_BUDGET_BYTES}-byte budget. Fix: use larger blocks, or implementation='xla'")
+    raise Unsupported(
+        f"pallas block-sparse attention: {Q} x {C} blocks (T={T}, S={S}, block_q={block_q}, "
+        f"block_k={block_k}): the block lists of one (batch, kv head) take {need} bytes of "
+        f"SMEM, over the {SMEM_BUDGET_BYTES}-byte budget. Fix: use larger blocks, or "
+        "implementation='xla'")
 
 
 # ----------------------------------------------------------------------------- masks
 
 
-def _needs_mask(q_first, k_first, bq, bk, causal, window):
-  """Scalar: does block (q_first, k_first) hold any pair the token mask forbids?"""
-  needs = jnp.bool_(False)
-  if causal:
-    needs |= k_first + bk - 1 > q_first
-  if window:
-    needs |= (q_first + bq - 1) - k_first >= window
-  return needs
-
-
-def _token_mask(q_first, k_first, bq, bk, causal, window):
-  """bool [bq, bk]: allowed (query, key) pairs of one block, from iota positions."""
-  q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-  k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  allowed = jnp.ones((bq, bk), jnp.bool_)
-  if causal:
-    allowed &= k_pos <= q_pos
-  if window:
-    allowed &= q_pos - k_pos < window
-  return allowed
-
-
-def _visit(active, q_first, k_first, bq, bk, causal, window, body):
+def _visit(active, q_first, k_first, cfg, body):
   """Runs ``body(mask_or_None)`` for an active block, with the token mask only if needed."""
-  if not (causal or window):
+  if not (cfg.causal or cfg.window):
     pl.when(active)(lambda: body(None))
     return
-  needs = _needs_mask(q_first, k_first, bq, bk, causal, window)
+  needs = common.needs_mask(q_first, k_first, cfg)
 
   @pl.when(active & needs)
   def _masked():
-    body(_token_mask(q_first, k_first, bq, bk, causal, window))
+    body(common.token_mask(q_first, k_first, cfg.block_q, cfg.block_k, cfg))
 
   @pl.when(active & jnp.logical_not(needs))
   def _full():
@@ -158,7 +123,8 @@ def _logits(q, k, scale, mask):
 
 
 def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
-                *, G, K, Q, C, bq, bk, scale, causal, window):
+                *, G, K, Q, C, cfg):
+  bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   b, n, i, j = (pl.program_id(a) for a in range(4))
   row = (b * K + _div(n, G)) * Q + i
   c = idx_ref[row * C + j]
@@ -182,7 +148,7 @@ def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, 
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     m_sc[...] = m_new
 
-  _visit(j < counts_ref[row], i * bq, c * bk, bq, bk, causal, window, body)
+  _visit(j < counts_ref[row], i * bq, c * bk, cfg, body)
 
   @pl.when(j == C - 1)
   def _finish():
@@ -199,7 +165,7 @@ def _cost(B, N, T, S, H, matmuls, *arrays):
 
 
 def _fwd_call(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
-  bq, bk, scale, causal, window, interpret = cfg
+  bq, bk = cfg.block_q, cfg.block_k
   B, N, T, H = q_BNTH.shape
   K, S = k_BKSH.shape[1], k_BKSH.shape[2]
   G, Q, C = N // K, T // bq, S // bk
@@ -210,8 +176,7 @@ def _fwd_call(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
   def kv_map(b, n, i, j, cnt, idx):
     return b, _div(n, G), idx[((b * K + _div(n, G)) * Q + i) * C + j], 0
 
-  kernel = functools.partial(_fwd_kernel, G=G, K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale,
-                             causal=causal, window=window)
+  kernel = functools.partial(_fwd_kernel, G=G, K=K, Q=Q, C=C, cfg=cfg)
   o_shape = out_struct((B, N, T, H), q_BNTH.dtype, q_BNTH, k_BKSH, v_BKSH)
   lse_shape = out_struct((B, N, T, 1), jnp.float32, q_BNTH, k_BKSH, v_BKSH)
   return pl.pallas_call(
@@ -229,7 +194,7 @@ def _fwd_call(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
                           pltpu.VMEM((bq, H), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
+      interpret=cfg.interpret,
       name="kestrel_block_sparse_fwd",
       cost_estimate=_cost(B, N, T, S, H, 2, q_BNTH, k_BKSH, v_BKSH, o_shape),
   )(counts_BKQ.reshape(-1), idx_BKQC.reshape(-1), q_BNTH, k_BKSH, v_BKSH)
@@ -244,7 +209,8 @@ def _probs(q, k, lse, scale, mask):
 
 
 def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               acc_sc, *, G, K, Q, C, bq, bk, scale, causal, window):
+               acc_sc, *, G, K, Q, C, cfg):
+  bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   b, n, i, j = (pl.program_id(a) for a in range(4))
   row = (b * K + _div(n, G)) * Q + i
   c = idx_ref[row * C + j]
@@ -261,7 +227,7 @@ def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     acc_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
-  _visit(j < counts_ref[row], i * bq, c * bk, bq, bk, causal, window, body)
+  _visit(j < counts_ref[row], i * bq, c * bk, cfg, body)
 
   @pl.when(j == C - 1)
   def _finish():
@@ -269,7 +235,8 @@ def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 
 
 def _dkv_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, dk_sc, dv_sc, *, K, Q, C, R, bq, bk, scale, causal, window):
+                dv_ref, dk_sc, dv_sc, *, K, Q, C, R, cfg):
+  bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
   b, kh, c, r = (pl.program_id(a) for a in range(4))
   row = (b * K + kh) * C + c
   j = _rem(r, Q)
@@ -291,7 +258,7 @@ def _dkv_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, tn,
                                       preferred_element_type=jnp.float32)
 
-  _visit(j < counts_ref[row], i * bq, c * bk, bq, bk, causal, window, body)
+  _visit(j < counts_ref[row], i * bq, c * bk, cfg, body)
 
   @pl.when(r == R - 1)
   def _finish():
@@ -300,17 +267,16 @@ def _dkv_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _bwd_setup(q_BNTH, k_BKSH, cfg):
-  bq, bk, scale, causal, window, _ = cfg
   B, N, T, H = q_BNTH.shape
   K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-  G, Q, C = N // K, T // bq, S // bk
-  statics = dict(K=K, Q=Q, C=C, bq=bq, bk=bk, scale=scale, causal=causal, window=window)
+  G, Q, C = N // K, T // cfg.block_q, S // cfg.block_k
+  statics = dict(K=K, Q=Q, C=C, cfg=cfg)
   return B, N, T, H, K, S, G, Q, C, statics
 
 
 def _dq_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, idx_BKQC, cfg):
   """dq: the forward's grid, over the kept key blocks of each query block."""
-  bq, bk, interpret = cfg[0], cfg[1], cfg[5]
+  bq, bk = cfg.block_q, cfg.block_k
   B, N, T, H, K, S, G, Q, C, statics = _bwd_setup(q_BNTH, k_BKSH, cfg)
   operands = (q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1)
 
@@ -335,7 +301,7 @@ def _dq_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, 
           scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
+      interpret=cfg.interpret,
       name="kestrel_block_sparse_dq",
       cost_estimate=_cost(B, N, T, S, H, 3, *operands, dq_shape),
   )(counts_BKQ.reshape(-1), idx_BKQC.reshape(-1), *operands)
@@ -345,7 +311,7 @@ def _dq_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, 
 def _dkv_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, tcounts_BKC, tidx_BKCQ,
               cfg):
   """dk, dv: for each key block, the query blocks that kept it, for each head of the group."""
-  bq, bk, interpret = cfg[0], cfg[1], cfg[5]
+  bq, bk = cfg.block_q, cfg.block_k
   B, N, T, H, K, S, G, Q, C, statics = _bwd_setup(q_BNTH, k_BKSH, cfg)
   operands = (q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1)
   R = G * Q
@@ -372,7 +338,7 @@ def _dkv_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, tcounts_BKC
           scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
+      interpret=cfg.interpret,
       name="kestrel_block_sparse_dkv",
       cost_estimate=_cost(B, N, T, S, H, 4, *operands, dk_shape, dv_shape),
   )(tcounts_BKC.reshape(-1), tidx_BKCQ.reshape(-1), *operands)
@@ -440,90 +406,28 @@ def _dkv_chunk(q, do, lse, delta, k, v, tcounts, tidx, cfg):
   return _dkv_call(q, k, v, do, lse, delta, tcounts, tidx, cfg)
 
 
-# ----------------------------------------------------------------------------- custom_vjp
+# ----------------------------------------------------------------------------- the kernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q_BNTH, k_BKSH, v_BKSH, block_mask_BKQC, cfg):
-  counts, idx = sparse.block_indices(block_mask_BKQC)
-  o, lse = _forward(q_BNTH, k_BKSH, v_BKSH, counts, idx, cfg)
-  return o, lse[..., 0]
+def _forward_bnth(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
+  o, lse_BNT1 = _forward(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg)
+  return o, lse_BNT1[..., 0]
 
 
-def _attention_fwd(q_BNTH, k_BKSH, v_BKSH, block_mask_BKQC, cfg):
-  counts, idx = sparse.block_indices(block_mask_BKQC)
-  o, lse = _forward(q_BNTH, k_BKSH, v_BKSH, counts, idx, cfg)
-  return (o, lse[..., 0]), (q_BNTH, k_BKSH, v_BKSH, block_mask_BKQC, counts, idx, o, lse)
+def _backward_bnth(q, k, v, do, lse_BNT, delta_BNT, counts, idx, tcounts, tidx, cfg):
+  return _backward(q, k, v, do, lse_BNT[..., None], delta_BNT[..., None], counts, idx, tcounts,
+                   tidx, cfg)
 
 
-def _attention_bwd(cfg, res, cotangents):
-  q, k, v, block_mask, counts, idx, o, lse_BNT1 = res
-  do, dlse_BNT = cotangents
-  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-  delta = delta - dlse_BNT.astype(jnp.float32)[..., None]
-  lse_safe = jnp.where(lse_BNT1 == -jnp.inf, 0.0, lse_BNT1)  # empty rows: all logits masked
-  tcounts, tidx = sparse.block_indices(jnp.swapaxes(block_mask, -1, -2))
-  dq, dk, dv = _backward(q, k, v, do.astype(q.dtype), lse_safe, delta, counts, idx, tcounts,
-                         tidx, cfg)
-  return grad_like(dq, q), grad_like(dk, k), grad_like(dv, v), None
+KERNEL = common.BlockSparseKernel(
+    name="pallas block-sparse attention", heads_major=True, default_block=DEFAULT_BLOCK,
+    head_dim_ok=lambda h: h % 64 == 0 and 0 < h <= 256,
+    head_dims=f"{SUPPORTED_HEAD_DIMS} (multiples of 64 up to 256)",
+    block_ok=lambda b: b > 0 and b % _SUBLANES == 0,
+    block_rule=(f"a multiple of {_SUBLANES} (TPU sublanes). Fix: use a multiple of "
+                f"{_SUBLANES}; 128 is preferred (it fills the MXU and the lanes)"),
+    forward=_forward_bnth, backward=_backward_bnth, extra_check=_check_smem)
 
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-# ----------------------------------------------------------------------------- public API
-
-
-def block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, *, block_q: int, block_k: int,
-                           causal: bool = True, sliding_window: int = 0,
-                           scale: float | None = None, interpret=False, return_lse: bool = False):
-  """Block-sparse flash attention (Pallas TPU), differentiable in q, k and v.
-
-  Args:
-    q_BTNH: queries [B, T, N, H], bfloat16 or float32.
-    k_BSKH, v_BSKH: keys, values [B, S, K, H], N % K == 0 (query head n uses kv
-      head n // (N / K)).
-    block_mask_BKQC: bool [B, K, T / block_q, S / block_k], one mask per kv head
-      (True = the block is attended). No gradient.
-    block_q, block_k: block sizes in tokens: multiples of 8 dividing T and S; 128
-      is the efficient choice on TPU.
-    causal, sliding_window: token-level mask intersected with the kept blocks
-      (query t attends key s iff s <= t if causal, t - s < window if window > 0).
-    scale: logit scale; None means 1 / sqrt(H).
-    interpret: False on TPU; True (or ``pltpu.InterpretParams()``) elsewhere.
-    return_lse: also return the fp32 log-sum-exp (differentiable).
-
-  Returns:
-    out [B, T, N, H] in q's dtype (rows with no allowed key are 0), and with
-    ``return_lse`` also lse [B, N, T] fp32: natural log of the sum of exp(scaled
-    logits) over the allowed keys; -inf for a row with no allowed key.
-
-  Raises:
-    attention.ops.AttentionUnsupported: head dim, dtype or block size the kernel
-      cannot handle (the message says which and how to fix it).
-  """
-  _check(q_BTNH, k_BSKH, v_BSKH, block_mask_BKQC, block_q, block_k)
-  H = q_BTNH.shape[-1]
-  cfg = (int(block_q), int(block_k), float(scale if scale is not None else H ** -0.5),
-         bool(causal), int(sliding_window), interpret)
-  to_heads = lambda x: jnp.swapaxes(x, 1, 2)
-  o_BNTH, lse_BNT = _attention(to_heads(q_BTNH), to_heads(k_BSKH), to_heads(v_BSKH),
-                               block_mask_BKQC.astype(jnp.bool_), cfg)
-  out_BTNH = to_heads(o_BNTH)
-  return (out_BTNH, lse_BNT) if return_lse else out_BTNH
-
-
-def attend_pallas(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None,
-                  block_mask=None, *, interpret=False):
-  """``attention.ops`` registry entry: the block-sparse kernel for any ``AttentionSpec``.
-
-  Blocks and mask as ``attention.kernels.common.resolve_block_mask`` decides
-  (``DEFAULT_BLOCK`` for dense causal / sliding-window / full attention). Raises
-  ``AttentionUnsupported`` for segment ids and for inputs the kernel cannot handle
-  (see ``block_sparse_attention``).
-  """
-  bq, bk, block_mask = resolve_block_mask(q_BTNH, k_BSKH, spec, segment_ids_BT, block_mask,
-                                          DEFAULT_BLOCK, _unsupported)
-  return block_sparse_attention(q_BTNH, k_BSKH, v_BSKH, block_mask, block_q=bq, block_k=bk,
-                                causal=spec.causal, sliding_window=spec.sliding_window,
-                                scale=spec.scale, interpret=interpret)
+# The public API (``common.BlockSparseKernel.attention`` / ``.attend``).
+block_sparse_attention = KERNEL.attention
+attend_pallas = KERNEL.attend

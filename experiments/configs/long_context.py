@@ -16,14 +16,14 @@ Sizes:
   sequence on a v5p-64 slice (``experiments.compile --topology=v5p:4x4x2``),
   data x sequence = 2 x 16; headwise runs 2 stages of 16 heads.
 """
-from experiments.configs import base
+from experiments.configs import base, unknown_arg
 
 SIZES = ("tiny", "v5p")
 
 
 def get_config(size: str = "tiny"):
   if size not in SIZES:
-    raise ValueError(f"long_context.py: unknown size {size!r}; choose one of {SIZES}")
+    raise unknown_arg("long_context.py", size, SIZES)
   c = base.get_config("tiny" if size == "tiny" else "small")
   c.name = f"long-context-{size}"
   c.model.context_parallel = "ring"

@@ -14,7 +14,7 @@ Sizes:
 Balancing (``model.moe``): ``load_balance_coef`` (Switch, 0.01), ``z_loss_coef``
 (ST-MoE, 1e-3), ``bias_update_rate`` (auxiliary-loss-free, DeepSeek-V3: 1e-3).
 """
-from experiments.configs import base
+from experiments.configs import base, unknown_arg
 
 SIZES = {
     # base size, experts, top_k, every, expert d_ff (0: model.d_ff)
@@ -26,7 +26,7 @@ SIZES = {
 
 def get_config(size: str = "tiny"):
   if size not in SIZES:
-    raise ValueError(f"moe.py: unknown size {size!r}; choose one of {sorted(SIZES)}")
+    raise unknown_arg("moe.py", size, SIZES)
   base_size, experts, top_k, every, d_ff = SIZES[size]
   c = base.get_config(base_size)
   c.name = f"moe-{size}"

@@ -10,7 +10,7 @@ launching: ``python -m experiments.compile --config=... --topology=<target>``.
 The embedded corpus and byte tokenizer are placeholders at this scale: point
 ``data.source=files`` / ``data.path`` at your corpus.
 """
-from experiments.configs import base
+from experiments.configs import base, unknown_arg
 
 # name: (base size or model dims, target topology, mesh, batch, seq_len, steps)
 _1B = dict(d_model=2048, n_layers=20, n_heads=16, n_kv_heads=8, d_ff=5632)
@@ -23,7 +23,7 @@ PODS = {
 
 def get_config(name: str = "1b-v5p64"):
   if name not in PODS:
-    raise ValueError(f"pod.py: unknown config {name!r}; choose one of {sorted(PODS)}")
+    raise unknown_arg("pod.py", name, PODS)
   size, model, topology, mesh, batch, seq_len, steps = PODS[name]
   c = base.get_config(size)
   c.name = f"pod-{name}"

@@ -30,7 +30,7 @@ teacher under each mask (no fine-tuning), then distils each setting per seed, e.
       --workdir=runs/sparse-d10 --config.model.sparse.top_p=0.05 \\
       --config.model.sparse.sink_blocks=0
 """
-from experiments.configs import base
+from experiments.configs import base, unknown_arg
 
 TEACHER = "records/2026-11-26-sparse-attention-distill/runs/teacher"
 
@@ -57,8 +57,7 @@ def _model(c, seq_len: int, block: int):
 
 def get_config(arg: str = "tiny"):
   if arg not in ("tiny", "teacher", "ablation"):
-    raise ValueError(f"sparse_attention.py: unknown arg {arg!r}; choose one of "
-                     "tiny, teacher, ablation")
+    raise unknown_arg("sparse_attention.py", arg, ("tiny", "teacher", "ablation"))
   c = base.get_config("tiny")
   c.name = f"sparse-attention-{arg}"
   if arg == "tiny":

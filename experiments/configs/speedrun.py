@@ -10,7 +10,7 @@ lives in its own field (``optimizer.learning_rate`` for AdamW and the AdamW
 group of the hybrids, ``optimizer.muon.learning_rate``,
 ``optimizer.namo.learning_rate``); sweep those.
 """
-from experiments.configs import base
+from experiments.configs import base, unknown_arg
 
 SIZES = {
     # d_model, n_layers, heads, kv_heads, d_ff, seq_len, batch, steps
@@ -21,7 +21,7 @@ SIZES = {
 
 def get_config(size: str = "tiny"):
   if size not in SIZES:
-    raise ValueError(f"speedrun.py: unknown size {size!r}; choose one of {sorted(SIZES)}")
+    raise unknown_arg("speedrun.py", size, SIZES)
   d, n_layers, heads, kv_heads, d_ff, seq_len, batch, steps = SIZES[size]
   c = base.get_config("tiny" if size == "tiny" else "small")
   c.name = f"speedrun-{size}"

@@ -14,7 +14,7 @@ Sizes:
   with ``data.synthetic.num_pairs`` / ``num_queries``).
 - ``corpus``: the same model on the embedded corpus.
 """
-from experiments.configs import base
+from experiments.configs import base, unknown_arg
 
 SIZES = ("tiny", "mqar", "corpus")
 
@@ -22,8 +22,7 @@ SIZES = ("tiny", "mqar", "corpus")
 def get_config(arg: str = "tiny"):
   size, _, pattern = arg.partition(",")
   if size not in SIZES:
-    raise ValueError(f"ssd.py: unknown size {size!r}; choose one of {SIZES} "
-                     "(optionally ',<layer pattern>', e.g. tiny,LS)")
+    raise unknown_arg("ssd.py", size, SIZES)
   c = base.get_config("tiny")
   c.name = f"ssd-{size}"
   c.model.layer_pattern = pattern or "L"

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# shard_map (varying-axes check) support, shared with the TPU kernel.
-from moe.kernels.vma import grad_like, out_struct
+from core.vma import out_struct
+from moe.kernels import common
 
 try:  # masked load/store live in the Triton module (jax 0.11.2 and 0.12)
   from jax.experimental.pallas import triton as plgpu
@@ -237,52 +237,6 @@ def tgmm(x_MK: jax.Array, dout_MN: jax.Array, group_sizes_G: jax.Array, *,
   return out_GKN[:, :K, :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm_vjp(lhs_MK, rhs_GKN, group_sizes_G, tiling, interpret, out_dtype):
-  return _gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling, interpret, out_dtype, False)
-
-
-def _gmm_fwd(lhs_MK, rhs_GKN, group_sizes_G, tiling, interpret, out_dtype):
-  out = _gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling, interpret, out_dtype, False)
-  return out, (lhs_MK, rhs_GKN, group_sizes_G)
-
-
-def _gmm_bwd(tiling, interpret, out_dtype, res, dout_MN):
-  del out_dtype
-  lhs_MK, rhs_GKN, group_sizes_G = res
-  tm, tk, tn = tiling
-  # d_lhs: contraction over N (tile tn), output columns K (tile tk).
-  dlhs_MK = _gmm(dout_MN, rhs_GKN, group_sizes_G, (tm, tn, tk), interpret, jnp.float32, True)
-  drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G, tiling=tiling, interpret=interpret,
-                  preferred_element_type=jnp.float32)
-  return grad_like(dlhs_MK, lhs_MK), grad_like(drhs_GKN, rhs_GKN), None
-
-
-_gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
-        tiling: tuple[int, int, int] = DEFAULT_TILING, interpret=False,
-        preferred_element_type=None) -> jax.Array:
-  """Grouped matmul ``out[m] = lhs_MK[m] @ rhs_GKN[group(m)]``, differentiable in lhs and rhs.
-
-  Args:
-    lhs_MK: [M, K] rows sorted by group (any M; padded to the tile inside).
-    rhs_GKN: [G, K, N] one matrix per group.
-    group_sizes_G: [G] int32 row counts (zeros allowed); sum <= M. No gradient.
-    tiling: (tm, tk, tn), powers of two >= 16; a tile larger than its dimension shrinks.
-    interpret: False on GPU (Triton); True runs Pallas's interpreter (any backend).
-    preferred_element_type: output dtype (default ``lhs_MK.dtype``); accumulation is fp32.
-
-  Returns:
-    [M, N]; rows past ``sum(group_sizes_G)`` are zeros.
-  """
-  if lhs_MK.ndim != 2 or rhs_GKN.ndim != 3 or lhs_MK.shape[1] != rhs_GKN.shape[1]:
-    raise ValueError(f"gmm_gpu.gmm: lhs {lhs_MK.shape} and rhs {rhs_GKN.shape} must be "
-                     "[M, K] and [G, K, N]")
-  if group_sizes_G.shape != (rhs_GKN.shape[0],):
-    raise ValueError(f"gmm_gpu.gmm: group_sizes {group_sizes_G.shape} must be "
-                     f"[G={rhs_GKN.shape[0]}]")
-  out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
-  return _gmm_vjp(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), tuple(tiling), interpret,
-                  out_dtype)
+KERNEL = common.GmmKernel(name="pallas_gpu grouped matmul", gmm_call=_gmm, tgmm=tgmm,
+                          default_tiling=DEFAULT_TILING)
+gmm = KERNEL.gmm  # the differentiable grouped matmul (``common.GmmKernel.gmm``)

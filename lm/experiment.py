@@ -1,0 +1,95 @@
+"""Everything built from a config, before anything is allocated: the typed config,
+mesh, data, model, optimizer, loss terms, train state and the jitted steps."""
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from core.errors import ConfigError
+from lm import config as config_lib
+from lm import data as data_lib
+from lm import losses, sharding
+from lm.model import Built, build_model
+from lm.state import StateSpec, make_state, replicated
+from lm.step import make_steps, weighted_sums
+from optim.chain import build_optimizer
+
+
+@dataclasses.dataclass
+class Experiment:
+  """``build``'s result.
+
+  Attributes:
+    config: the typed config (``model.vocab_size`` resolved).
+    mesh: the device mesh.
+    model: the model's graph definition and abstract variables (``lm.model.Built``).
+    optimizer: ``optim.chain.Built`` (``.tx``, ``.learning_rates``).
+    data: ``lm.data.Data``.
+    terms: the loss terms that are on (``lm.losses``).
+    state: the train state's abstract tree, shardings and jitted init (``lm.state``).
+    train_step: jitted ``(state, batch, aux) -> (state, metrics)``; donates the state.
+    eval_step: jitted ``(params, model_state, batch, aux) -> metrics`` (token-weighted sums).
+  """
+  config: config_lib.ExperimentConfig
+  mesh: jax.sharding.Mesh
+  model: Built
+  optimizer: object
+  data: object
+  terms: list
+  state: StateSpec
+  train_step: object
+  eval_step: object
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    spec = sharding.logical_to_spec(("batch", "length"), (self.config.data.batch_size,
+                                                          self.config.data.seq_len),
+                                    dict(self.mesh.shape), what="the batch")
+    return NamedSharding(self.mesh, spec)
+
+  def put_batch(self, local_batch: dict) -> dict:
+    """This process's rows -> global arrays sharded over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def abstract_aux(self) -> dict:
+    """The step's ``aux``: term name -> ShapeDtypeStructs (only terms that take one)."""
+    model = {"params": self.state.abstract["params"],
+             "model_state": self.state.abstract["model_state"]}
+    return {t.name: a for t in self.terms if (a := t.abstract_aux(model)) is not None}
+
+
+def build(config: ml_collections.ConfigDict | config_lib.ExperimentConfig, *,
+          devices=None) -> Experiment:
+  """Checks ``config`` and builds the experiment on a mesh over ``devices`` (default:
+  every device of every process). Nothing is allocated yet. A ConfigDict gets its
+  ``model.vocab_size`` resolved in place (so ``config.json`` records it)."""
+  typed = config if isinstance(config, config_lib.ExperimentConfig) else config_lib.resolve(config)
+  mesh = sharding.make_mesh(typed.mesh, devices)
+  data = data_lib.make_data(typed.data, seed=typed.seed, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+  vocab = config_lib.resolve_vocab(typed.model.vocab_size, data.vocab_size)
+  typed = dataclasses.replace(typed, model=dataclasses.replace(typed.model, vocab_size=vocab))
+  if isinstance(config, ml_collections.ConfigDict):
+    with config.unlocked():
+      config.model.vocab_size = vocab
+  model = build_model(typed.model, typed.seed, abstract=True)
+  try:
+    optimizer = build_optimizer(typed.optimizer, model.axes["params"], typed.train.steps)
+  except ConfigError as e:
+    raise e.within("optimizer") from None
+  terms = losses.build_terms(typed, model)
+  state = make_state(typed.model, typed.seed, model, optimizer.tx, mesh)
+  train_step, eval_step = make_steps(model.graphdef, terms, optimizer.tx, mesh)
+  exp = Experiment(typed, mesh, model, optimizer, data, terms, state, None, None)
+  aux_shardings = jax.tree.map(lambda s: s.sharding, exp.abstract_aux())
+  batch, shardings = exp.batch_sharding, state.shardings
+  exp.train_step = jax.jit(train_step, in_shardings=(shardings, batch, aux_shardings),
+                           out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  exp.eval_step = jax.jit(lambda *args: weighted_sums(eval_step(*args)),
+                          in_shardings=(shardings["params"], shardings["model_state"], batch,
+                                        aux_shardings),
+                          out_shardings=replicated(mesh))
+  return exp

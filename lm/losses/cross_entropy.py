@@ -1,0 +1,15 @@
+"""Next-token cross-entropy: the objective's base term and the logged ``loss``.
+
+Its weight in the objective is 1 unless a term sets it (``Term.ce_weight``, e.g.
+distillation on the KL alone).
+"""
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits_BTV, batch):
+  """(Token-weighted mean next-token cross-entropy in fp32, the weight sum)."""
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  weights_BT = batch["weights"].astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(weights_BT), 1.0)
+  return jnp.sum(losses_BT * weights_BT) / total, total

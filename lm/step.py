@@ -1,0 +1,79 @@
+"""The pure train and eval steps: one forward pass, the objective as a sum of named
+terms (``lm.losses``), one optimizer update.
+
+``train_step(state, batch, aux) -> (state, metrics)`` has this one signature for
+every experiment: ``state`` is the train state (``lm.state``), ``batch`` a dict
+of global arrays, ``aux`` a dict of the terms' extra inputs by term name (a frozen
+teacher; ``{}`` when none). The model's non-parameter state comes back updated by
+the forward pass (e.g. the MoE balancing bias); parameters by the optimizer.
+Both steps trace under ``lm.sharding.placed(mesh)``, so kernels are chosen for
+the mesh's platform and per-device code is placed by the rules table.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm import losses, sharding
+from lm.losses.cross_entropy import cross_entropy
+from lm.model import apply
+
+
+def make_objective(graphdef, terms: list[losses.Term]):
+  """``objective(params, model_state, batch, aux) -> (total, (Forward, new model
+  state, the terms' metrics))``."""
+  w_ce = losses.ce_weight(terms)
+
+  def objective(params, model_state, batch, aux):
+    logits_BTV, stats, new_state = apply(graphdef, params, model_state, batch["inputs"])
+    ce, tokens = cross_entropy(logits_BTV, batch)
+    out = losses.Forward(logits_BTV, ce, tokens, stats)
+    total, metrics = w_ce * ce, {}
+    for term in terms:
+      value, m = term.loss(out, batch, aux.get(term.name))
+      total = total + value
+      if m:
+        metrics[term.name] = m
+    return total, (out, new_state, metrics)
+
+  return objective
+
+
+def _metrics(out: losses.Forward, term_metrics: dict) -> dict:
+  metrics = {"loss": out.ce, "tokens": out.tokens, **out.stats}
+  for name, m in term_metrics.items():
+    metrics[name] = {**metrics.get(name, {}), **m}
+  return metrics
+
+
+def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformation, mesh):
+  """The pure ``train_step(state, batch, aux)`` and ``eval_step(params, model_state,
+  batch, aux)`` (per-batch means of every metric, and ``tokens``)."""
+  objective = make_objective(graphdef, terms)
+
+  def train_step(state, batch, aux):
+    with sharding.placed(mesh):
+      (total, (out, model_state, term_metrics)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state["params"], state["model_state"], batch, aux)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, step=state["step"] + 1, params=params, model_state=model_state,
+                     opt_state=opt_state)
+    metrics = _metrics(out, term_metrics)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if terms:
+      metrics["loss_total"] = total
+    return new_state, metrics
+
+  def eval_step(params, model_state, batch, aux):
+    with sharding.placed(mesh):
+      _, (out, _, term_metrics) = objective(params, model_state, batch, aux)
+    return _metrics(out, term_metrics)
+
+  return train_step, eval_step
+
+
+def weighted_sums(metrics: dict) -> dict:
+  """Every metric times the batch's token weight (for token-weighted means)."""
+  tokens = metrics["tokens"]
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * tokens,
+                      {k: v for k, v in metrics.items() if k != "tokens"}) | {"tokens": tokens}

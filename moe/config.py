@@ -1,0 +1,89 @@
+"""The mixture-of-experts config group (``model.moe``), validated once, here."""
+import dataclasses
+
+from core.errors import ConfigError
+from moe import dispatch, gmm, parallel, router
+
+EXPERT_PARALLEL = ("none",) + parallel.EXCHANGES
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Where the experts are, how tokens reach them and how they are balanced.
+
+  Attributes:
+    num_experts: routed experts per MoE layer; 0: every layer dense.
+    every: MoE in every n-th layer (layers n-1, 2n-1, ...), dense SwiGLU elsewhere.
+    top_k: experts per token (1: Switch, 2: Mixtral).
+    d_ff: width of each routed expert; 0: the model's d_ff (fine-grained: smaller).
+    num_shared: always-on shared experts of width ``d_ff`` (DeepSeek).
+    score: router score, one of ``moe.router.SCORES``.
+    dispatch: one of ``moe.dispatch.STRATEGIES``.
+    capacity_factor: ``dropping`` (and ``fixed`` exchange) slots per expert =
+      cf * tokens * k / E.
+    gmm_impl: grouped matmul of ``dropless``: ``auto`` (the platform's) or a
+      ``moe.gmm.REGISTRY`` name.
+    expert_parallel: ``none`` or an exchange of ``moe.parallel.EXCHANGES`` over the
+      ``expert`` mesh axis.
+    load_balance_coef: Switch balancing-loss coefficient (0 disables).
+    z_loss_coef: ST-MoE router z-loss coefficient (0 disables).
+    bias_update_rate: auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3; 0 off).
+  """
+  num_experts: int = 0
+  every: int = 1
+  top_k: int = 2
+  d_ff: int = 0
+  num_shared: int = 0
+  score: str = "softmax"
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  gmm_impl: str = "auto"
+  expert_parallel: str = "none"
+  load_balance_coef: float = 0.01
+  z_loss_coef: float = 1e-3
+  bias_update_rate: float = 0.0
+
+  def __post_init__(self):
+    choices = {"score": router.SCORES, "dispatch": dispatch.STRATEGIES,
+               "gmm_impl": ("auto",) + gmm.REGISTRY.names(),
+               "expert_parallel": EXPERT_PARALLEL}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ConfigError(name, getattr(self, name), "unknown choice",
+                          f"use one of {', '.join(allowed)}")
+    for name in ("num_experts", "d_ff", "num_shared"):
+      if getattr(self, name) < 0:
+        raise ConfigError(name, getattr(self, name), "must be an integer >= 0",
+                          f"set it to N >= 0{' (0: dense model)' if name == 'num_experts' else ''}")
+    if not self.num_experts:
+      return
+    for name in ("every", "top_k"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(name, getattr(self, name), "must be a positive integer",
+                          "set it to N > 0 (num_experts=0: dense model)")
+    if self.top_k > self.num_experts:
+      raise ConfigError("top_k", self.top_k, f"exceeds num_experts={self.num_experts}",
+                        "lower top_k or add experts")
+    if not self.capacity_factor > 0:
+      raise ConfigError("capacity_factor", self.capacity_factor, "must be > 0",
+                        "use 1.0-1.25 (Switch), or dispatch=dropless for no capacity")
+    if self.expert_parallel != "none" and self.dispatch != "dropless":
+      raise ConfigError("expert_parallel", self.expert_parallel,
+                        f"needs dispatch=dropless (got {self.dispatch!r}): expert parallelism "
+                        "exchanges sorted tokens", "set dispatch=dropless or expert_parallel=none")
+    for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
+      if getattr(self, name) < 0:
+        raise ConfigError(name, getattr(self, name), "must be >= 0", "use 0 to disable")
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 0
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Layer ``layer`` is MoE when experts are configured and it is every ``every``-th."""
+    return self.enabled and (layer + 1) % self.every == 0
+
+  @property
+  def gmm_implementation(self):
+    """``gmm_impl`` as ``moe.gmm`` takes it (None: the platform's preference)."""
+    return None if self.gmm_impl == "auto" else self.gmm_impl
