@@ -9,6 +9,8 @@ endif
 CONFIG ?= experiments/configs/base.py:default
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core here); each test file runs on one worker.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install train test bench clean
 
@@ -19,7 +21,7 @@ train: install
 	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf runs .pytest_cache

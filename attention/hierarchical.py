@@ -50,7 +50,7 @@ def hierarchical_reference(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec) -> jax.A
   v_all = jnp.concatenate([v_BSKH, summaries(v_BSKH, b)], axis=1)
   t = jnp.arange(T)[:, None]
   s = jnp.arange(S)[None, :]
-  token_ok = (s <= t) & (s // b >= t // b - L)
+  token_ok = masks.allowed(t, s, True, 0) & (s // b >= t // b - L)
   summary_ok = jnp.arange(C)[None, :] < t // b - L
   ok_TA = jnp.concatenate([token_ok, summary_ok], axis=1)
   bias_A = jnp.concatenate([jnp.zeros(S), jnp.full(C, math.log(b))])

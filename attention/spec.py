@@ -1,6 +1,8 @@
 """What an attention call computes, independent of how (see ``attention.ops``)."""
 import dataclasses
 
+from core.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSparse:
@@ -33,17 +35,16 @@ class BlockSparse:
   def __post_init__(self):
     for name in ("block_q", "block_k"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number of "
-                         "tokens. Fix: use e.g. 64 or 128")
+        raise ConfigError(name, getattr(self, name), "must be a positive number of tokens",
+                          "use e.g. 64 or 128")
     for name in ("top_k", "top_p"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={value!r}: out of range; it is a fraction. "
-                         f"Fix: choose {name} in [0, 1]")
+        raise ConfigError(name, value, "out of range; it is a fraction",
+                          f"choose {name} in [0, 1]")
     for name in ("sink_blocks", "local_blocks", "max_blocks"):
       if getattr(self, name) < 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0. Fix: use 0 to "
-                         "keep none")
+        raise ConfigError(name, getattr(self, name), "must be >= 0", "use 0 to keep none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +61,11 @@ class Hierarchical:
 
   def __post_init__(self):
     if self.block <= 0:
-      raise ValueError(f"block={self.block!r}: must be a positive number of tokens. "
-                       "Fix: use e.g. 64")
+      raise ConfigError("block", self.block, "must be a positive number of tokens",
+                        "use e.g. 64")
     if self.local_blocks < 0:
-      raise ValueError(f"local_blocks={self.local_blocks!r}: must be >= 0. Fix: use 0 "
-                       "for the own block only")
+      raise ConfigError("local_blocks", self.local_blocks, "must be >= 0",
+                        "use 0 for the own block only")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,8 +36,11 @@ def _kernel(T: int, S: int, G: int, causal: bool, window: int, interpret: bool):
   bq, bk = _block(T), _block(S)
   sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                         block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-  return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * G), block_sizes=sizes,
-                                          interpret=interpret)
+  # The kernel holds its preprocessed mask as arrays: make them concrete (this is called
+  # while tracing), or the cached kernel would carry the first trace's tracers.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * G), block_sizes=sizes,
+                                            interpret=interpret)
 
 
 def attend_splash(q_BTNH, k_BSKH, v_BSKH, spec: AttentionSpec, segment_ids_BT=None, *,

@@ -22,13 +22,12 @@ sparse <= (density + 0.05) x our dense). Mask prediction is not timed here.
 Kernels that the platform cannot run (interpreted off their hardware) are skipped.
 """
 import argparse
-import datetime
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_time  # noqa: E402
+from benchmarks.common import emit, environment_lines, median_time  # noqa: E402
 
 
 def random_block_mask(key, B, K, Q, density):
@@ -124,12 +123,10 @@ def main():
         print(f"T={T} sparse {d:g} (measured {measured:.3f}, max {M}/{Q} blocks) {impl}: "
               f"{ms:.1f} ms", flush=True)
 
-  dev = jax.devices()[0]
   base = {T: ms for T, label, impl, _, ms in rows if label == "dense" and impl == "xla"}
   own_dense = {(T, impl): ms for T, label, impl, _, ms in rows if label == "dense"}
-  lines = [f"## Block-sparse attention, forward+backward ({dev.platform})", "",
-           f"- date {datetime.date.today()}, device {dev.device_kind}, jax {jax.__version__}, "
-           f"{os.cpu_count()} host cores",
+  lines = [f"## Block-sparse attention, forward+backward ({platform})", "",
+           *environment_lines(),
            f"- inputs [1, T, {N} heads ({K} kv heads), {H}], {args.dtype}, causal, blocks {b}; "
            f"medians of {args.steps} after one warm-up call; masks: diagonal + random valid "
            "blocks; density = kept share of the causal triangle", "",
@@ -154,15 +151,17 @@ def aot_table(args):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from attention import ops
   from attention.spec import AttentionSpec, BlockSparse
+  from core import platform
   from lm.aot import topology_devices
   dev = topology_devices(args.aot)[0]
   sh = NamedSharding(Mesh(np.array([dev]), ("d",)), P())
   dt = jnp.dtype(args.dtype)
   N, K, H, b = args.heads, args.kv_heads, args.head_dim, args.block
   lines = [f"## Attention fwd+bwd compiled for one {args.aot} chip (AOT, nothing run)", "",
-           f"- date {datetime.date.today()}, jax {jax.__version__}; inputs [1, T, {N} heads "
-           f"({K} kv), {H}], {args.dtype}, causal, blocks {b}; temp = the compiler's temporary HBM "
-           "bytes (activations; what fits in VMEM is not counted)", "",
+           *environment_lines(aot_topology=args.aot),
+           f"- inputs [1, T, {N} heads ({K} kv), {H}], {args.dtype}, causal, blocks {b}; temp = "
+           "the compiler's temporary HBM bytes (activations; what fits in VMEM is not counted)",
+           "",
            "| T | impl | mask | temp MiB |", "| ---: | --- | --- | ---: |"]
   for T in [int(t) for t in args.lengths.split(",")]:
     q = jax.ShapeDtypeStruct((1, T, N, H), dt, sharding=sh)
@@ -178,7 +177,7 @@ def aot_table(args):
                                   implementation=impl).astype(jnp.float32))
       f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
       try:
-        with ops.target_platform("tpu"):
+        with platform.target("tpu"):
           c = f.lower(q, kv, kv, *([m] if masked else [])).compile()
         mib = f"{c.memory_analysis().temp_size_in_bytes / 2**20:.1f}"
       except Exception as e:  # noqa: BLE001 - a table cell

@@ -7,12 +7,13 @@ prints parameter / optimizer / temporary memory per device against HBM, and the
 compiler's FLOPs per step beside the 6N + attention model estimate.
 """
 import argparse
-import datetime
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import environment_lines  # noqa: E402
 
 # (config, topology, slices, overrides)
 CASES = [
@@ -30,24 +31,21 @@ def main():
   p.add_argument("--out", default="")
   p.add_argument("--only", default="", help="comma-separated case indices")
   args = p.parse_args()
-  import jax
-  from experiments.configs import pod
+  from experiments.configs import override, pod
   from lm import aot
   gib = lambda b: f"{b / 2**30:.2f}"
-  lines = [f"## Pod configs compiled for TPU topologies ({datetime.date.today()}, jax {jax.__version__},"
-           " compiled on a CPU host with libtpu)", "",
+  picked = [int(i) for i in args.only.split(",")] if args.only else range(len(CASES))
+  topologies = ", ".join(dict.fromkeys(CASES[i][1] for i in picked))
+  lines = ["## Pod configs compiled for TPU topologies", "",
+           *environment_lines(aot_topology=topologies), "",
            "Per device. Peak = arguments + unaliased outputs + temporaries + code.", "",
            "| config | topology | devices | mesh | params GiB | optimizer GiB | temp GiB | peak GiB |"
            " HBM GiB | HBM used | compiler TFLOP/step | model TFLOP/step | ratio | compile s |",
            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   print("\n".join(lines), flush=True)
-  picked = [int(i) for i in args.only.split(",")] if args.only else range(len(CASES))
   for i in picked:
     name, topology, slices, overrides = CASES[i]
-    c = pod.get_config(name)
-    for field, value in overrides.items():
-      group, leaf = field.split(".")
-      c[group][leaf] = value
+    c = override(pod.get_config(name), overrides)
     t = time.perf_counter()
     try:
       r = aot.compile_train_step(c, topology, slices)

@@ -13,13 +13,12 @@ Two tables, each from ``compiled.memory_analysis()`` (no run):
 exchanged q/k/v, the score blocks); ``peak`` adds arguments and outputs.
 """
 import argparse
-import datetime
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import emit, environment_lines  # noqa: E402
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -36,6 +35,7 @@ def cpu_table(seq: int, heads: int, head_dim: int) -> list[str]:
   from attention.context import context_attend
   from attention.reference import attend_reference
   from attention.spec import AttentionSpec
+  from lm import sharding
   mesh = jax.make_mesh((8,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))
   spec = AttentionSpec(causal=True)
   shape = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.float32,
@@ -46,9 +46,9 @@ def cpu_table(seq: int, heads: int, head_dim: int) -> list[str]:
     if strategy == "none":  # XLA's own partitioning of the dense reference
       attend = lambda q, k, v: attend_reference(q, k, v, spec)
     else:
-      attend = lambda q, k, v, s=strategy: context_attend(q, k, v, spec, strategy=s, mesh=mesh)
+      attend = lambda q, k, v, s=strategy: context_attend(q, k, v, spec, strategy=s)
     loss = lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
-    with jax.set_mesh(mesh):
+    with sharding.placed(mesh):  # context_attend reads the mesh and its axes from here
       compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
     m = compiled.memory_analysis()
     peak = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
@@ -57,14 +57,13 @@ def cpu_table(seq: int, heads: int, head_dim: int) -> list[str]:
 
 
 def tpu_table(topology: str, layers: int) -> list[str]:
-  from experiments.configs import long_context
+  from experiments.configs import long_context, override
   from lm import aot
   rows = ["| strategy | temp GiB / device | peak GiB / device | HBM GiB | fits | TFLOPs / device |",
           "| --- | ---: | ---: | ---: | --- | ---: |"]
   for strategy in STRATEGIES[1:]:
-    c = long_context.get_config("v5p")
-    c.model.context_parallel = strategy
-    c.model.n_layers = layers
+    c = override(long_context.get_config("v5p"),
+                 {"model.context_parallel": strategy, "model.n_layers": layers})
     try:
       r = aot.compile_train_step(c, topology)
     except Exception as e:  # noqa: BLE001 - a strategy that does not compile is a row
@@ -85,12 +84,12 @@ def main():
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--out", default="")
   args = p.parse_args()
-  import jax
   from experiments.configs import long_context
   c = long_context.get_config("v5p")
-  lines = [f"## Context parallelism: compiled memory, {datetime.date.today()}", "",
-           f"jax {jax.__version__}; `python benchmarks/context_memory.py` "
-           f"--cpu_seq={args.cpu_seq} --topology={args.topology} --layers={args.layers}", "",
+  lines = ["## Context parallelism: compiled memory", "",
+           *environment_lines(aot_topology=args.topology),
+           f"- `python benchmarks/context_memory.py --cpu_seq={args.cpu_seq} "
+           f"--topology={args.topology} --layers={args.layers}`", "",
            f"### CPU, 8 simulated devices on `sequence`: attention op, causal, 1 x {args.cpu_seq} "
            f"tokens, {args.heads} heads of {args.head_dim}, fp32", ""]
   lines += cpu_table(args.cpu_seq, args.heads, args.head_dim)

@@ -12,13 +12,12 @@ length (the issue's target: SSD time(16k) / time(1k) <= 18, where softmax grows
 quadratically), and SSD over softmax at the same length.
 """
 import argparse
-import datetime
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_time  # noqa: E402
+from benchmarks.common import emit, environment_lines, median_time  # noqa: E402
 
 
 def main():
@@ -61,11 +60,9 @@ def main():
         print(f"{name} T={T}: {type(e).__name__}: {str(e)[:160]}")
         times[name][T] = float("nan")
       print(f"{name} T={T}: {times[name][T] * 1e3:.1f} ms", flush=True)
-  dev = jax.devices()[0]
   first = lengths[0]
-  lines = [f"## Linear vs. softmax attention, forward+backward ({dev.platform})", "",
-           f"- date {datetime.date.today()}, device {dev.device_kind}, jax {jax.__version__}, "
-           f"{os.cpu_count()} host cores",
+  lines = [f"## Linear vs. softmax attention, forward+backward ({jax.default_backend()})", "",
+           *environment_lines(),
            f"- inputs [1, T, {N} heads, {H}], {args.dtype}, causal; chunk {args.chunk}; "
            f"medians of {args.steps} after one warm-up call", "",
            "| T | " + " | ".join(f"{n} ms" for n in ops) + " | " +

@@ -14,13 +14,12 @@ On CPU the Pallas kernels (``pallas``, ``megablox``) only run interpreted, which
 says nothing about speed: they are left out unless ``--impls`` names them.
 """
 import argparse
-import datetime
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_time  # noqa: E402
+from benchmarks.common import emit, environment_lines, median_time  # noqa: E402
 
 
 def main():
@@ -81,10 +80,8 @@ def main():
         s = float("nan")
       rows.append((f"E={E} top-{K} {strategy}", impl or "-", s))
 
-  dev = jax.devices()[0]
   lines = [f"## MoE layer vs. dense FFN, forward+backward ({platform})", "",
-           f"- date {datetime.date.today()}, device {dev.device_kind} ({dev.platform}), "
-           f"jax {jax.__version__}, {os.cpu_count()} host cores",
+           *environment_lines(),
            f"- tokens {T}, d_model {D}, expert d_ff {F}, top-{K}, dtype {args.dtype}, "
            f"dropping capacity factor {args.capacity_factor}; dense width {K * F} "
            f"(equal active matmul FLOPs: {flops / 1e9:.2f} GFLOP per call); medians of {args.steps}",

@@ -9,34 +9,33 @@ right shapes) are timed, medians of ``--steps`` calls after warm-up; the table
 gives both and their ratio. The target on GPU is Muon/NAMO update <= 3% of the step.
 """
 import argparse
-import copy
-import datetime
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_time  # noqa: E402
+from benchmarks.common import (emit, environment_lines, load_config, median_time,  # noqa: E402
+                               zero_aux)
 
 
 def measure(config, name: str, steps: int, warmup: int) -> dict:
   import jax
   import optax
-  from lm import train
-  c = copy.deepcopy(config)
-  c.optimizer.name = name
-  exp = train.build(c)
+  from experiments.configs import override
+  from lm import experiment
+  exp = experiment.build(override(config, {"optimizer.name": name}))
   it = exp.data.train_iterator()
   batch = exp.put_batch(next(it))
-  holder = {"state": exp.init_state()}
+  aux = zero_aux(exp)
+  holder = {"state": exp.state.init()}
 
   def full_step():
-    holder["state"], m = exp.train_step(holder["state"], batch)
+    holder["state"], m = exp.train_step(holder["state"], batch, aux)
     return m["loss"]
 
   step_s = median_time(full_step, steps=steps, warmup=warmup)
   tx = exp.optimizer.tx
-  shardings = exp.state_shardings
+  shardings = exp.state.shardings
 
   def update_only(params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -45,9 +44,9 @@ def measure(config, name: str, steps: int, warmup: int) -> dict:
   params, opt_state = holder["state"]["params"], holder["state"]["opt_state"]
   grads = jax.tree.map(lambda p: p * 1e-3, params)
   upd = jax.jit(update_only, in_shardings=(shardings["params"], shardings["opt_state"],
-                                                       shardings["params"]))
+                                           shardings["params"]))
   update_s = median_time(upd, params, opt_state, grads, steps=steps, warmup=warmup)
-  return {"name": name, "step_s": step_s, "update_s": update_s}
+  return {"name": name, "step_s": step_s, "update_s": update_s, "config": exp.config}
 
 
 def main():
@@ -56,20 +55,17 @@ def main():
   p.add_argument("--optimizers", default="adamw,muon,namo,namo_d")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--set", action="append", default=[])
+  p.add_argument("--set", action="append", default=[], help="field=value config overrides")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  import jax
-  from experiments.configs import load_with_overrides
-  config = load_with_overrides(args.config, args.set)
+  config = load_config(args.config, args.set)
   rows = [measure(config, n, args.steps, args.warmup) for n in args.optimizers.split(",")]
-  dev = jax.devices()[0]
-  m = config.model
+  c = rows[0]["config"]
+  m = c.model
   lines = [f"## optimizer update vs. train step: `{args.config}` {' '.join(args.set)}", "",
-           f"- date {datetime.date.today()}, device {dev.device_kind} x{jax.device_count()} "
-           f"({dev.platform}), jax {jax.__version__}",
+           *environment_lines(),
            f"- model d={m.d_model} L={m.n_layers} d_ff={m.d_ff}, compute {m.dtype}; batch "
-           f"{config.data.batch_size} x {config.data.seq_len}; medians of {args.steps} calls",
+           f"{c.data.batch_size} x {c.data.seq_len}; medians of {args.steps} calls",
            "", "| optimizer | train step ms | update alone ms | update / step | step / adamw step |",
            "| --- | ---: | ---: | ---: | ---: |"]
   base = rows[0]["step_s"]

@@ -9,8 +9,6 @@ median step time, tokens/s, model TFLOP/s (6N + attention estimate, see
 lm/aot.py) and the ratio of step time to the first implementation's.
 """
 import argparse
-import copy
-import datetime
 import math
 import os
 import statistics
@@ -19,26 +17,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import emit, environment_lines, load_config, zero_aux  # noqa: E402
 
 
 def measure(config, impl: str, steps: int, warmup: int) -> dict:
   import jax
-  from lm import train
+  from experiments.configs import override
+  from lm import experiment
   from lm.aot import model_flops_per_step
-  c = copy.deepcopy(config)
-  c.model.attention_impl = impl
-  exp = train.build(c)
+  exp = experiment.build(override(config, {"model.attention_impl": impl}))
+  c = exp.config
   it = exp.data.train_iterator()
   batches = [exp.put_batch(next(it)) for _ in range(4)]
-  state = exp.init_state()
+  aux = zero_aux(exp)
+  state = exp.state.init()
   for i in range(warmup):
-    state, m = exp.train_step(state, batches[i % 4])
+    state, m = exp.train_step(state, batches[i % 4], aux)
   jax.block_until_ready(m)
   times = []
   for i in range(steps):
     t = time.perf_counter()
-    state, m = exp.train_step(state, batches[i % 4])
+    state, m = exp.train_step(state, batches[i % 4], aux)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
@@ -47,7 +46,8 @@ def measure(config, impl: str, steps: int, warmup: int) -> dict:
   tokens = c.data.batch_size * c.data.seq_len
   flops = model_flops_per_step(c.model, params, embed, c.data.batch_size, c.data.seq_len)
   return {"impl": impl, "step_s": step, "tokens_per_s": tokens / step,
-          "tflops": flops / step / 1e12, "params": params, "loss": float(m["loss"])}
+          "tflops": flops / step / 1e12, "params": params, "loss": float(m["loss"]),
+          "config": c}
 
 
 def main():
@@ -59,22 +59,19 @@ def main():
   p.add_argument("--set", action="append", default=[], help="field=value config overrides")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  import jax
-  from experiments.configs import load_with_overrides
-  config = load_with_overrides(args.config, args.set)
-  dev = jax.devices()[0]
+  config = load_config(args.config, args.set)
   rows = [measure(config, impl, args.steps, args.warmup) for impl in args.impls.split(",")]
   base = rows[0]["step_s"]
-  m = config.model
+  c = rows[0]["config"]
+  m = c.model
   header = [
       f"## train step: `{args.config}` {' '.join(args.set)}",
       "",
-      f"- date {datetime.date.today()}, device {dev.device_kind} x{jax.device_count()} "
-      f"({dev.platform}), jax {jax.__version__}",
+      *environment_lines(),
       f"- model d={m.d_model} L={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} d_ff={m.d_ff}, "
       f"{rows[0]['params'] / 1e6:.1f}M params, compute {m.dtype}, params {m.param_dtype}; "
-      f"batch {config.data.batch_size} x {config.data.seq_len} tokens; optimizer "
-      f"{config.optimizer.name}; median of {args.steps} steps after {args.warmup} warm-up",
+      f"batch {c.data.batch_size} x {c.data.seq_len} tokens; optimizer "
+      f"{c.optimizer.name}; median of {args.steps} steps after {args.warmup} warm-up",
       "",
       "| attention impl | step ms | tokens/s | model TFLOP/s | step time / first |",
       "| --- | ---: | ---: | ---: | ---: |"]

@@ -24,8 +24,13 @@ class Unsupported(NotImplementedError):
   """An implementation cannot handle these inputs (shape, dtype, mask, platform).
 
   Registries (``core.registry``) catch it and try the next candidate; when every
-  candidate fails one ``Unsupported`` lists every reason.
+  candidate fails one ``Unsupported`` lists every reason, with ``op`` (the registry's
+  name) and ``candidates`` (the names tried) set.
   """
+
+  def __init__(self, message: str, *, op: str | None = None, candidates: tuple = ()):
+    super().__init__(message)
+    self.op, self.candidates = op, tuple(candidates)
 
 
 def _is_number(value) -> bool:

@@ -103,7 +103,8 @@ class Registry:
     """
     target = platform.current()
     errors = []
-    for name in self.candidates(implementation):
+    names = self.candidates(implementation)
+    for name in names:
       entry = self._entries.get(name)
       if entry is None:
         errors.append(f"{name}: not registered (have {', '.join(self.names())})")
@@ -126,4 +127,5 @@ class Registry:
         return fn(*args, **kwargs)
       except Unsupported as e:
         errors.append(f"{name}: {e}")
-    raise Unsupported(f"no {self.what} implementation could run: " + "; ".join(errors))
+    raise Unsupported(f"no {self.what} implementation could run: " + "; ".join(errors),
+                      op=self.what, candidates=names)

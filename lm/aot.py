@@ -99,11 +99,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices):
   """(the experiment, its train step lowered with abstract inputs) on ``devices``."""
   from lm import experiment  # the runtime, imported late: this module is also a library
   exp = experiment.build(config, devices=devices)
-  c = exp.config
-  batch = {k: jax.ShapeDtypeStruct((c.data.batch_size, c.data.seq_len), dt,
-                                   sharding=exp.batch_sharding)
-           for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
-  return exp, exp.train_step.lower(exp.state.abstract, batch, exp.abstract_aux())
+  return exp, exp.train_step.lower(exp.state.abstract, exp.abstract_batch(), exp.abstract_aux())
 
 
 def compile_train_step(config: ml_collections.ConfigDict, topology: str,

@@ -36,9 +36,10 @@ def _paths(tree) -> dict[str, tuple]:
 
 def tree_difference(saved, expected) -> str | None:
   """The first difference between a saved tree's metadata and ``expected``'s
-  (ShapeDtypeStructs), as one phrase; None when they agree."""
+  (ShapeDtypeStructs), parameters first, as one phrase; None when they agree."""
   a, b = _paths(saved), _paths(expected)
-  for path in sorted(set(a) | set(b)):
+  order = lambda p: (not p.startswith("params/"), not p.startswith("model_state/"), p)
+  for path in sorted(set(a) | set(b), key=order):
     if path not in b:
       return f"{path} is in the checkpoint but not in this config's state"
     if path not in a:
@@ -161,11 +162,17 @@ class Checkpointer:
         aside = self._move_aside(step)
         log(f"checkpoint step {step} in {self.directory} cannot be restored ({_first_line(e)}); "
             f"moved to {aside}")
+    damaged = os.path.join(self.directory, DAMAGED)
     if steps:
       raise ConfigError("--workdir", os.path.dirname(self.directory),
                         f"none of its checkpoints ({', '.join(map(str, steps))}) restores; "
-                        f"they were moved to {os.path.join(self.directory, DAMAGED)}",
+                        f"they were moved to {damaged}",
                         "inspect them, or start again in a new --workdir")
+    if os.path.isdir(damaged) and os.listdir(damaged):
+      raise ConfigError("--workdir", os.path.dirname(self.directory),
+                        f"it has only damaged checkpoints (in {damaged})",
+                        "inspect them; to start again here, delete that folder, or use a new "
+                        "--workdir")
     return None
 
   def _move_aside(self, step: int) -> str:

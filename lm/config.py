@@ -21,6 +21,7 @@ from attention.linear import LinearConfig
 from attention.ops import REGISTRY as ATTENTION
 from attention.spec import BlockSparse, Hierarchical
 from core.errors import ConfigError, check_choice, check_int, check_range
+from lm import data as data_lib
 from moe.config import MoEConfig
 from optim.chain import OptimizerConfig
 
@@ -145,6 +146,8 @@ class DataConfig:
   synthetic: SyntheticConfig
 
   def __post_init__(self):
+    check_choice("source", self.source, data_lib.SOURCES)
+    check_choice("tokenizer", self.tokenizer, data_lib.TOKENIZERS)
     _positive(self, "seq_len", "batch_size")
     check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
 

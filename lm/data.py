@@ -69,6 +69,9 @@ class ByteTokenizer:
 
 
 _TOKENIZERS = {"byte": ByteTokenizer}
+TOKENIZERS = tuple(_TOKENIZERS)
+SOURCES = ("embedded", "files", "synthetic")
+SYNTHETIC_TASKS = ("mqar", "copy")
 
 
 def get_tokenizer(name: str) -> ByteTokenizer:
@@ -220,7 +223,7 @@ def pack_rows(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndarray, np.
 
 
 def _check_synthetic(syn, seq_len: int) -> None:
-  if syn.task not in ("mqar", "copy"):
+  if syn.task not in SYNTHETIC_TASKS:
     raise ConfigError("data.synthetic.task", syn.task, "unknown synthetic task",
                       "use 'mqar' or 'copy'")
   if not 2 <= syn.vocab <= 255:

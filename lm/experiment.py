@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from core.errors import ConfigError
+from core.errors import ConfigError, Unsupported
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import losses, sharding
@@ -15,6 +15,10 @@ from lm.model import Built, build_model
 from lm.state import StateSpec, make_state, replicated
 from lm.step import make_steps, weighted_sums
 from optim.chain import build_optimizer
+
+
+# The config field that picks each registry's implementation.
+_IMPLEMENTATION_FIELDS = {"attention": "model.attention_impl", "grouped-matmul": "model.moe.gmm_impl"}
 
 
 @dataclasses.dataclass
@@ -53,6 +57,27 @@ class Experiment:
     """This process's rows -> global arrays sharded over the mesh's batch axes."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs (with the batch sharding) of a global batch."""
+    shape = (self.config.data.batch_size, self.config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding)
+            for k, dt in (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32))}
+
+  def check_step(self) -> None:
+    """Traces the train step on abstract inputs (nothing is computed or compiled): an
+    implementation that cannot run this config is a ``ConfigError`` naming its field,
+    before a run writes anything."""
+    try:
+      jax.eval_shape(self.train_step, self.state.abstract, self.abstract_batch(),
+                     self.abstract_aux())
+    except Unsupported as e:
+      field = _IMPLEMENTATION_FIELDS.get(e.op, "model")
+      value = {"model.attention_impl": self.config.model.attention_impl,
+               "model.moe.gmm_impl": self.config.model.moe.gmm_impl}.get(field, e.candidates)
+      raise ConfigError(field, value, str(e).rstrip("."),
+                        f"choose an implementation that supports this config ({field}), or "
+                        "change the shapes it refuses") from None
 
   def abstract_aux(self) -> dict:
     """The step's ``aux``: term name -> ShapeDtypeStructs (only terms that take one)."""

@@ -121,6 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     if note:
       notes.append(note)
   step_aux = {name: loaded[name] for name in exp.abstract_aux()}
+  exp.check_step()
   _writable_workdir(workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   logger = None

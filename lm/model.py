@@ -1,5 +1,8 @@
 """Decoder-only transformer LM assembled from a typed config (Flax NNX).
 
+``cfg`` below is ``lm.config.ModelConfig`` (this module does not import it: the
+config module knows the loss terms, which run the model).
+
 embedding -> n_layers x [RMSNorm -> token mixer -> residual, RMSNorm -> SwiGLU (or a
 mixture of SwiGLU experts, ``model.moe``) -> residual] -> RMSNorm -> head (tied to
 the embedding or its own matrix). The token mixer of each layer is softmax
@@ -24,7 +27,6 @@ from attention.linear import LinearAttention
 from attention.spec import AttentionSpec
 from core.params import logical_param
 from core.placement import constrain
-from lm.config import ModelConfig
 from moe.layer import MoEFeedForward
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,7 +62,7 @@ class SwiGLU(nnx.Module):
     return h_BTF @ self.down[...].astype(dt)
 
 
-def attention_spec(cfg: ModelConfig) -> AttentionSpec:
+def attention_spec(cfg) -> AttentionSpec:
   """The softmax layers' mask: causal, ``sliding_window``, ``model.sparse``'s predicted
   block mask, or ``model.hierarchical``."""
   return AttentionSpec(causal=True, sliding_window=cfg.sliding_window,
@@ -71,7 +73,7 @@ class Block(nnx.Module):
   """Pre-norm transformer block: softmax or linear attention, then a dense or MoE
   feed-forward."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, moe: bool, mixer: str):
+  def __init__(self, cfg, *, rngs, dtype, param_dtype, moe: bool, mixer: str):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
     if mixer == "L":
       self.attn = LinearAttention(cfg.d_model, cfg.n_heads, cfg.head_size, cfg.linear,
@@ -97,7 +99,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """The LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]`` in fp32."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     self.dtype, self.tie_embeddings, self.remat = dtype, cfg.tie_embeddings, cfg.remat
     D, V = cfg.d_model, cfg.vocab_size
@@ -151,8 +153,9 @@ def _axes(state):
       is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def build_model(cfg: ModelConfig, seed: int, abstract: bool = False) -> Built:
-  """The model's graph definition, parameters and other state (see ``Built``).
+def build_model(cfg, seed: int, abstract: bool = False) -> Built:
+  """The model's graph definition, parameters and other state (see ``Built``) for
+  ``cfg``, an ``lm.config.ModelConfig``.
 
   With ``abstract=True`` nothing is allocated (ShapeDtypeStructs).
   """
@@ -176,8 +179,8 @@ def apply(graphdef, params, state, tokens_BT: jax.Array):
   them (e.g. the MoE balancing bias after its update).
   """
   model = nnx.merge(graphdef, params, state)
-  logits_BTV = model(tokens_BT)
-  sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+  logits_BTV, sown = nnx.capture(model, nnx.Intermediate)(tokens_BT)
+  sown = nnx.to_pure_dict(sown)
   _, _, new_state = nnx.split(model, nnx.Param, ...)
   stats = {}
 
@@ -193,7 +196,7 @@ def apply(graphdef, params, state, tokens_BT: jax.Array):
   return logits_BTV, stats, nnx.to_pure_dict(new_state)
 
 
-def active_param_count(cfg: ModelConfig, params) -> int:
+def active_param_count(cfg, params) -> int:
   """Parameters one token meets: all of them, less the routed experts it is not
   sent to (``num_experts - top_k`` of each MoE layer). Works on abstract params."""
   total = count_params(params)

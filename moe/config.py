@@ -1,7 +1,7 @@
 """The mixture-of-experts config group (``model.moe``), validated once, here."""
 import dataclasses
 
-from core.errors import ConfigError
+from core.errors import ConfigError, check_choice, check_int, check_positive, check_range
 from moe import dispatch, gmm, parallel, router
 
 EXPERT_PARALLEL = ("none",) + parallel.EXCHANGES
@@ -44,36 +44,24 @@ class MoEConfig:
   bias_update_rate: float = 0.0
 
   def __post_init__(self):
-    choices = {"score": router.SCORES, "dispatch": dispatch.STRATEGIES,
-               "gmm_impl": ("auto",) + gmm.REGISTRY.names(),
-               "expert_parallel": EXPERT_PARALLEL}
-    for name, allowed in choices.items():
-      if getattr(self, name) not in allowed:
-        raise ConfigError(name, getattr(self, name), "unknown choice",
-                          f"use one of {', '.join(allowed)}")
+    check_choice("score", self.score, router.SCORES)
+    check_choice("dispatch", self.dispatch, dispatch.STRATEGIES)
+    check_choice("gmm_impl", self.gmm_impl, ("auto",) + gmm.REGISTRY.names())
+    check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL)
     for name in ("num_experts", "d_ff", "num_shared"):
-      if getattr(self, name) < 0:
-        raise ConfigError(name, getattr(self, name), "must be an integer >= 0",
-                          f"set it to N >= 0{' (0: dense model)' if name == 'num_experts' else ''}")
-    if not self.num_experts:
-      return
-    for name in ("every", "top_k"):
-      if getattr(self, name) <= 0:
-        raise ConfigError(name, getattr(self, name), "must be a positive integer",
-                          "set it to N > 0 (num_experts=0: dense model)")
-    if self.top_k > self.num_experts:
+      check_int(name, getattr(self, name), 0)
+    check_int("every", self.every, 1)
+    check_int("top_k", self.top_k, 1)
+    check_positive("capacity_factor", self.capacity_factor)
+    for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
+      check_range(name, getattr(self, name), 0.0, float("inf"))
+    if self.enabled and self.top_k > self.num_experts:
       raise ConfigError("top_k", self.top_k, f"exceeds num_experts={self.num_experts}",
                         "lower top_k or add experts")
-    if not self.capacity_factor > 0:
-      raise ConfigError("capacity_factor", self.capacity_factor, "must be > 0",
-                        "use 1.0-1.25 (Switch), or dispatch=dropless for no capacity")
-    if self.expert_parallel != "none" and self.dispatch != "dropless":
+    if self.enabled and self.expert_parallel != "none" and self.dispatch != "dropless":
       raise ConfigError("expert_parallel", self.expert_parallel,
                         f"needs dispatch=dropless (got {self.dispatch!r}): expert parallelism "
                         "exchanges sorted tokens", "set dispatch=dropless or expert_parallel=none")
-    for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
-      if getattr(self, name) < 0:
-        raise ConfigError(name, getattr(self, name), "must be >= 0", "use 0 to disable")
 
   @property
   def enabled(self) -> bool:

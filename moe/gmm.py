@@ -84,26 +84,26 @@ def _megablox(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpr
   return jnp.where(valid_M[:, None], out, 0).astype(out_dtype)
 
 
-def _pallas(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret):
-  from moe.kernels import gmm_pallas
-  return gmm_pallas.gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling=tiling, interpret=interpret,
+def _kernel(module: str):
+  """A registry entry for one of our kernels; tiles the kernel cannot take are Unsupported."""
+  def run(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret):
+    import importlib
+    kernel = importlib.import_module(f"moe.kernels.{module}")
+    try:
+      return kernel.gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling=tiling, interpret=interpret,
                         preferred_element_type=out_dtype)
-
-
-def _pallas_gpu(lhs_MK, rhs_GKN, group_sizes_G, *, out_dtype, tiling=None, interpret):
-  from moe.kernels import gmm_gpu
-  try:
-    return gmm_gpu.gmm(lhs_MK, rhs_GKN, group_sizes_G, tiling=tiling, interpret=interpret,
-                       preferred_element_type=out_dtype)
-  except ValueError as e:  # tiles that are not powers of two >= 16
-    raise Unsupported(str(e)) from e
+    except ValueError as e:  # e.g. tiles off the kernel's rule (lanes, powers of two)
+      raise Unsupported(str(e)) from e
+  return run
 
 
 REGISTRY.register("xla", gmm_reference, doc="the reference")
 REGISTRY.register("ragged_dot", _ragged_dot)
 REGISTRY.register("megablox", _megablox, native=("tpu",), doc="'ragged_dot'")
-REGISTRY.register("pallas", _pallas, native=("tpu",), doc="'pallas_gpu' or 'ragged_dot'")
-REGISTRY.register("pallas_gpu", _pallas_gpu, native=("gpu",), doc="'pallas' or 'ragged_dot'")
+REGISTRY.register("pallas", _kernel("gmm_pallas"), native=("tpu",),
+                  doc="'pallas_gpu' or 'ragged_dot'")
+REGISTRY.register("pallas_gpu", _kernel("gmm_gpu"), native=("gpu",),
+                  doc="'pallas' or 'ragged_dot'")
 
 
 def interpreted(implementation=None) -> bool:

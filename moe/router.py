@@ -25,7 +25,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-SCORES = ("softmax", "sigmoid")
+def _softmax(logits_TE):
+  probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+  return probs_TE, probs_TE
+
+
+def _sigmoid(logits_TE):
+  scores_TE = jax.nn.sigmoid(logits_TE)
+  return scores_TE, scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
+
+
+# Router scores: name -> logits [..., E] (fp32) -> (scores that select and weight the
+# experts, a distribution over experts for the balancing loss). Adding a router is an
+# entry here (``moe.config.MoEConfig.score`` takes its choices from this table).
+SCORES = {"softmax": _softmax, "sigmoid": _sigmoid}
 
 
 class Routing(NamedTuple):
@@ -51,7 +64,7 @@ def check_router_args(num_experts: int, top_k: int, score: str) -> None:
     raise ValueError(f"top_k={top_k}: must be in [1, num_experts={num_experts}]. "
                      "Fix: lower top_k or add experts")
   if score not in SCORES:
-    raise ValueError(f"score={score!r}: unknown router score. Fix: use one of {SCORES}")
+    raise ValueError(f"score={score!r}: unknown router score. Fix: use one of {tuple(SCORES)}")
 
 
 def route(x_TD: jax.Array, w_DE: jax.Array, *, top_k: int, score: str = "softmax",
@@ -83,12 +96,7 @@ def route(x_TD: jax.Array, w_DE: jax.Array, *, top_k: int, score: str = "softmax
       raise ValueError("jitter>0 needs an rng. Fix: pass rng= or set jitter=0")
     x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
   logits_TE = x @ w_DE.astype(jnp.float32)
-  if score == "softmax":
-    scores_TE = jax.nn.softmax(logits_TE, axis=-1)
-    probs_TE = scores_TE
-  else:
-    scores_TE = jax.nn.sigmoid(logits_TE)
-    probs_TE = scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
+  scores_TE, probs_TE = SCORES[score](logits_TE)
   select_TE = scores_TE if bias_E is None else scores_TE + jax.lax.stop_gradient(bias_E)
   _, experts_TK = jax.lax.top_k(jax.lax.stop_gradient(select_TE), top_k)
   weights_TK = jnp.take_along_axis(scores_TE, experts_TK, axis=-1)

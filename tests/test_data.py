@@ -9,7 +9,7 @@ import pytest
 
 from experiments.configs.base import get_config
 from lm import data as D
-from lm.errors import ConfigError
+from core.errors import ConfigError
 
 LETTERS = string.ascii_letters[:40]  # one distinct byte per letter document
 

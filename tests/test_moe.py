@@ -1,5 +1,6 @@
 """moe/: routers, balancing losses, dispatch strategies against the loop-over-experts
-reference (forward and gradients), the MoE layer, and MoE models in training."""
+reference (forward and gradients), the MoE layer (its config, shared experts and the
+auxiliary-loss-free balancing bias)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,18 +8,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import dispatch, router
+from conftest import assert_close
+from core.errors import ConfigError
+from moe import dispatch, gmm, router
+from moe.config import MoEConfig
 from moe.dispatch import ExpertWeights
-from moe.layer import MoEFeedForward
+from moe.layer import BalanceBias, MoEFeedForward
 
 
-def _inputs(seed, B=2, S=16, D=32, F=48, E=8):
-  k = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(k[0], (B, S, D), jnp.float32)
-  w_r = jax.random.normal(k[1], (D, E), jnp.float32) / np.sqrt(D)
-  w = ExpertWeights(jax.random.normal(k[2], (E, D, F)) / np.sqrt(D),
-                    jax.random.normal(k[3], (E, D, F)) / np.sqrt(D),
-                    jax.random.normal(k[4], (E, F, D)) / np.sqrt(F))
+def _inputs(seed, B=2, S=8, D=16, F=24, E=4):
+  """Tokens, router and expert weights from a literal seed (NumPy: no per-shape
+  compiles of jax.random)."""
+  rng = np.random.default_rng(seed)
+  n = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+  x = n(B, S, D)
+  w_r = n(D, E, scale=D ** -0.5)
+  w = ExpertWeights(n(E, D, F, scale=D ** -0.5), n(E, D, F, scale=D ** -0.5),
+                    n(E, F, D, scale=F ** -0.5))
   return x, w_r, w
 
 
@@ -57,7 +63,7 @@ def test_sigmoid_router_and_bias_changes_selection_not_weights():
 
 
 def test_jitter_perturbs_the_input_only_with_an_rng():
-  x, w_r, _ = _inputs(0)
+  x, w_r, _ = _inputs(1)
   a = router.route(x, w_r, top_k=2)
   b = router.route(x, w_r, top_k=2, jitter=0.1, rng=jax.random.key(1))
   assert not np.allclose(a.logits_TE, b.logits_TE)
@@ -98,9 +104,6 @@ def test_balancing_losses_by_hand():
 # ---------------------------------------------------------------- dispatch
 
 
-ROUTERS = [dict(top_k=1), dict(top_k=2), dict(top_k=2, score="sigmoid"), dict(top_k=3, bias=True)]
-
-
 def _route(x, w_r, rcfg):
   rcfg = dict(rcfg)
   bias = jnp.linspace(-0.3, 0.3, w_r.shape[1]) if rcfg.pop("bias", False) else None
@@ -111,25 +114,44 @@ def _moe(strategy, x, w_r, w, rcfg, **kw):
   return dispatch.moe_ffn(x, _route(x, w_r, rcfg), w, strategy=strategy, **kw)
 
 
-@pytest.mark.parametrize("rcfg", ROUTERS, ids=lambda r: "-".join(f"{k}{v}" for k, v in r.items()))
-@pytest.mark.parametrize("strategy,kw", [
-    ("dropping", dict(capacity_factor=8.0)),  # capacity >= all tokens: nothing dropped
-    ("dropless", dict(gmm_impl="ragged_dot")),
-    ("dropless", dict(gmm_impl="xla")),
-    ("dropless", dict(gmm_impl="pallas", tiling=(16, 128, 128))),  # ours, interpreted
-], ids=["dropping", "dropless-ragged_dot", "dropless-xla", "dropless-pallas"])
-def test_strategies_equal_loop_over_experts(strategy, kw, rcfg):
-  x, w_r, w = _inputs(seed=hash((strategy, str(kw), str(rcfg))) % 1000)
+ROUTERS = {"top1": dict(top_k=1), "top2": dict(top_k=2),
+           "top2-sigmoid": dict(top_k=2, score="sigmoid"), "top3-bias": dict(top_k=3, bias=True)}
+STRATEGIES = {
+    "dropping": ("dropping", dict(capacity_factor=8.0)),  # capacity >= all tokens: no drops
+    "dropless-ragged_dot": ("dropless", dict(gmm_impl="ragged_dot")),
+    "dropless-xla": ("dropless", dict(gmm_impl="xla")),
+    "dropless-pallas": ("dropless", dict(gmm_impl="pallas", tiling=(16, 128, 128))),  # interpreted
+}
+# Every router for the two dispatch algorithms; the other grouped matmuls (tested with
+# gradients on their own in test_gmm.py) once each, for the wiring; the interpreted
+# Pallas kernel forward only (its backward kernels cost ~20 s to interpret here).
+# (strategy, router, seed)
+DISPATCH_CASES = [
+    ("dropping", "top1", 101), ("dropping", "top2", 102), ("dropping", "top2-sigmoid", 103),
+    ("dropping", "top3-bias", 104), ("dropless-ragged_dot", "top1", 105),
+    ("dropless-ragged_dot", "top2", 106), ("dropless-ragged_dot", "top2-sigmoid", 107),
+    ("dropless-ragged_dot", "top3-bias", 108), ("dropless-xla", "top3-bias", 109),
+    ("dropless-pallas", "top2", 110)]
+
+
+@pytest.mark.parametrize("name,router_name,seed", DISPATCH_CASES,
+                         ids=[f"{s}-{r}" for s, r, _ in DISPATCH_CASES])
+def test_strategies_equal_loop_over_experts(name, router_name, seed):
+  strategy, kw = STRATEGIES[name]
+  rcfg = ROUTERS[router_name]
+  x, w_r, w = _inputs(seed)
   y, stats = _moe(strategy, x, w_r, w, rcfg, **kw)
   y_ref, stats_ref = _moe("reference", x, w_r, w, rcfg)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  assert_close(y, y_ref)
   np.testing.assert_allclose(stats.load_E, stats_ref.load_E)
   assert float(stats.dropped) == 0.0
+  if name == "dropless-pallas":
+    return
   loss = lambda s, **k: lambda x, w_r, w: jnp.sum(jnp.sin(_moe(s, x, w_r, w, rcfg, **k)[0]))
   g = jax.grad(loss(strategy, **kw), argnums=(0, 1, 2))(x, w_r, w)
   g_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(x, w_r, w)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_close(a, b, 1e-4)
 
 
 def test_dropping_respects_capacity_and_priority():
@@ -154,7 +176,7 @@ def test_dropping_respects_capacity_and_priority():
 
 
 def test_unknown_strategy_is_refused():
-  x, w_r, w = _inputs(0)
+  x, w_r, w = _inputs(2)
   with pytest.raises(ValueError, match="strategy='scatter'.*Fix: use one of"):
     _moe("scatter", x, w_r, w, dict(top_k=2))
 
@@ -168,34 +190,129 @@ def test_bf16_dropless_close_to_fp32_reference():
   assert err < 2e-2, err
 
 
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("fields,field", [
+    (dict(num_experts=-1), "num_experts"),
+    (dict(num_experts=4, every=0), "every"),
+    (dict(num_experts=4, top_k=0), "top_k"),
+    (dict(num_experts=4, top_k=5), "top_k"),
+    (dict(num_experts=4, d_ff=-8), "d_ff"),
+    (dict(num_experts=4, num_shared=-1), "num_shared"),
+    (dict(num_experts=4, score="relu"), "score"),
+    (dict(num_experts=4, dispatch="scatter"), "dispatch"),
+    (dict(num_experts=4, gmm_impl="cublas"), "gmm_impl"),
+    (dict(num_experts=4, expert_parallel="all_gather"), "expert_parallel"),
+    (dict(num_experts=4, dispatch="dropping", expert_parallel="ragged"), "expert_parallel"),
+    (dict(num_experts=4, capacity_factor=0.0), "capacity_factor"),
+    (dict(num_experts=4, capacity_factor=-1.0), "capacity_factor"),
+    (dict(num_experts=4, load_balance_coef=-0.01), "load_balance_coef"),
+    (dict(num_experts=4, z_loss_coef=-1e-3), "z_loss_coef"),
+    (dict(num_experts=4, bias_update_rate=-1e-3), "bias_update_rate"),
+])
+def test_moe_config_refuses_bad_values_naming_the_field(fields, field):
+  with pytest.raises(ConfigError) as err:
+    MoEConfig(**fields)
+  e, msg = err.value, str(err.value)
+  assert e.field == field and e.value == fields[field], (e.field, e.value)
+  assert msg.startswith(f"{field}={fields[field]!r}: ") and ". Fix: " in msg
+  assert "\n" not in msg
+  assert str(e.within("model.moe")).startswith(f"model.moe.{field}=")
+
+
+def test_moe_config_accepts_every_choice_and_places_layers():
+  for name in gmm.REGISTRY.names() + ("auto",):
+    cfg = MoEConfig(num_experts=4, gmm_impl=name)
+    assert cfg.gmm_implementation == (None if name == "auto" else name)
+  for exchange in ("none", "ragged", "fixed"):
+    MoEConfig(num_experts=4, expert_parallel=exchange)
+  dense = MoEConfig()
+  assert not dense.enabled and not dense.is_moe_layer(0)
+  every2 = MoEConfig(num_experts=4, every=2)
+  assert [every2.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
+  with pytest.raises(ValueError, match=r"num_experts=0: a dense layer.*Fix: "):
+    MoEFeedForward(16, 8, dense, rngs=nnx.Rngs(0))
+
+
 # ---------------------------------------------------------------- layer
 
 
+def _functional(layer):
+  """The layer as pure functions of pure dicts (params, the rest of its state)."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def apply(params, rest, x):
+    m = nnx.merge(graphdef, params, rest)
+    y = m(x)
+    sown = nnx.to_pure_dict(nnx.pop(m, nnx.Intermediate))
+    _, _, new_rest = nnx.split(m, nnx.Param, ...)
+    return y, sown["moe_stats"][0], nnx.to_pure_dict(new_rest)
+
+  return apply, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
 def test_layer_with_shared_experts_matches_hand_composition():
-  layer = MoEFeedForward(32, num_experts=4, top_k=2, d_ff=24, num_shared=2, rngs=nnx.Rngs(0))
-  x, _, _ = _inputs(5, D=32)
-  y, sown = nnx.capture(layer, nnx.Intermediate)(x)
-  routing = router.route(x, layer.router[...], top_k=2)
-  w = ExpertWeights(layer.gate[...], layer.up[...], layer.down[...])
-  y_routed, _ = dispatch.reference(x.reshape(-1, 32), jax.tree.map(lambda a: a.reshape(-1, a.shape[-1]), routing), w)
-  sg, su, sd = layer.shared_gate[...], layer.shared_up[...], layer.shared_down[...]
-  assert sg.shape == (32, 48)
+  D, F = 16, 12
+  layer = MoEFeedForward(D, F, MoEConfig(num_experts=4, top_k=2, num_shared=2),
+                         rngs=nnx.Rngs(0))
+  x, _, _ = _inputs(5, D=D)
+  apply, params, rest = _functional(layer)
+  y, stats, _ = apply(params, rest, x)
+  routing = router.route(x, params["router"], top_k=2)
+  w = ExpertWeights(params["gate"], params["up"], params["down"])
+  y_routed, _ = dispatch.moe_ffn(x, routing, w, strategy="reference")
+  sg, su, sd = params["shared_gate"], params["shared_up"], params["shared_down"]
+  assert sg.shape == (D, 2 * F) and sd.shape == (2 * F, D)
   y_shared = (jax.nn.silu(x @ sg) * (x @ su)) @ sd
-  np.testing.assert_allclose(y, y_routed.reshape(x.shape) + y_shared, rtol=1e-5, atol=1e-5)
-  stats = nnx.to_pure_dict(sown)["moe_stats"][0]
+  assert_close(y, y_routed + y_shared)
   np.testing.assert_allclose(stats["load"], router.expert_load(routing.experts_TK, 4))
+  np.testing.assert_allclose(stats["dropped"], 0.0)
   np.testing.assert_allclose(stats["lb_loss"],
                              router.load_balancing_loss(routing.probs_TE, routing.experts_TK), rtol=1e-6)
   np.testing.assert_allclose(stats["z_loss"], router.router_z_loss(routing.logits_TE), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(top_k=9), r"top_k=9: must be in \[1, num_experts=8\]"),
-    (dict(strategy="dropping", capacity_factor=-1.0), r"capacity_factor=-1.0: must be > 0"),
-    (dict(strategy="dropping", expert_parallel="ragged"), r"expert_parallel='ragged' with strategy='dropping'"),
-])
-def test_layer_errors(kwargs, match):
-  args = dict(num_experts=8, top_k=2, d_ff=8, rngs=nnx.Rngs(0))
-  args.update(kwargs)
-  with pytest.raises(ValueError, match=match):
-    MoEFeedForward(16, **args)
+def test_balance_bias_is_state_updated_by_the_call_without_gradient():
+  D, F, E, rate = 16, 12, 4, 0.01
+  layer = MoEFeedForward(D, F, MoEConfig(num_experts=E, top_k=2, bias_update_rate=rate),
+                         rngs=nnx.Rngs(1))
+  # State, not a parameter: no optimizer ever sees it.
+  assert isinstance(layer.router_bias, BalanceBias)
+  assert not isinstance(layer.router_bias, nnx.Param)
+  assert "router_bias" not in nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  apply, params, rest = _functional(layer)
+  assert set(rest) == {"router_bias"} and "router_bias" not in params
+  np.testing.assert_array_equal(rest["router_bias"], np.zeros(E))
+  # A start that changes the selection, so the call must route with it.
+  rest = {"router_bias": jnp.array([0.3, -0.2, 0.1, -0.4], jnp.float32)}
+  x, _, _ = _inputs(6, D=D)
+
+  def loss(params, rest, x):
+    y, stats, new_rest = apply(params, rest, x)
+    return jnp.sum(jnp.sin(y)), (y, stats, new_rest)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  bias = rest["router_bias"]
+  for _ in range(2):  # the second call routes with the first call's update
+    (_, (y, stats, new_rest)), (g_params, g_rest) = step(params, rest, x)
+    routing = router.route(x, params["router"], top_k=2, bias_E=bias)
+    assert not np.array_equal(routing.experts_TK,
+                              router.route(x, params["router"], top_k=2).experts_TK)
+    load = router.expert_load(routing.experts_TK, E)
+    np.testing.assert_allclose(stats["load"], load)
+    w = ExpertWeights(params["gate"], params["up"], params["down"])
+    assert_close(y, dispatch.moe_ffn(x, routing, w, strategy="reference")[0])
+    # moe.router.update_balance_bias, by hand: b -= rate * sign(load - mean(load))
+    load = np.asarray(load)
+    want = np.asarray(bias) - rate * np.sign(load - load.mean())
+    np.testing.assert_allclose(new_rest["router_bias"], want, rtol=0, atol=1e-7)
+    assert not np.allclose(want, bias)
+    np.testing.assert_array_equal(g_rest["router_bias"], 0.0)  # no gradient
+    assert float(jnp.abs(g_params["router"]).max()) > 0       # the router learns
+    rest, bias = new_rest, jnp.asarray(want, jnp.float32)
+  # Without a rate the call leaves it alone.
+  layer0 = MoEFeedForward(D, F, MoEConfig(num_experts=E, top_k=2), rngs=nnx.Rngs(1))
+  apply0, params0, rest0 = _functional(layer0)
+  _, _, after = apply0(params0, rest, x)
+  np.testing.assert_array_equal(after["router_bias"], rest["router_bias"])

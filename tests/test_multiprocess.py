@@ -7,15 +7,14 @@ import sys
 
 import jax
 import numpy as np
+from conftest import ROOT, tiny
 
-from experiments.configs.base import get_config
-from lm import train
+from lm import experiment, loop
 from lm.checkpoint import Checkpointer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"train.steps": 4, "train.log_every": 1, "train.eval_every": 4,
-             "train.checkpoint_every": 4, "train.plot": False, "model.dtype": "float32",
-             "optimizer.eps": 1e-3, "mesh.data": 2, "mesh.fsdp": 2}
+             "train.checkpoint_every": 4, "train.plot": False, "train.tensorboard": False,
+             "model.dtype": "float32", "optimizer.eps": 1e-3, "mesh.data": 2, "mesh.fsdp": 2}
 
 
 def _free_port() -> int:
@@ -40,11 +39,8 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, out[-3000:]
   assert "mesh data=2 x fsdp=2" in outs[0]
 
-  c = get_config("tiny")
-  for k, v in OVERRIDES.items():
-    group, leaf = k.split(".")
-    c[group][leaf] = v
-  single = train.run(c, str(tmp_path / "single"), devices=jax.devices()[:4])
+  c = tiny(**{k.replace(".", "__"): v for k, v in OVERRIDES.items()})
+  single = loop.run(c, str(tmp_path / "single"), devices=jax.devices()[:4])
   with open(workdir / "metrics.jsonl") as f:
     multi = [json.loads(line) for line in f]
   with open(tmp_path / "single" / "metrics.jsonl") as f:
@@ -54,8 +50,8 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose([r["eval_loss"] for r in multi if "eval_loss" in r],
                              [r["eval_loss"] for r in ref if "eval_loss" in r], rtol=1e-6)
   # The two-process checkpoint holds the same parameters as the one-process run.
-  exp = train.build(c, devices=jax.devices()[:4])
-  restored = Checkpointer(str(workdir / "checkpoints")).restore(4, exp.abstract_state,
+  exp = experiment.build(c, devices=jax.devices()[:4])
+  restored = Checkpointer(str(workdir / "checkpoints")).restore(4, exp.state.abstract,
                                                                exp.data.train_iterator())
   for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(single["state"]["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

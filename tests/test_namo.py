@@ -17,8 +17,6 @@ no mu2 bias correction, s from min(m, n), the schedule read at t instead of
 t - 1, no min(alpha, 1) in the decay, NAMO-D's v per matrix, 4 NS steps.
 """
 
-import zlib
-
 import ml_dtypes
 import numpy as np
 import jax
@@ -185,13 +183,16 @@ def _check(ours, state, params, grads, tol, **ref_kw):
   return np.concatenate(alphas)
 
 
-@pytest.mark.parametrize("mode", ["adaptive", "lr"])
-@pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("per_column, c", [(False, 1.0), (True, 1.0),
-                                           (True, 0.5)])
-def test_matches_reference(per_column, c, nesterov, mode):
-  params, grads = _inputs(zlib.crc32(repr((per_column, c, nesterov, mode))
-                                      .encode()))
+@pytest.mark.parametrize("per_column, c, nesterov, mode, seed", [
+    (False, 1.0, True, "adaptive", 101), (False, 1.0, True, "lr", 102),
+    (False, 1.0, False, "adaptive", 103), (False, 1.0, False, "lr", 104),
+    (True, 1.0, True, "adaptive", 105), (True, 1.0, True, "lr", 106),
+    (True, 1.0, False, "adaptive", 107), (True, 1.0, False, "lr", 108),
+    (True, 0.5, True, "adaptive", 109), (True, 0.5, True, "lr", 110),
+    (True, 0.5, False, "adaptive", 111), (True, 0.5, False, "lr", 112),
+])
+def test_matches_reference(per_column, c, nesterov, mode, seed):
+  params, grads = _inputs(seed)
   tx = _tx(per_column, c, nesterov=nesterov, weight_decay_mode=mode,
            ns_dtype=jnp.float32)
   ours, state = _run(tx, params, grads)
@@ -282,11 +283,11 @@ def test_dimension_tree_must_match_params():
     tx.init({"a": jnp.ones((4, 6)), "b": jnp.ones((4, 6))})
 
 
-@pytest.mark.parametrize("shape", [(64, 128), (128, 48)])
+@pytest.mark.parametrize("shape, seed", [((64, 128), 21), ((128, 48), 22)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_newton_schulz_is_near_orthogonal(shape, dtype):
+def test_newton_schulz_is_near_orthogonal(shape, seed, dtype):
   """Jordan's quintic does not converge to exactly 1: singular values land in ~[0.68, 1.13]."""
-  x = np.random.default_rng(np.random.randint(1 << 30)).standard_normal(shape)
+  x = np.random.default_rng(seed).standard_normal(shape)
   s = np.linalg.svd(np.asarray(namo.newton_schulz(jnp.asarray(x, jnp.float32), 5, namo.NS_COEFFS,
                                                   dtype), np.float32), compute_uv=False)
   assert 0.6 < s.min() and s.max() < 1.25, (s.min(), s.max())
@@ -298,7 +299,7 @@ def test_newton_schulz_is_near_orthogonal(shape, dtype):
 
 def test_newton_schulz_on_ill_conditioned_matrix():
   """Condition number 100: every direction reaches the band; at 1e3 the tail lags (5 steps)."""
-  rng = np.random.default_rng(np.random.randint(1 << 30))
+  rng = np.random.default_rng(9)
   u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
   v, _ = np.linalg.qr(rng.standard_normal((128, 64)))
   for cond, share in ((1e2, 1.0), (1e3, 0.75)):

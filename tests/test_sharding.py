@@ -1,13 +1,16 @@
 """lm/sharding.py: the rules table, mesh errors, and sharded == single-device training."""
+import functools
+
 import jax
 import numpy as np
 import pytest
+from conftest import tiny
 from jax.sharding import PartitionSpec as P
 
-from experiments.configs.base import get_config
-from lm import sharding, train
+from core.errors import ConfigError
+from lm import config as config_lib
+from lm import experiment, sharding
 from lm.checkpoint import Checkpointer
-from lm.errors import ConfigError
 
 SIZES = {"dcn": 1, "data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2}
 
@@ -37,26 +40,20 @@ def test_rule_errors_name_the_fields():
 
 
 def test_mesh_errors():
-  cfg = get_config("tiny").mesh
-  cfg.data, cfg.tensor = 3, 2
+  mesh_cfg = lambda **axes: config_lib.resolve(tiny(**{f"mesh__{a}": v for a, v in axes.items()})).mesh
   with pytest.raises(ConfigError, match=r"mesh='data=3 x tensor=2'.*6 devices but 8 are present"):
-    sharding.make_mesh(cfg)
-  cfg.data, cfg.fsdp = -1, -1
+    sharding.make_mesh(mesh_cfg(data=3, tensor=2))
   with pytest.raises(ConfigError, match="only one axis may be -1"):
-    sharding.make_mesh(cfg)
-  cfg.fsdp, cfg.tensor = 3, 1
+    sharding.make_mesh(mesh_cfg(data=-1, fsdp=-1))
   with pytest.raises(ConfigError, match=r"mesh.data=-1.*do(es)? not divide the 8 devices"):
-    sharding.make_mesh(cfg)
-  cfg.fsdp, cfg.tensor = 1, 2
-  mesh = sharding.make_mesh(cfg)
+    sharding.make_mesh(mesh_cfg(data=-1, fsdp=3))
+  mesh = sharding.make_mesh(mesh_cfg(data=-1, tensor=2))
   assert dict(mesh.shape)["data"] == 4 and dict(mesh.shape)["tensor"] == 2
 
 
 def _config(optimizer="adamw", **mesh):
-  c = get_config("tiny")
-  c.model.d_model, c.model.n_heads, c.model.n_kv_heads = 64, 8, 8
-  c.model.dtype = "float32"
-  c.optimizer.name = optimizer
+  c = tiny(model__d_model=64, model__n_heads=8, model__n_kv_heads=8, model__dtype="float32",
+           optimizer__name=optimizer)
   c.optimizer.warmup_steps = 0
   # Adam's first steps are ~lr * sign(g) when eps << |g|: a gradient entry near
   # zero would turn float32 reduction-order noise into an O(lr) difference. A
@@ -71,14 +68,21 @@ def _config(optimizer="adamw", **mesh):
 
 
 def _steps(config, n, devices):
-  exp = train.build(config, devices=devices)
+  exp = experiment.build(config, devices=devices)
   it = exp.data.train_iterator()
-  state = exp.init_state()
+  state = exp.state.init()
   losses = []
   for _ in range(n):
-    state, metrics = exp.train_step(state, exp.put_batch(next(it)))
+    state, metrics = exp.train_step(state, exp.put_batch(next(it)), {})
     losses.append(float(metrics["loss"]))
   return exp, state, losses
+
+
+@functools.cache
+def _single_device(optimizer):
+  """(state, losses) of two steps on one device (host arrays): the reference of every mesh."""
+  _, state, losses = _steps(_config(optimizer), 2, jax.devices()[:1])
+  return jax.device_get(state), losses
 
 
 def _assert_close(a_tree, b_tree, rtol, atol):
@@ -92,7 +96,7 @@ def _assert_close(a_tree, b_tree, rtol, atol):
     ("namo_d", {"fsdp": 4, "tensor": 2}),
 ])
 def test_sharded_step_equals_single_device(optimizer, mesh):
-  _, ref_state, ref_losses = _steps(_config(optimizer), 2, jax.devices()[:1])
+  ref_state, ref_losses = _single_device(optimizer)
   exp, state, losses = _steps(_config(optimizer, **mesh), 2, None)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
   _assert_close(state["params"], ref_state["params"], rtol=1e-5, atol=1e-6)
@@ -112,15 +116,15 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   exp_a, state_a, _ = _steps(_config(fsdp=4, tensor=2), 0, None)
   it_a = exp_a.data.train_iterator()
   for _ in range(3):
-    state_a, _ = exp_a.train_step(state_a, exp_a.put_batch(next(it_a)))
+    state_a, _ = exp_a.train_step(state_a, exp_a.put_batch(next(it_a)), {})
   ckpt = Checkpointer(str(tmp_path), keep=1)
-  ckpt.save(3, state_a, it_a, exp_a.config)
+  ckpt.save(3, state_a, it_a, {"test": True})
   saved = jax.device_get(state_a)
   next_a = next(it_a)
 
-  exp_b = train.build(_config(data=2, tensor=2), devices=jax.devices()[4:])
+  exp_b = experiment.build(_config(data=2, tensor=2), devices=jax.devices()[4:])
   it_b = exp_b.data.train_iterator()
-  state_b = ckpt.restore(3, exp_b.abstract_state, it_b)
+  state_b = ckpt.restore(3, exp_b.state.abstract, it_b)
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert state_b["params"]["embedding"].sharding.mesh.devices.size == 4

@@ -1,5 +1,7 @@
 """SpargeAttention2's block-mask rule (attention/sparse.py) against a naive per-row
 twin and hand-made score maps; the block-masked attention path of ``attend``."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,15 @@ import pytest
 from attention import ops, sparse
 from attention.reference import attend_reference
 from attention.spec import AttentionSpec, BlockSparse
+from core.errors import Unsupported
+
+# Eager ops compile one by one; the checks below run as compiled programs instead, at
+# XLA's cheapest setting (tiny programs: compile time is the cost).
+fast_jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                               "xla_llvm_disable_expensive_passes": True})
+predict = fast_jit(sparse.predict_block_mask, static_argnums=2)
+density = fast_jit(sparse.block_density, static_argnums=1)
 
 
 def naive_rule(scores, valid, forced, top_k, top_p):
@@ -36,9 +47,13 @@ def naive_rule(scores, valid, forced, top_k, top_p):
   return out
 
 
+@fast_jit
+def _select(scores, valid, forced, top_k, top_p):  # top_k, top_p traced: one compile per shape
+  return sparse.select_blocks(scores, valid, forced, top_k=top_k, top_p=top_p)
+
+
 def _rule(scores, valid, forced, top_k, top_p):
-  return np.asarray(sparse.select_blocks(jnp.asarray(scores), jnp.asarray(valid),
-                                         jnp.asarray(forced), top_k=top_k, top_p=top_p))
+  return np.asarray(_select(scores, valid, forced, np.float32(top_k), np.float32(top_p)))
 
 
 def test_top_k_and_top_p_on_hand_made_rows():
@@ -77,17 +92,21 @@ def test_rule_matches_naive_twin_on_random_maps(top_k, top_p):
                                 naive_rule(scores, valid, forced, top_k, top_p))
 
 
-def _qkv(B=2, T=128, N=4, K=2, H=32, seed=0, dtype=jnp.float32):
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(kq, (B, T, N, H), dtype), jax.random.normal(kk, (B, T, K, H), dtype),
-          jax.random.normal(kv, (B, T, K, H), dtype))
+def _normal(seed, *shape):
+  """Standard normal fp32 from ``np.random.default_rng(seed)`` (no per-shape compiles)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _qkv(B=2, T=128, N=4, K=2, H=32, seed=0):
+  return (_normal(seed, B, T, N, H), _normal(seed + 1000, B, T, K, H),
+          _normal(seed + 2000, B, T, K, H))
 
 
 def test_predicted_mask_is_causal_keeps_diagonal_sink_local_and_unions_gqa_heads():
   q, k, _ = _qkv(seed=1)
   bs = BlockSparse(block_q=16, block_k=16, top_k=0.1, top_p=0.2, sink_blocks=1, local_blocks=1)
   spec = AttentionSpec(block_sparse=bs)
-  m = np.asarray(sparse.predict_block_mask(q, k, spec))
+  m = np.asarray(predict(q, k, spec))
   assert m.shape == (2, 2, 8, 8)
   Q = np.arange(8)
   assert not np.triu(m, 1).any()  # no future block
@@ -95,14 +114,14 @@ def test_predicted_mask_is_causal_keeps_diagonal_sink_local_and_unions_gqa_heads
   assert m[..., Q[1:], Q[1:] - 1].all()  # one local block before the diagonal
   # GQA: kv head 0's mask is the union of its query heads' masks (heads 0, 1).
   per_head = np.stack([
-      np.asarray(sparse.predict_block_mask(q[:, :, n:n + 1], k[:, :, n // 2:n // 2 + 1], spec))[:, 0]
+      np.asarray(predict(q[:, :, n:n + 1], k[:, :, n // 2:n // 2 + 1], spec))[:, 0]
       for n in range(4)], axis=1)
   np.testing.assert_array_equal(m[:, 0], per_head[:, 0] | per_head[:, 1])
   np.testing.assert_array_equal(m[:, 1], per_head[:, 2] | per_head[:, 3])
   # Unequal blocks: a 32-token query block overlaps two 16-token key blocks (both kept).
   spec2 = AttentionSpec(block_sparse=BlockSparse(block_q=32, block_k=16, top_k=0.0, top_p=0.0,
                                                  sink_blocks=0))
-  m2 = np.asarray(sparse.predict_block_mask(q, k, spec2))
+  m2 = np.asarray(predict(q, k, spec2))
   expected = np.zeros((4, 8), bool)
   for i in range(4):
     expected[i, 2 * i:2 * i + 2] = True
@@ -112,17 +131,17 @@ def test_predicted_mask_is_causal_keeps_diagonal_sink_local_and_unions_gqa_heads
 def test_density_sliding_window_and_indices():
   q, k, _ = _qkv(seed=2)
   full = AttentionSpec(block_sparse=BlockSparse(block_q=16, block_k=16, top_k=1.0, top_p=0.0))
-  m = sparse.predict_block_mask(q, k, full)
-  assert float(sparse.block_density(m, full)) == 1.0
+  m = predict(q, k, full)
+  assert float(density(m, full)) == 1.0
   np.testing.assert_array_equal(m[0, 0], np.tril(np.ones((8, 8), bool)))
   # A 32-token window touches the diagonal block and the two before it.
   win = AttentionSpec(sliding_window=32, block_sparse=BlockSparse(16, 16, top_k=1.0, top_p=0.0))
-  mw = np.asarray(sparse.predict_block_mask(q, k, win))[0, 0]
+  mw = np.asarray(predict(q, k, win))[0, 0]
   np.testing.assert_array_equal(mw, np.tril(np.ones((8, 8), bool)) & np.triu(np.ones((8, 8), bool), -2))
   sparse_spec = AttentionSpec(block_sparse=BlockSparse(16, 16, top_k=0.0, top_p=0.0, sink_blocks=0))
-  ms = sparse.predict_block_mask(q, k, sparse_spec)
-  np.testing.assert_allclose(float(sparse.block_density(ms, sparse_spec)), 8 / 36)
-  counts, idx = sparse.block_indices(m)
+  ms = predict(q, k, sparse_spec)
+  np.testing.assert_allclose(float(density(ms, sparse_spec)), 8 / 36)
+  counts, idx = fast_jit(sparse.block_indices)(m)
   mask = np.asarray(m)
   for b, h, i in np.ndindex(counts.shape):
     kept = np.flatnonzero(mask[b, h, i])
@@ -134,14 +153,28 @@ def test_density_sliding_window_and_indices():
 def test_block_masked_attend_equals_reference_and_dense_at_density_one():
   q, k, v = _qkv(seed=3)
   spec = AttentionSpec(block_sparse=BlockSparse(16, 16, top_k=0.2, top_p=0.3))
-  w = jax.random.normal(jax.random.key(9), q.shape)
-  out = ops.attend(q, k, v, spec, implementation="xla")
-  mask = sparse.predict_block_mask(q, k, spec)
-  ref = sparse.block_sparse_reference(q, k, v, mask, spec)
+  w = _normal(9, *q.shape)
+  mask = predict(q, k, spec)
+
+  @fast_jit
+  def run(q, k, v, mask, w):
+    out = ops.attend(q, k, v, spec, implementation="xla")  # predicts the mask itself
+    ref = sparse.block_sparse_reference(q, k, v, mask, spec)
+    dense = attend_reference(q, k, v, AttentionSpec())
+    # Gradients flow through kept blocks only: they equal the masked reference's.
+    g = jax.grad(lambda *a: jnp.sum(ops.attend(*a, spec, block_mask=mask, implementation="xla")
+                                    * w), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(sparse.block_sparse_reference(*a, mask, spec) * w),
+                     argnums=(0, 1, 2))(q, k, v)
+    at_one = ops.attend(q, k, v, spec, block_mask=jnp.ones_like(mask), implementation="xla")
+    return out, ref, dense, g, g_ref, at_one
+
+  out, ref, dense, g, g_ref, at_one = run(q, k, v, mask, w)
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
-  assert float(jnp.abs(out - attend_reference(q, k, v, AttentionSpec())).max()) > 1e-3
+  assert float(np.abs(out - dense).max()) > 1e-3
   # Explicit token mask twin: zero out masked logits by hand.
-  tok = np.asarray(jnp.repeat(jnp.repeat(mask, 16, 2), 16, 3))[:, :, None] & np.tril(np.ones((128, 128), bool))
+  tok = (np.repeat(np.repeat(np.asarray(mask), 16, 2), 16, 3)[:, :, None]
+         & np.tril(np.ones((128, 128), bool)))
   qg = np.asarray(q).reshape(2, 128, 2, 2, 32)
   logits = np.einsum("btkgh,bskh->bkgts", qg, np.asarray(k)) / np.sqrt(32)
   logits = np.where(tok, logits, -np.inf)
@@ -149,16 +182,9 @@ def test_block_masked_attend_equals_reference_and_dense_at_density_one():
   p /= p.sum(-1, keepdims=True)
   twin = np.einsum("bkgts,bskh->btkgh", p, np.asarray(v)).reshape(q.shape)
   np.testing.assert_allclose(out, twin, rtol=1e-4, atol=1e-5)
-  # Gradients flow through kept blocks only: they equal the masked reference's.
-  g = jax.grad(lambda *a: jnp.sum(ops.attend(*a, spec, block_mask=mask, implementation="xla") * w),
-               argnums=(0, 1, 2))(q, k, v)
-  g_ref = jax.grad(lambda *a: jnp.sum(sparse.block_sparse_reference(*a, mask, spec) * w),
-                   argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  ones = jnp.ones_like(mask)
-  np.testing.assert_allclose(ops.attend(q, k, v, spec, block_mask=ones, implementation="xla"),
-                             attend_reference(q, k, v, AttentionSpec()), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(at_one, dense, rtol=1e-6, atol=1e-6)
 
 
 def test_clear_errors():
@@ -173,26 +199,36 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="block_k=0"):
     BlockSparse(block_k=0)
   q, k, v = _qkv()
-  with pytest.raises(ops.AttentionUnsupported, match="jax_nn: no block-sparse masks"):
-    ops.attend(q, k, v, spec, implementation="jax_nn")
+  with pytest.raises(Unsupported, match="jax_nn: no predicted block masks"):
+    fast_jit(lambda q, k, v: ops.attend(q, k, v, spec, implementation="jax_nn"))(q, k, v)
   # A candidate list falls through to the reference.
-  out = ops.attend(q, k, v, spec, implementation=("jax_nn", "xla"))
-  np.testing.assert_allclose(out, ops.attend(q, k, v, spec, implementation="xla"))
+  out, want = fast_jit(lambda q, k, v: (ops.attend(q, k, v, spec, implementation=("jax_nn", "xla")),
+                                        ops.attend(q, k, v, spec, implementation="xla")))(q, k, v)
+  np.testing.assert_allclose(out, want)
 
 
-@pytest.mark.parametrize("window,max_blocks", [(0, 0), (40, 0), (0, 3)])
+# Without a cap, gather also runs in test_attention_conformance.py.
+@pytest.mark.parametrize("window,max_blocks", [(40, 0), (0, 3)])
 def test_gather_path_equals_reference_forward_and_gradients(window, max_blocks):
   q, k, v = _qkv(seed=4 + max_blocks)
   spec = AttentionSpec(sliding_window=window, block_sparse=BlockSparse(
       16, 16, top_k=0.2, top_p=0.5, local_blocks=1, max_blocks=max_blocks))
-  mask = sparse.predict_block_mask(q, k, spec)
+  mask = predict(q, k, spec)
   if max_blocks:
-    assert int(jnp.max(jnp.sum(mask, -1))) <= max_blocks
+    assert int(np.asarray(mask).sum(-1).max()) <= max_blocks
     assert np.asarray(mask)[..., np.arange(8), np.arange(8)].all()  # the diagonal survives the cap
-  w = jax.random.normal(jax.random.key(5), q.shape)
-  f = lambda impl: lambda *a: jnp.sum(ops.attend(*a, spec, block_mask=mask, implementation=impl) * w)
-  np.testing.assert_allclose(ops.attend(q, k, v, spec, block_mask=mask, implementation="gather"),
-                             sparse.block_sparse_reference(q, k, v, mask, spec), rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.grad(f("gather"), argnums=(0, 1, 2))(q, k, v),
-                  jax.grad(f("xla"), argnums=(0, 1, 2))(q, k, v)):
+  w = _normal(5, *q.shape)
+
+  @fast_jit
+  def run(q, k, v, mask, w):
+    f = lambda impl: lambda *a: jnp.sum(ops.attend(*a, spec, block_mask=mask,
+                                                   implementation=impl) * w)
+    return (ops.attend(q, k, v, spec, block_mask=mask, implementation="gather"),
+            sparse.block_sparse_reference(q, k, v, mask, spec),
+            jax.grad(f("gather"), argnums=(0, 1, 2))(q, k, v),
+            jax.grad(f("xla"), argnums=(0, 1, 2))(q, k, v))
+
+  out, ref, g_gather, g_xla = run(q, k, v, mask, w)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g_gather, g_xla):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

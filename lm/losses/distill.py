@@ -37,7 +37,8 @@ import orbax.checkpoint as ocp
 
 from core.errors import ConfigError, check_choice, check_positive, check_range
 from lm import checkpoint
-from lm.losses import Forward, Term
+from lm.losses.base import Forward, Term
+from lm.model import apply, build_model
 
 LOSSES = ("kl", "kl+ce", "ce")
 
@@ -134,7 +135,6 @@ class Distill(Term):
     cfg = config.losses[cls.group]
     if not cfg.teacher:
       return None
-    from lm.model import build_model
     teacher = dataclasses.replace(config.model, sparse=None)
     return cls(cfg, build_model(teacher, config.seed, abstract=True).graphdef)
 
@@ -146,7 +146,6 @@ class Distill(Term):
   def loss(self, out: Forward, batch, aux):
     if not self.uses_teacher:
       return jnp.zeros((), jnp.float32), {}
-    from lm.model import apply
     teacher_logits_BTV, _, _ = apply(self.teacher_graphdef, aux["params"], aux["model_state"],
                                      batch["inputs"])
     kl = kl_divergence(teacher_logits_BTV, out.logits_BTV, batch["weights"],

@@ -9,7 +9,7 @@ averaged over the logging interval) and their mean, ``moe/load_cv``.
 import jax.numpy as jnp
 import numpy as np
 
-from lm.losses import Forward, Term
+from lm.losses.base import Forward, Term
 from moe.router import load_cv
 
 

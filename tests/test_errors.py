@@ -1,0 +1,115 @@
+"""Bad inputs as a new user types them: each stops with one line ``error: <field>=<value>:
+<problem>. Fix: <fix>``, exit status 2, no traceback, and leaves an existing
+workdir's checkpoints and config.json as they were."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, tiny
+
+from lm import loop
+
+BASE = "--config=experiments/configs/base.py:tiny"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A workdir with a finished 2-step run (checkpoint, config.json, metrics)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  loop.run(tiny(train__steps=2), str(workdir))
+  return workdir
+
+
+def _fingerprint(workdir) -> dict:
+  """Every file under the workdir's checkpoints/ and its config.json, hashed."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      if "checkpoints" in path or name == "config.json":
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _cli(module: str, *args) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# (case, CLI module, arguments, text the one error line must contain); each runs against
+# the finished workdir unless it names its own.
+CASES = [
+    ("unknown config argument", "experiments.train",
+     ["--config=experiments/configs/base.py:gigantic"],
+     "--config='base.py:gigantic': unknown base.py argument. Fix: use one of tiny"),
+    ("unknown moe.py argument", "experiments.train",
+     ["--config=experiments/configs/moe.py:gigantic"],
+     "--config='moe.py:gigantic': unknown moe.py argument"),
+    ("missing config file", "experiments.train", ["--config=experiments/configs/nope.py"],
+     "--config='experiments/configs/nope.py': no such config file"),
+    ("unwritable workdir", "experiments.train", [BASE, "--workdir=/proc/x"],
+     "--workdir='/proc/x': cannot be created or written"),
+    ("text for an int", "experiments.train", [BASE, "--config.train.steps=abc"],
+     "--config.train.steps='abc': must be an integer"),
+    ("float for an int", "experiments.train", [BASE, "--config.model.d_model=64.5"],
+     "--config.model.d_model='64.5': must be an integer"),
+    ("unknown attention implementation", "experiments.train",
+     [BASE, "--config.model.attention_impl=flash3"],
+     "model.attention_impl='flash3': unknown choice. Fix: use one of xla, blocked"),
+    ("implementation that refuses the shapes", "experiments.train",
+     [BASE, "--config.model.attention_impl=splash"],
+     "model.attention_impl='splash': no attention implementation could run: splash: sequence "
+     "lengths must be multiples of 128"),
+    ("unknown field", "experiments.train", [BASE, "--config.model.n_hedas=4"],
+     "unknown config field 'n_hedas' under model. Fix: use one of"),
+    ("field of a value", "experiments.train", [BASE, "--config.seed.x=1"],
+     "seed is a value, not a group"),
+    ("bad flag value", "experiments.train", [BASE, "--stop_at=soon"], "--stop_at"),
+    ("bad moe field", "experiments.train", [BASE, "--config.model.moe.num_experts=4",
+                                            "--config.model.moe.top_k=9"],
+     "model.moe.top_k=9: exceeds num_experts=4"),
+    ("bad optimizer field", "experiments.train", [BASE, "--config.optimizer.b1=1.5"],
+     "optimizer.b1=1.5: must lie in [0.0, 1.0)"),
+    ("compile: unknown topology", "experiments.compile", [BASE, "--topology=v9z:2x2"],
+     "--topology='v9z:2x2': expected <generation>:<AxB[xC]>"),
+    ("ablate: unknown sweep field", "experiments.ablate", [BASE, "--sweep=optimizer.nme=adamw"],
+     "--sweep.optimizer.nme='adamw': unknown config field 'nme' under optimizer"),
+]
+
+
+def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(finished, tmp_path):
+  before = _fingerprint(finished)
+  procs = []
+  for case, module, args, expected in CASES:
+    extra = []
+    if module == "experiments.train" and not any(a.startswith("--workdir") for a in args):
+      extra = [f"--workdir={finished}"]
+    if module == "experiments.ablate":
+      extra = [f"--out={tmp_path / 'ablation'}"]
+    procs.append((case, expected, _cli(module, *args, *extra)))
+  for case, expected, p in procs:
+    out, err = p.communicate(timeout=600)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2, (case, out, err)
+    assert "Traceback" not in out + err, (case, err)
+    assert len(errors) == 1 and expected in errors[0], (case, err)
+    assert "Fix:" in errors[0], (case, errors[0])
+  assert _fingerprint(finished) == before
+  assert not (tmp_path / "ablation" / "runs").exists()
+
+
+def test_a_bad_value_in_python_is_the_same_one_line_error(finished):
+  from core.errors import ConfigError
+  before = _fingerprint(finished)
+  with pytest.raises(ConfigError, match=r"^model.attention_impl='flash3': unknown choice\. Fix: "):
+    loop.run(tiny(model__attention_impl="flash3"), str(finished))
+  with pytest.raises(ConfigError, match=r"^model.sparse.block_q=48: does not divide "
+                     r"data.seq_len=64\. Fix: "):
+    loop.run(tiny(model__sparse__enabled=True, model__sparse__block_q=48), str(finished))
+  with pytest.raises(ConfigError, match=r"^distill.teacher='/nonexistent': no such directory"):
+    loop.run(tiny(distill__teacher="/nonexistent"), str(finished))
+  assert _fingerprint(finished) == before
