@@ -19,8 +19,8 @@ setup(
     python_requires=">=3.12",
     packages=[
         "core", "attention", "attention.kernels", "moe", "moe.kernels", "optim", "lm",
-        "experiments", "experiments.configs",
+        "lm.data", "lm.losses", "experiments", "experiments.configs",
     ],
-    package_data={"lm": ["corpus/*.txt", "corpus/*.gz"]},
+    package_data={"lm.data": ["corpus/*.txt", "corpus/*.gz", "corpus/*.json"]},
     install_requires=_requirements(),
 )

@@ -49,7 +49,25 @@ def parse_sweep(spec: str) -> tuple[str, list]:
       return ast.literal_eval(v)
     except (ValueError, SyntaxError):
       return {"true": True, "false": False}.get(v.lower(), v)
-  return field, [literal(v) for v in values.split(",")]
+  return field, [literal(v) for v in _top_level_split(values)]
+
+
+def _top_level_split(text: str) -> list[str]:
+  """``text`` split at the commas outside brackets and quotes (values may be tuples)."""
+  parts, depth, quote, start = [], 0, None, 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return parts + [text[start:]]
 
 
 def grid(sweeps: list[tuple[str, list]]) -> list[dict]:
@@ -61,7 +79,7 @@ def grid(sweeps: list[tuple[str, list]]) -> list[dict]:
 
 def run_name(overrides: dict, seed: int) -> str:
   parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
-  return ",".join(parts).replace("/", "_")
+  return ",".join(parts).replace("/", "_").replace(" ", "").replace("'", "")
 
 
 # Logged metrics that become record columns when a run has them (label: metrics key).
@@ -79,6 +97,9 @@ def summarise(workdir: str, seconds: float, n_params: int) -> dict:
   tail = train[len(train) * 3 // 4:]
   extra = {k: sum(r[k] for r in tail) / len(tail) for k in EXTRA_COLUMNS
            if tail and all(k in r for r in tail)}
+  # Bits per byte and per-source eval losses (mixtures) of the last eval.
+  extra.update({k: v for k, v in (evals[-1] if evals else {}).items()
+                if k.startswith(("eval_bpb", "eval_loss/")) and v == v})
   return {"extra": extra, "step": train[-1]["step"] if train else 0,
           "loss": train[-1]["loss"] if train else float("nan"),
           "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
@@ -100,9 +121,12 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
   from lm.metrics import read_metrics
   env = record.environment()
   extras = [k for k in EXTRA_COLUMNS if any(k in r["summary"].get("extra", {}) for r in results)]
+  extras += sorted({k for r in results for k in r["summary"].get("extra", {})
+                    if k.startswith(("eval_bpb", "eval_loss/"))})
+  label = lambda k: EXTRA_COLUMNS.get(k, k.replace("eval_", "eval "))
   extra_cells = lambda s: [record.fmt(s.get("extra", {}).get(k, float("nan")), 3) for k in extras]
   head = ["run", "steps", "train loss", "eval loss", "tokens/s", "params", "wall s"]
-  head += [EXTRA_COLUMNS[k] for k in extras]
+  head += [label(k) for k in extras]
   head += [f"steps to eval {target}", f"s to eval {target}"] if target else []
   rows = []
   for r in results:
@@ -118,7 +142,7 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
   for r in results:
     groups.setdefault(run_name(r["overrides"], 0).rsplit(",seed=", 1)[0] or "base", []).append(r)
   mean_head = ["setting", "seeds", "train loss", "eval loss", "tokens/s"]
-  mean_head += [EXTRA_COLUMNS[k] for k in extras]
+  mean_head += [label(k) for k in extras]
   mean_head += [f"steps to eval {target} (mean; runs that reached it)"] if target else []
   mean_rows = []
   for name, rs in groups.items():
@@ -127,8 +151,10 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
     row = [name, len(rs), f"{record.fmt(tr.mean())} ± {record.fmt(tr.std(), 3)}",
            f"{record.fmt(ev.mean())} ± {record.fmt(ev.std(), 3)}",
            f"{col('tokens_per_sec').mean():,.0f}"]
-    row += [record.fmt(np.mean([x["summary"].get("extra", {}).get(k, float("nan")) for x in rs]), 3)
-            for k in extras]
+    for k in extras:
+      v = np.array([x["summary"].get("extra", {}).get(k, float("nan")) for x in rs], float)
+      row.append(f"{record.fmt(v.mean())} ± {record.fmt(v.std(), 3)}" if k.startswith("eval_")
+                 else record.fmt(v.mean(), 3))
     if target:
       reached = [to_target(x["summary"], target)[0] for x in rs]
       hit = [s for s in reached if s == s]

@@ -108,8 +108,7 @@ class Checkpointer:
     hint = ""
     if current_config is not None:
       try:
-        old = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+        old = self.saved_config(step)
         changed = config_difference(old, current_config)
         hint = f" (config fields that differ: {'; '.join(changed[:3])})" if changed else ""
       except Exception:  # noqa: BLE001 - only a hint
@@ -119,6 +118,11 @@ class Checkpointer:
                       f"config: {diff}{hint}",
                       "use a new --workdir, or the config the checkpoint was written with "
                       "(its config.json)")
+
+  def saved_config(self, step: int) -> dict:
+    """The config item saved with ``step``."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto ``abstract_state``'s shardings (any mesh) and, if

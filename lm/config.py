@@ -135,19 +135,26 @@ class SyntheticConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The input pipeline (``lm.data``); sources and tokenizers are checked there."""
+  """The input pipeline (``lm.data``); sources, mixtures and stages are checked there
+  (``lm.data.check``), tokenizer files when the data are built."""
   source: str
   path: str
+  field: str
+  column: str
+  eval_path: str
   tokenizer: str
+  bos: bool
+  eos: bool
   seq_len: int
   batch_size: int
   val_fraction: float
   shuffle_seed: int
+  workers: int
+  mixture: dict[str, data_lib.SourceConfig]
+  stages: typing.Any
   synthetic: SyntheticConfig
 
   def __post_init__(self):
-    check_choice("source", self.source, data_lib.SOURCES)
-    check_choice("tokenizer", self.tokenizer, data_lib.TOKENIZERS)
     _positive(self, "seq_len", "batch_size")
     check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
 
@@ -213,6 +220,12 @@ def _value(tp, value, path: str, metadata=None):
   if optional and value is None:
     return None
   origin = typing.get_origin(tp)
+  if origin is dict:  # {name: group}: a ConfigDict of groups of one dataclass
+    item = typing.get_args(tp)[1]
+    if not isinstance(value, (ml_collections.ConfigDict, dict)):
+      raise ConfigError(path, value, "must be a config group of named groups",
+                        "see experiments/configs/mixture.py")
+    return {k: _group(item, value[k], f"{path}.{k}") for k in value}
   if origin is tuple:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
       return tuple(value)
@@ -232,6 +245,19 @@ def _value(tp, value, path: str, metadata=None):
     what = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}[tp]
     raise ConfigError(path, value, f"must be {what}", f"set --config.{path} to {what}")
   return value
+
+
+def _group(cls, node, path: str):
+  """``cls`` from a group whose fields may be left at ``cls``'s defaults."""
+  if not isinstance(node, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(path, node, "must be a config group", "see experiments/configs/mixture.py")
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(node) - names)
+  if unknown:
+    raise ConfigError(f"{path}.{unknown[0]}", node[unknown[0]], "not a field of this group",
+                      f"use {', '.join(sorted(names))}")
+  full = {f.name: node[f.name] if f.name in node else f.default for f in dataclasses.fields(cls)}
+  return convert(cls, ml_collections.ConfigDict(full), path)
 
 
 def convert(cls, node, path: str):
@@ -279,7 +305,8 @@ def resolve(config: ml_collections.ConfigDict) -> ExperimentConfig:
 
 
 def check(cfg: ExperimentConfig) -> None:
-  """What crosses groups: mesh x model and data x model."""
+  """What crosses groups: mesh x model and data x model; and the data group's sources."""
+  data_lib.check(cfg.data)
   m, mesh, T = cfg.model, cfg.mesh, cfg.data.seq_len
   if m.moe.enabled and mesh.expert > 1 and m.moe.num_experts % mesh.expert:
     raise ConfigError("model.moe.num_experts", m.moe.num_experts,

@@ -8,7 +8,9 @@ they were.
 """
 import copy
 import json
+import math
 import os
+import shutil
 import signal
 import time
 
@@ -25,23 +27,52 @@ from lm.model import active_param_count, count_params
 
 def evaluate(exp: experiment_lib.Experiment, params, model_state, n_batches: int | None = None,
              aux: dict | None = None) -> dict:
-  """Token-weighted means over the first ``n_batches`` eval batches (default
-  ``train.eval_batches``): ``eval_loss`` (cross-entropy), ``eval_loss_total``
-  when terms add to it, and ``eval_<group>/<stat>`` for the terms' metrics and the
-  layers' statistics averaged over blocks (e.g. ``eval_attention/density``,
-  ``eval_distill/kl``)."""
-  sums = None
+  """Token-weighted means over the first ``n_batches`` held-out batches of every source
+  (default ``train.eval_batches`` each): ``eval_loss`` (cross-entropy, nats per token),
+  ``eval_bpb`` (bits per UTF-8 byte of the evaluated text: summed nats / ln 2 / bytes, so
+  runs with different tokenizers compare), ``eval_loss_total`` when terms add to it, and
+  ``eval_<group>/<stat>`` for the terms' metrics and the layers' statistics averaged over
+  blocks (e.g. ``eval_attention/density``). A mixture adds ``eval_loss/<name>`` and
+  ``eval_bpb/<name>`` per source."""
+  sets = exp.data.eval_sets(n_batches or exp.config.train.eval_batches)
+  total, out = None, {}
   with jax.set_mesh(exp.mesh):
-    for batch in exp.data.eval_batches(n_batches or exp.config.train.eval_batches):
-      s = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(
-          exp.eval_step(params, model_state, exp.put_batch(batch), aux or {})))
-      sums = s if sums is None else jax.tree.map(np.add, sums, s)
-  tokens = max(float(sums.pop("tokens")), 1.0)
-  record = summarize([jax.tree.map(lambda x: np.asarray(x) / tokens, sums)])
-  out = {"eval_loss": record.pop("loss")}
-  out.update({f"eval_{k}": v for k, v in record.items()
-              if isinstance(v, float) and "/block_" not in k})
-  return out
+    for name, batches in sets.items():
+      sums = None
+      for batch in batches:
+        s = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(
+            exp.eval_step(params, model_state, exp.put_batch(batch), aux or {})))
+        s["bytes"] = np.float64(_global_bytes(exp, batch))
+        sums = s if sums is None else jax.tree.map(np.add, sums, s)
+      total = sums if total is None else jax.tree.map(np.add, total, sums)
+      if name:
+        tokens = max(float(sums["tokens"]), 1.0)
+        out[f"eval_loss/{name}"] = float(sums["loss"]) / tokens
+        out[f"eval_bpb/{name}"] = _bpb(sums)
+  tokens = max(float(total.pop("tokens")), 1.0)
+  n_bytes = total.pop("bytes")
+  bpb = _bpb({"loss": total["loss"], "bytes": n_bytes})
+  record = summarize([jax.tree.map(lambda x: np.asarray(x) / tokens, total)])
+  result = {"eval_loss": record.pop("loss"), "eval_bpb": bpb}
+  result.update({f"eval_{k}": v for k, v in record.items()
+                 if isinstance(v, float) and "/block_" not in k})
+  result.update(out)
+  return result
+
+
+def _global_bytes(exp, batch) -> float:
+  """The bytes of this process's rows, summed over processes (the loss sums are global)."""
+  own = exp.data.bytes_of(batch) if exp.data.token_bytes is not None else 0.0
+  if jax.process_count() == 1:
+    return own
+  from jax.experimental import multihost_utils
+  return float(np.sum(multihost_utils.process_allgather(np.float64(own))))
+
+
+def _bpb(sums) -> float:
+  """Bits per byte from summed nats and bytes (nan without bytes: synthetic data)."""
+  n_bytes = float(sums["bytes"])
+  return float(sums["loss"]) / math.log(2) / n_bytes if n_bytes > 0 else float("nan")
 
 
 class _Preemption:
@@ -91,6 +122,46 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+TOKENIZER_KEY = "_tokenizer"  # in each checkpoint's config item: {"name", "sha256"}
+
+
+def _saved_config(config, exp) -> dict:
+  """The config item of each checkpoint: the config plus the tokenizer's name and hash."""
+  tok = exp.data.tokenizer
+  out = _config_dict(config)
+  if tok is not None:
+    out[TOKENIZER_KEY] = {"name": tok.name, "sha256": tok.sha256}
+  return out
+
+
+def _check_tokenizer(ckpt: Checkpointer, saved_config: dict, spec: str) -> None:
+  """ConfigError when the newest checkpoint was written with another tokenizer."""
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  try:
+    old = ckpt.saved_config(step).get(TOKENIZER_KEY)
+  except Exception:  # noqa: BLE001 - a damaged checkpoint: restore_latest deals with it
+    return
+  new = saved_config.get(TOKENIZER_KEY)
+  if old and new and old["sha256"] != new["sha256"]:
+    raise ConfigError("data.tokenizer", spec, f"is not the tokenizer the checkpoint (step "
+                      f"{step}) was trained with ({old['name']}, sha256 {old['sha256'][:12]})",
+                      "resume with the tokenizer saved in the workdir (tokenizer.json or "
+                      ".model there), or start a new --workdir")
+
+
+def _copy_tokenizer(tokenizer, workdir: str) -> None:
+  """Keeps the run's tokenizer file in its workdir (evaluation and generation read it)."""
+  if tokenizer is None or tokenizer.path is None:
+    return
+  from lm.data.tokenizers import file_sha256
+  target = os.path.join(workdir, "tokenizer" + os.path.splitext(tokenizer.path)[1])
+  if not os.path.exists(target) or file_sha256(target) != tokenizer.sha256:
+    shutil.copyfile(tokenizer.path, target + ".tmp")
+    os.replace(target + ".tmp", target)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
         devices=None) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint that restores.
@@ -126,8 +197,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   logger = None
   try:
+    saved_config = _saved_config(config, exp)
+    _check_tokenizer(ckpt, saved_config, exp.config.data.tokenizer)
     data_iter = exp.data.train_iterator()
-    restored = ckpt.restore_latest(exp.state.abstract, data_iter, config=_config_dict(config),
+    restored = ckpt.restore_latest(exp.state.abstract, data_iter, config=saved_config,
                                    log=say)
     if restored is not None:
       state, resumed_from = restored
@@ -138,11 +211,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     if lead:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
+      _copy_tokenizer(exp.data.tokenizer, workdir)
     step = int(state["step"])
     end = min(tc.steps, stop_at) if stop_at else tc.steps
     logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=step,
                            progress=tc.progress, enabled=lead, tensorboard=tc.tensorboard)
-    summary = _train(exp, state, step, end, data_iter, step_aux, ckpt, logger, config,
+    summary = _train(exp, state, step, end, data_iter, step_aux, ckpt, logger, saved_config,
                      resumed_from, notes)
   finally:
     ckpt.close()
@@ -198,7 +272,7 @@ def _train(exp, state, step, end, data_iter, aux, ckpt, logger, config, resumed_
         logger.log({"step": step, **evals, "elapsed_s": time.perf_counter() - t_start})
         t_last = time.perf_counter()
       if step % tc.checkpoint_every == 0 or step == end or stop:
-        ckpt.save(step, state, data_iter, _config_dict(config))
+        ckpt.save(step, state, data_iter, config)
         t_last = time.perf_counter()
       if stop:
         logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting")

@@ -1,4 +1,8 @@
-"""Builds the embedded default corpus ``lm/corpus/python_docs.txt.gz``.
+"""Builds the embedded corpora ``lm/data/corpus/python_docs.txt.gz`` and ``python_code.txt.gz``.
+
+``python_code`` (the second source of ``experiments/configs/mixture.py``) is the same
+modules' code with every docstring removed, re-printed by ``ast.unparse`` (comments
+dropped), one document per module, capped at ``MAX_CODE_BYTES``.
 
 The corpus is the docstrings of the CPython standard library of the interpreter
 running this script: one document per module (the module docstring followed by
@@ -12,7 +16,7 @@ output is byte-for-byte reproducible for a given interpreter version.
 
 Usage::
 
-  .venv/bin/python scripts/make_corpus.py            # writes lm/corpus/
+  .venv/bin/python scripts/make_corpus.py            # writes lm/data/corpus/
   .venv/bin/python scripts/make_corpus.py --out DIR  # elsewhere
 """
 import argparse
@@ -25,6 +29,7 @@ import sysconfig
 
 RECORD_SEPARATOR = "\x1e"  # on its own line between documents
 MAX_RAW_BYTES = 3_000_000  # stop adding documents past this much utf-8 text
+MAX_CODE_BYTES = 1_500_000  # the code corpus is smaller: a second source, not the first
 MIN_DOC_BYTES = 200  # modules with less docstring text than this are skipped
 
 # Any path component in this set excludes the file: tests, GUI code, vendored or
@@ -65,6 +70,44 @@ def module_document(path: pathlib.Path) -> str:
       seen.add(doc)
       parts.append(doc)
   return "\n\n".join(parts)
+
+
+def module_code(path: pathlib.Path) -> str:
+  """Returns one module's code without docstrings or comments ('' if it does not parse)."""
+  try:
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+  except (SyntaxError, ValueError, UnicodeDecodeError):
+    return ""
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, *_DEFS)) and node.body:
+      first = node.body[0]
+      if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+          and isinstance(first.value.value, str)):
+        node.body = node.body[1:] or [ast.Pass()]
+  return ast.unparse(tree).replace(RECORD_SEPARATOR, " ")
+
+
+def build_code_corpus(stdlib: pathlib.Path) -> list[str]:
+  """Returns the modules' code, deduplicated, capped at ``MAX_CODE_BYTES``."""
+  docs, hashes, total = [], set(), 0
+  for path in stdlib_files(stdlib):
+    doc = module_code(path)
+    size = len(doc.encode("utf-8"))
+    digest = hashlib.sha256(doc.encode("utf-8")).digest()
+    if size < MIN_DOC_BYTES or digest in hashes or total + size > MAX_CODE_BYTES:
+      continue
+    hashes.add(digest)
+    docs.append(doc)
+    total += size
+  return docs
+
+
+def _write_gz(path: pathlib.Path, docs: list[str]) -> int:
+  raw = (f"\n{RECORD_SEPARATOR}\n".join(docs) + "\n").encode("utf-8")
+  with open(path, "wb") as f:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=9, mtime=0) as gz:
+      gz.write(raw)
+  return len(raw)
 
 
 def stdlib_files(stdlib: pathlib.Path) -> list[pathlib.Path]:
@@ -121,9 +164,18 @@ def license_text(stdlib: pathlib.Path, n_docs: int) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   here = pathlib.Path(__file__).resolve().parent.parent
-  parser.add_argument("--out", type=pathlib.Path, default=here / "lm" / "corpus")
+  parser.add_argument("--out", type=pathlib.Path, default=here / "lm" / "data" / "corpus")
+  parser.add_argument("--only", choices=("docs", "code"), default=None,
+                      help="write only one of the two corpora")
   args = parser.parse_args(argv)
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  args.out.mkdir(parents=True, exist_ok=True)
+  if args.only != "docs":
+    code = build_code_corpus(stdlib)
+    size = _write_gz(args.out / "python_code.txt.gz", code)
+    print(f"python_code.txt.gz: {len(code)} documents, {size:,} raw bytes")
+    if args.only == "code":
+      return
   docs = build_corpus(stdlib)
   text = f"\n{RECORD_SEPARATOR}\n".join(docs) + "\n"
   raw = text.encode("utf-8")

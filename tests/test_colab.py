@@ -1,4 +1,4 @@
-"""The Colab quickstart runs top to bottom on CPU."""
+"""The Colab notebooks run top to bottom on CPU."""
 import os
 
 import nbformat
@@ -17,3 +17,16 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
                     for o in c.get("outputs", []))
   assert "jax" in outputs and "'step': 300" in outputs
   assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_data_notebook_runs(tmp_path, monkeypatch):
+  monkeypatch.setenv("KESTREL_NOTEBOOK_WORKDIR", str(tmp_path))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  nb = nbformat.read(os.path.join(ROOT, "colab", "data.ipynb"), as_version=4)
+  NotebookClient(nb, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+  assert "round trip exact: True" in outputs and "bits/byte" in outputs
+  assert (tmp_path / "run" / "tokenizer.json").exists()
+  assert (tmp_path / "pretok" / "index.json").exists()

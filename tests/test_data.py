@@ -1,4 +1,5 @@
-"""Tests for lm/data.py: tokenizer, corpora, pipelines, checkpoints, synthetic tasks."""
+"""Tests for lm/data (pipelines, checkpoints, synthetic tasks); tokenizers, formats and
+mixtures are in tests/test_data_sources.py."""
 import itertools
 import string
 
@@ -9,6 +10,7 @@ import pytest
 
 from experiments.configs.base import get_config
 from lm import data as D
+from lm.data.packing import pack_eval
 from core.errors import ConfigError
 
 LETTERS = string.ascii_letters[:40]  # one distinct byte per letter document
@@ -20,6 +22,10 @@ def _cfg(**overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def _docs(cfg):
+  return D.read_documents(D.named_sources(cfg)[""])
 
 
 def _take(it, n):
@@ -51,17 +57,6 @@ def _stream(batches):
   return np.concatenate(rows)
 
 
-def test_tokenizer_round_trip():
-  tok = D.get_tokenizer("byte")
-  text = "héllo, wörld ✓\n\tend"
-  ids = tok.encode(text)
-  assert ids.dtype == np.int32 and ids.max() < 256 and tok.vocab_size == 257
-  assert tok.decode(ids) == text
-  assert tok.decode(np.concatenate([ids, [tok.eos_id]])) == text
-  with pytest.raises(ConfigError, match="data.tokenizer"):
-    D.get_tokenizer("sentencepiece")
-
-
 def test_embedded_batches_shapes_and_shift():
   data = D.make_data(_cfg(), seed=0)
   assert data.vocab_size == 257
@@ -75,7 +70,7 @@ def test_embedded_batches_shapes_and_shift():
 
 
 def test_train_val_split_disjoint():
-  docs = D.load_documents(_cfg())
+  docs = _docs(_cfg())
   assert len(docs) > 100
   data = D.make_data(_cfg(), seed=0)
   train, val = set(data.train_documents), set(data.val_documents)
@@ -115,7 +110,9 @@ def test_eval_batches_deterministic_and_cycle():
   _assert_batches_equal(data.eval_batches(3), data.eval_batches(3))
   _assert_batches_equal(data.eval_batches(3),
                         D.make_data(_cfg(), seed=5).eval_batches(3))
-  n_rows = len(D.pack_rows(data.val_documents, D.ByteTokenizer(), 16)[0])
+  tok = D.ByteTokenizer()
+  n_rows = len(pack_eval(tok.encode_batch(data.val_documents), row_len=17, bos=None,
+                         eos=tok.eos_id, pad=tok.pad_id)[0])
   many = data.eval_batches(n_rows // 4 + 3)  # more than the val split: cycles
   assert len(many) == n_rows // 4 + 3
   rows = np.concatenate([b["targets"] for b in many])
@@ -141,9 +138,9 @@ def test_files_from_folder_and_glob(tmp_path):
   (tmp_path / "sub" / "b.md").write_text("beta " * 20)
   (tmp_path / "sub" / "c.txt").write_text("gamma " * 20)
   (tmp_path / "skip.py").write_text("print('not text')")
-  docs = D.load_documents(_cfg(source="files", path=str(tmp_path)))
+  docs = _docs(_cfg(source="files", path=str(tmp_path)))
   assert [d.split()[0] for d in docs] == ["alpha", "beta", "gamma"]
-  docs = D.load_documents(_cfg(source="files", path=str(tmp_path / "**" / "*.txt")))
+  docs = _docs(_cfg(source="files", path=str(tmp_path / "**" / "*.txt")))
   assert [d.split()[0] for d in docs] == ["alpha", "gamma"]
   data = D.make_data(_cfg(source="files", path=str(tmp_path), val_fraction=0.3), seed=0)
   assert len(data.val_documents) == 1 and len(data.train_documents) == 2
@@ -153,7 +150,7 @@ def test_files_from_folder_and_glob(tmp_path):
 def test_single_file_splits_into_paragraphs(tmp_path):
   f = tmp_path / "book.txt"
   f.write_text("\n\n".join(f"paragraph {i} " * 5 for i in range(10)))
-  docs = D.load_documents(_cfg(source="files", path=str(f)))
+  docs = _docs(_cfg(source="files", path=str(f)))
   assert len(docs) == 10 and docs[3].startswith("paragraph 3")
 
 
@@ -230,7 +227,7 @@ def test_mqar_answers_are_the_paired_values():
         assert inp[p] in keys
         assert tgt[p] == values[list(keys).index(inp[p])]
       n = 2 * (syn.num_pairs + syn.num_queries)
-      assert (inp[n:] == D.PAD_ID).all()
+      assert (inp[n:] == D.pipeline.PAD_ID).all()
 
 
 def test_copy_targets_are_the_string():
@@ -238,7 +235,7 @@ def test_copy_targets_are_the_string():
   cfg.synthetic.task, cfg.synthetic.copy_len = "copy", 12
   b = next(D.make_data(cfg, seed=2).train_iterator())
   for inp, tgt, w in zip(b["inputs"], b["targets"], b["weights"]):
-    assert inp[12] == D.SEP_ID and w.sum() == 12
+    assert inp[12] == D.pipeline.SEP_ID and w.sum() == 12
     np.testing.assert_array_equal(tgt[w == 1], inp[:12])
 
 

@@ -78,13 +78,61 @@ CASES = [
      "--topology='v9z:2x2': expected <generation>:<AxB[xC]>"),
     ("ablate: unknown sweep field", "experiments.ablate", [BASE, "--sweep=optimizer.nme=adamw"],
      "--sweep.optimizer.nme='adamw': unknown config field 'nme' under optimizer"),
+    # data ({data} is the folder written by the bad_data fixture)
+    ("missing tokenizer file", "experiments.train", [BASE, "--config.data.tokenizer=/no/tok.json"],
+     "data.tokenizer='/no/tok.json': is not 'byte', 'bpe' or an existing tokenizer file"),
+    ("tokenizer not the checkpoint's", "experiments.train", [BASE, "--config.data.tokenizer=bpe"],
+     "data.tokenizer='bpe': is not the tokenizer the checkpoint (step 2) was trained with (byte"),
+    ("vocab larger than the model's", "experiments.train",
+     [BASE, "--config.data.tokenizer=bpe", "--config.model.vocab_size=512"],
+     "model.vocab_size=512: smaller than the tokenizer's vocabulary (4096)"),
+    ("missing JSONL field", "experiments.train",
+     [BASE, "--config.data.source=jsonl", "--config.data.path={data}/jsonl"],
+     "data.field='text': is not a field of"),
+    ("missing Parquet column", "experiments.train",
+     [BASE, "--config.data.source=parquet", "--config.data.path={data}/t.parquet",
+      "--config.data.column=body"], "data.column='body': is not a column of"),
+    ("empty shard list", "experiments.train",
+     [BASE, "--config.data.source=arrayrecord", "--config.data.path={data}/pre"],
+     "lists an empty shard list"),
+    ("non-positive mixture weight", "experiments.train",
+     ["--config=experiments/configs/mixture.py:mix", "--config.data.mixture.code.weight=0"],
+     "data.mixture.code.weight=0.0: must be > 0"),
+    ("stages out of order", "experiments.train",
+     ["--config=experiments/configs/mixture.py:mix",
+      "--config.data.stages=((5, {'docs': 1.0}), (3, {'code': 1.0}))"],
+     "stage steps must increase from 0 (stage 1 starts at 3, after 5)"),
+    ("pretokenize: not a text source", "experiments.pretokenize",
+     [BASE, "--config.data.source=synthetic", "--out={data}/x"],
+     "data.source='synthetic': is not a text source"),
+    ("tokenizer: bad suffix", "experiments.tokenizer", [BASE, "--out={data}/tok.txt"],
+     "--out='{data}/tok.txt': must end in .json"),
 ]
 
 
-def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(finished, tmp_path):
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+  """A JSONL shard without a 'text' field, a Parquet file and a pretokenized folder whose
+  index lists no shards."""
+  import json as json_lib
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  folder = tmp_path_factory.mktemp("bad_data")
+  (folder / "jsonl").mkdir()
+  (folder / "jsonl" / "a.jsonl").write_text('{"body": "no text field"}\n')
+  pq.write_table(pa.table({"text": ["a", "b"]}), folder / "t.parquet")
+  (folder / "pre").mkdir()
+  (folder / "pre" / "index.json").write_text(json_lib.dumps(
+      {"format": "kestrel-pretokenized-1", "splits": {"train": {"shards": []}}}))
+  return folder
+
+
+def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(finished, bad_data, tmp_path):
   before = _fingerprint(finished)
   procs = []
   for case, module, args, expected in CASES:
+    args = [a.replace("{data}", str(bad_data)) for a in args]
+    expected = expected.replace("{data}", str(bad_data))
     extra = []
     if module == "experiments.train" and not any(a.startswith("--workdir") for a in args):
       extra = [f"--workdir={finished}"]

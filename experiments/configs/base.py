@@ -85,9 +85,20 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.moe = group(MoEConfig())
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # embedded | files | synthetic
-  c.data.path = ""  # files: a folder, a file or a glob of text files
+  # Sources (lm/data): embedded | files | jsonl | parquet | arrayrecord | mixture | synthetic
+  c.data.source = "embedded"
+  c.data.path = ""  # a file, a folder or a glob of shards (files, jsonl, parquet, arrayrecord)
+  c.data.field = "text"  # jsonl: the field holding each document's text
+  c.data.column = "text"  # parquet: the column holding each document's text
+  c.data.eval_path = ""  # held-out data of the same kind; empty: split by document
+  # byte | bpe (shipped, 4096 tokens) | a tokenizer.json / .model (experiments.tokenizer)
   c.data.tokenizer = "byte"
+  c.data.bos = False  # BOS before each document
+  c.data.eos = True  # EOS after each document
+  c.data.workers = 0  # grain worker processes building batches (0: in the train process)
+  # source="mixture": {name: {source, path, field, column, eval_path, weight}}
+  c.data.mixture = ml_collections.ConfigDict()
+  c.data.stages = ()  # curriculum: ((step, {name: weight}), ...) in increasing steps
   c.data.seq_len = seq_len
   c.data.batch_size = batch
   c.data.val_fraction = 0.05  # share of documents held out for eval

@@ -1,0 +1,78 @@
+"""Packing tokenized documents into rows, as a pure function of the row index.
+
+The train stream of a source is the concatenation, epoch after epoch, of its documents
+(each with BOS/EOS as configured) in a new seeded order every epoch; row ``r`` is tokens
+``[r * S, (r + 1) * S)`` of that stream (``S = seq_len + 1``), so rows cross document and
+epoch boundaries and no token is dropped or padded. Because a row is computed from its
+index alone, from the documents' lengths and only the documents it overlaps, a process
+reads only what its rows need, and resuming needs no more state than a row counter.
+"""
+import numpy as np
+
+
+class PackedStream:
+  """Rows of ``S`` tokens of an endless shuffled stream of one tokenized corpus."""
+
+  def __init__(self, corpus, *, row_len: int, seed: int, bos: int | None, eos: int | None):
+    """``corpus``: ``.lengths`` int64 [N] and ``.get(indices) -> list of int32 arrays``."""
+    self.corpus, self.row_len, self.seed = corpus, row_len, seed
+    self._bos = np.array([] if bos is None else [bos], np.int32)
+    self._eos = np.array([] if eos is None else [eos], np.int32)
+    self.doc_lengths = corpus.lengths + len(self._bos) + len(self._eos)
+    self.epoch_tokens = int(self.doc_lengths.sum())
+    self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+  def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document order, start offset of each in the epoch) of epoch ``e``, cached."""
+    if e not in self._epochs:
+      if len(self._epochs) > 4:
+        self._epochs.pop(min(self._epochs))
+      order = np.random.default_rng([self.seed, e]).permutation(len(self.doc_lengths))
+      starts = np.concatenate([[0], np.cumsum(self.doc_lengths[order])[:-1]])
+      self._epochs[e] = (order, starts)
+    return self._epochs[e]
+
+  def _pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(document, from, to) token slices (with specials) covering stream ``[lo, hi)``."""
+    out = []
+    while lo < hi:
+      e, off = divmod(lo, self.epoch_tokens)
+      order, starts = self._epoch(e)
+      k = int(np.searchsorted(starts, off, side="right")) - 1
+      doc = int(order[k])
+      a = off - int(starts[k])
+      b = min(int(self.doc_lengths[doc]), a + hi - lo)
+      out.append((doc, a, b))
+      lo += b - a
+    return out
+
+  def rows(self, indices) -> np.ndarray:
+    """Rows ``indices`` as int32 [len(indices), S]; reads each needed document once."""
+    S = self.row_len
+    plans = [self._pieces(int(r) * S, (int(r) + 1) * S) for r in indices]
+    needed = sorted({d for plan in plans for d, _, _ in plan})
+    docs = dict(zip(needed, self.corpus.get(needed)))
+    out = np.empty((len(plans), S), np.int32)
+    for i, plan in enumerate(plans):
+      out[i] = np.concatenate([
+          np.concatenate([self._bos, docs[d], self._eos])[a:b] for d, a, b in plan])
+    return out
+
+  def documents_for(self, indices) -> set[int]:
+    """The documents rows ``indices`` read (what a process touches)."""
+    S = self.row_len
+    return {d for r in indices for d, _, _ in self._pieces(int(r) * S, (int(r) + 1) * S)}
+
+
+def pack_eval(docs_tokens: list[np.ndarray], *, row_len: int, bos: int | None,
+              eos: int | None, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """The held-out documents, in order, concatenated and cut into rows; the last row is
+  padded with ``pad``. Returns tokens int32 [R, S] and valid bool [R, S]."""
+  pre = [] if bos is None else [np.array([bos], np.int32)]
+  post = [] if eos is None else [np.array([eos], np.int32)]
+  stream_N = np.concatenate([x for d in docs_tokens for x in (*pre, d, *post)])
+  n_rows = -(-len(stream_N) // row_len)
+  tokens = np.full(n_rows * row_len, pad, np.int32)
+  tokens[:len(stream_N)] = stream_N
+  valid = np.arange(tokens.size) < len(stream_N)
+  return tokens.reshape(n_rows, row_len), valid.reshape(n_rows, row_len)
