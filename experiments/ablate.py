@@ -223,6 +223,10 @@ def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
         print(f"[ablate] {name}", flush=True)
         start = time.perf_counter()
         result = loop.run(config, workdir)
+        if result["step"] < config.train.steps:  # preempted (SIGTERM): resumable, not finished
+          print(f"[ablate] {name} stopped at step {result['step']}; run the same command again "
+                "to resume it", flush=True)
+          sys.exit(143)
         summary = summarise(workdir, time.perf_counter() - start, result["params"])
         if not keep_checkpoints:
           shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)

@@ -149,6 +149,7 @@ class DataConfig:
   batch_size: int
   val_fraction: float
   shuffle_seed: int
+  shuffle_window: int
   workers: int
   mixture: dict[str, data_lib.SourceConfig]
   stages: typing.Any

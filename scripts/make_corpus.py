@@ -88,13 +88,24 @@ def module_code(path: pathlib.Path) -> str:
 
 
 def build_code_corpus(stdlib: pathlib.Path) -> list[str]:
-  """Returns the modules' code, deduplicated, capped at ``MAX_CODE_BYTES``."""
+  """Returns the modules' code, deduplicated, capped at ``MAX_CODE_BYTES`` (modules that
+  would pass the cap are skipped, later smaller ones still taken)."""
+  return _collect(stdlib, module_code, MAX_CODE_BYTES, stop_at_cap=False)
+
+
+def _collect(stdlib: pathlib.Path, extract, cap: int, *, stop_at_cap: bool) -> list[str]:
+  """``extract(path)`` of each standard-library file: deduplicated, at least
+  ``MIN_DOC_BYTES`` each, at most ``cap`` bytes in all (stop there, or skip past it)."""
   docs, hashes, total = [], set(), 0
   for path in stdlib_files(stdlib):
-    doc = module_code(path)
+    doc = extract(path)
     size = len(doc.encode("utf-8"))
     digest = hashlib.sha256(doc.encode("utf-8")).digest()
-    if size < MIN_DOC_BYTES or digest in hashes or total + size > MAX_CODE_BYTES:
+    if size < MIN_DOC_BYTES or digest in hashes:
+      continue
+    if total + size > cap:
+      if stop_at_cap:
+        break
       continue
     hashes.add(digest)
     docs.append(doc)
@@ -122,19 +133,7 @@ def stdlib_files(stdlib: pathlib.Path) -> list[pathlib.Path]:
 
 def build_corpus(stdlib: pathlib.Path) -> list[str]:
   """Returns the deduplicated documents, capped at ``MAX_RAW_BYTES`` of text."""
-  docs, hashes, total = [], set(), 0
-  for path in stdlib_files(stdlib):
-    doc = module_document(path)
-    size = len(doc.encode("utf-8"))
-    digest = hashlib.sha256(doc.encode("utf-8")).digest()
-    if size < MIN_DOC_BYTES or digest in hashes:
-      continue
-    if total + size > MAX_RAW_BYTES:
-      break
-    hashes.add(digest)
-    docs.append(doc)
-    total += size
-  return docs
+  return _collect(stdlib, module_document, MAX_RAW_BYTES, stop_at_cap=True)
 
 
 def psf_license(stdlib: pathlib.Path) -> str:

@@ -88,3 +88,35 @@ def conformance_params(cases: dict, impls, runs: dict, refusal) -> list:
   return [pytest.param(impl, name, id=f"{impl}-{name}")
           for name, case in cases.items() for impl in impls
           if refusal(impl, case) is not None or name in runs.get(impl, (name,))]
+
+
+def triton_h100_lowering(monkeypatch):
+  """(abstract one-device H100 mesh, list that collects the verification result of every
+  Triton module lowered) for lowering GPU kernels on a host without a GPU; skips the test
+  when this jax has no Triton lowering or abstract devices."""
+  try:
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from jax.sharding import AbstractDevice, AbstractMesh
+  except ImportError as e:
+    pytest.skip(f"no Triton lowering / abstract devices in this jax: {e}")
+  verified = []
+  lower_module = triton_lowering.lower_jaxpr_to_triton_module
+
+  def lower_and_verify(*args, **kwargs):  # the lowering itself does not verify the module
+    result = lower_module(*args, **kwargs)
+    verified.append(result.module.operation.verify())
+    return result
+
+  monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+  return AbstractMesh((1,), ("d",), abstract_device=device), verified
+
+
+def data_config(**overrides):
+  """``base.py:tiny``'s data group at 4 x 16 tokens, with ``overrides`` set."""
+  from experiments.configs.base import get_config
+  c = get_config("tiny").data
+  c.seq_len, c.batch_size = 16, 4
+  for k, v in overrides.items():
+    c[k] = v
+  return c

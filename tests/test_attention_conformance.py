@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import conformance_params, assert_close, placed, topology_or_skip
+from conftest import (assert_close, conformance_params, placed, topology_or_skip,
+                      triton_h100_lowering)
 
 from attention import hierarchical, masks, ops, sparse
 from attention.kernels import block_sparse_gpu as bsg
@@ -464,27 +465,13 @@ def test_tpu_aot_compile_forward_and_backward(topology):
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_triton_lowering_for_abstract_h100_without_gpu(monkeypatch):
-  try:
-    from jax._src.pallas.triton import lowering as triton_lowering
-    from jax.sharding import AbstractDevice, AbstractMesh
-  except ImportError as e:
-    pytest.skip(f"no Triton lowering / abstract devices in this jax: {e}")
-  verified = []
-  lower_module = triton_lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*args, **kwargs):  # the lowering itself does not verify the module
-    result = lower_module(*args, **kwargs)
-    verified.append(result.module.operation.verify())
-    return result
+  mesh, verified = triton_h100_lowering(monkeypatch)
 
   def loss(q, k, v, mask, block):
     out, lse = bsg.block_sparse_attention(q, k, v, mask, block_q=block, block_k=block,
                                           causal=True, sliding_window=100, return_lse=True)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-  monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-  device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-  mesh = AbstractMesh((1,), ("d",), abstract_device=device)
   B, T, N, K, b = 2, 512, 8, 2, 64
   for H in bsg.SUPPORTED_HEAD_DIMS:
     for dtype in (jnp.bfloat16, jnp.float32):

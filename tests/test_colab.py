@@ -7,26 +7,25 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-  monkeypatch.setenv("KESTREL_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+def _run(name: str, workdir, monkeypatch) -> str:
+  """Executes ``colab/<name>`` with its workdir at ``workdir``; returns its text outputs."""
+  monkeypatch.setenv("KESTREL_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  nb = nbformat.read(os.path.join(ROOT, "colab", "quickstart.ipynb"), as_version=4)
+  nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": ROOT}}).execute()
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                    for o in c.get("outputs", []))
+  return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []))
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+  outputs = _run("quickstart.ipynb", tmp_path / "run", monkeypatch)
   assert "jax" in outputs and "'step': 300" in outputs
   assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
 def test_data_notebook_runs(tmp_path, monkeypatch):
-  monkeypatch.setenv("KESTREL_NOTEBOOK_WORKDIR", str(tmp_path))
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  nb = nbformat.read(os.path.join(ROOT, "colab", "data.ipynb"), as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": ROOT}}).execute()
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                    for o in c.get("outputs", []))
+  outputs = _run("data.ipynb", tmp_path, monkeypatch)
   assert "round trip exact: True" in outputs and "bits/byte" in outputs
   assert (tmp_path / "run" / "tokenizer.json").exists()
   assert (tmp_path / "pretok" / "index.json").exists()

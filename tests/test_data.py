@@ -8,20 +8,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.configs.base import get_config
+from conftest import data_config
+
+from core.errors import ConfigError
 from lm import data as D
 from lm.data.packing import pack_eval
-from core.errors import ConfigError
 
 LETTERS = string.ascii_letters[:40]  # one distinct byte per letter document
 
 
-def _cfg(**overrides):
-  c = get_config("tiny").data
-  c.seq_len, c.batch_size = 16, 4
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+_cfg = data_config
 
 
 def _docs(cfg):
@@ -120,7 +116,7 @@ def test_eval_batches_deterministic_and_cycle():
 
 
 def test_epochs_reshuffle(letter_corpus):
-  cfg = _cfg(source="files", path=str(letter_corpus), val_fraction=0.1)
+  cfg = _cfg(source="files", path=str(letter_corpus), val_fraction=0.1, shuffle_window=0)
   data = D.make_data(cfg, seed=0)
   n_docs = len(data.train_documents)
   stream = _stream(_take(data.train_iterator(), 60))
@@ -130,6 +126,19 @@ def test_epochs_reshuffle(letter_corpus):
   epoch1, epoch2 = order[:n_docs], order[n_docs:2 * n_docs]
   assert sorted(epoch1) == sorted(epoch2) == sorted(d[0] for d in data.train_documents)
   assert epoch1 != epoch2
+
+
+def test_rows_are_shuffled_within_windows_of_the_stream(letter_corpus):
+  cfg = _cfg(source="files", path=str(letter_corpus), val_fraction=0.1, shuffle_window=0)
+  in_order = np.concatenate([b["inputs"] for b in _take(D.make_data(cfg, seed=0)
+                                                        .train_iterator(), 12)])
+  cfg.shuffle_window = 8  # two batches of 4 rows
+  shuffled = np.concatenate([b["inputs"] for b in _take(D.make_data(cfg, seed=0)
+                                                         .train_iterator(), 12)])
+  assert not np.array_equal(shuffled, in_order)
+  for w in range(0, 48, 8):  # each window holds the same rows, in another order
+    key = lambda rows: sorted(map(tuple, rows.tolist()))
+    assert key(shuffled[w:w + 8]) == key(in_order[w:w + 8])
 
 
 def test_files_from_folder_and_glob(tmp_path):

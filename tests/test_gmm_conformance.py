@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import conformance_params, assert_close, topology_or_skip
+from conftest import assert_close, conformance_params, topology_or_skip, triton_h100_lowering
 
 from core import platform
 from core.errors import Unsupported
@@ -291,25 +291,11 @@ def test_tpu_aot_compile_forward_and_backward():
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_triton_lowering_for_abstract_h100_without_gpu(monkeypatch):
-  try:
-    from jax._src.pallas.triton import lowering as triton_lowering
-    from jax.sharding import AbstractDevice, AbstractMesh
-  except ImportError as e:
-    pytest.skip(f"no Triton lowering / abstract devices in this jax: {e}")
-  verified = []
-  lower_module = triton_lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*args, **kwargs):  # the lowering itself does not verify the module
-    result = lower_module(*args, **kwargs)
-    verified.append(result.module.operation.verify())
-    return result
+  mesh, verified = triton_h100_lowering(monkeypatch)
 
   def loss(x, w, gs):
     return jnp.sum(gg.gmm(x, w, gs, tiling=gg.DEFAULT_TILING).astype(jnp.float32) ** 2)
 
-  monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-  device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-  mesh = AbstractMesh((1,), ("d",), abstract_device=device)
   M, K, N, G = 200, 96, 80, 5
   for dtype in (jnp.bfloat16, jnp.float32):
     args = (jax.ShapeDtypeStruct((M, K), dtype), jax.ShapeDtypeStruct((G, K, N), dtype),

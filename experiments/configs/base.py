@@ -95,6 +95,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.data.tokenizer = "byte"
   c.data.bos = False  # BOS before each document
   c.data.eos = True  # EOS after each document
+  c.data.shuffle_window = 1024  # train rows in random order within windows of this many rows
   c.data.workers = 0  # grain worker processes building batches (0: in the train process)
   # source="mixture": {name: {source, path, field, column, eval_path, weight}}
   c.data.mixture = ml_collections.ConfigDict()

@@ -13,9 +13,13 @@ import numpy as np
 class PackedStream:
   """Rows of ``S`` tokens of an endless shuffled stream of one tokenized corpus."""
 
-  def __init__(self, corpus, *, row_len: int, seed: int, bos: int | None, eos: int | None):
-    """``corpus``: ``.lengths`` int64 [N] and ``.get(indices) -> list of int32 arrays``."""
+  def __init__(self, corpus, *, row_len: int, seed: int, bos: int | None, eos: int | None,
+               shuffle_window: int = 0):
+    """``corpus``: ``.lengths`` int64 [N] and ``.get(indices) -> list of int32 arrays``;
+    ``shuffle_window`` <= 1 hands rows out in stream order."""
     self.corpus, self.row_len, self.seed = corpus, row_len, seed
+    self.window = max(int(shuffle_window), 1)
+    self._windows: dict[int, np.ndarray] = {}
     self._bos = np.array([] if bos is None else [bos], np.int32)
     self._eos = np.array([] if eos is None else [eos], np.int32)
     self.doc_lengths = corpus.lengths + len(self._bos) + len(self._eos)
@@ -46,10 +50,23 @@ class PackedStream:
       lo += b - a
     return out
 
+  def stream_row(self, index: int) -> int:
+    """The stream row handed out as row ``index`` (a permutation within each window)."""
+    if self.window == 1:
+      return int(index)
+    w, pos = divmod(int(index), self.window)
+    if w not in self._windows:
+      if len(self._windows) > 4:
+        self._windows.pop(min(self._windows))
+      rng = np.random.default_rng([self.seed, 1 << 40, w])
+      self._windows[w] = rng.permutation(self.window)
+    return w * self.window + int(self._windows[w][pos])
+
   def rows(self, indices) -> np.ndarray:
     """Rows ``indices`` as int32 [len(indices), S]; reads each needed document once."""
     S = self.row_len
-    plans = [self._pieces(int(r) * S, (int(r) + 1) * S) for r in indices]
+    plans = [self._pieces(self.stream_row(r) * S, (self.stream_row(r) + 1) * S)
+             for r in indices]
     needed = sorted({d for plan in plans for d, _, _ in plan})
     docs = dict(zip(needed, self.corpus.get(needed)))
     out = np.empty((len(plans), S), np.int32)
@@ -61,7 +78,8 @@ class PackedStream:
   def documents_for(self, indices) -> set[int]:
     """The documents rows ``indices`` read (what a process touches)."""
     S = self.row_len
-    return {d for r in indices for d, _, _ in self._pieces(int(r) * S, (int(r) + 1) * S)}
+    return {d for r in indices
+            for d, _, _ in self._pieces(self.stream_row(r) * S, (self.stream_row(r) + 1) * S)}
 
 
 def pack_eval(docs_tokens: list[np.ndarray], *, row_len: int, bos: int | None,

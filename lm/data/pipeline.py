@@ -11,7 +11,8 @@ Language-model sources (``data.source``: ``embedded``, ``files``, ``jsonl``,
 held-out documents with ``data.shuffle_seed`` (the split does not move with the
 experiment seed; ``eval_path`` replaces it), tokenized with ``data.tokenizer`` and each
 document framed by BOS/EOS as ``data.bos``/``data.eos`` say. Train rows come from
-``lm.data.packing`` (an endless, reshuffled-every-epoch stream cut into rows) and the
+``lm.data.packing`` (an endless, reshuffled-every-epoch stream cut into rows, handed
+out in a random order within windows of ``data.shuffle_window`` rows) and the
 rows of a global batch are assigned to sources by ``lm.data.mixture``; both are pure
 functions of the step, so the iterator's state is one counter and a global batch is the
 same for any process count. Process ``p`` of ``P`` builds only rows
@@ -167,6 +168,9 @@ def check(data_cfg) -> None:
     if data_cfg.stages:
       raise ConfigError("data.stages", data_cfg.stages, "needs data.source='mixture'",
                         "remove it, or mix sources with data.mixture")
+  if data_cfg.shuffle_window < 0:
+    raise ConfigError("data.shuffle_window", data_cfg.shuffle_window, "must be >= 0",
+                      "use 0 (rows in stream order) or e.g. 1024")
   if data_cfg.workers < 0:
     raise ConfigError("data.workers", data_cfg.workers, "must be >= 0",
                       "use 0 (build batches in the training process) or e.g. 2")
@@ -244,6 +248,9 @@ def _check_process(data_cfg, process_index: int, process_count: int) -> int:
 def _with_workers(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
   if workers == 0:
     return ds
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (a notebook, a script)
+    flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
@@ -365,7 +372,8 @@ def make_data(data_cfg, *, seed: int, process_index: int = 0,
     else:
       train, val_tokens, train_docs, val_docs = _text_corpora(src, prefix, tokenizer, data_cfg)
     stream = PackedStream(train, row_len=seq_len + 1, bos=bos, eos=eos,
-                          seed=_mix_seed(seed, data_cfg.shuffle_seed, k))
+                          seed=_mix_seed(seed, data_cfg.shuffle_seed, k),
+                          shuffle_window=data_cfg.shuffle_window)
     _check_enough(stream.epoch_tokens, seq_len, f"the train split of {label}")
     val_RS, valid_RS = pack_eval(val_tokens, row_len=seq_len + 1, bos=bos, eos=eos,
                                  pad=tokenizer.pad_id)
