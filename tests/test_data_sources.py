@@ -289,17 +289,29 @@ def test_schedule_counts_are_a_pure_function_of_the_step():
   assert seen[1] > 0 and (s.draws(900) != 1).all()
 
 
-def test_a_mixture_run_logs_bits_per_byte_per_source_and_keeps_its_tokenizer(tmp_path):
+def test_a_curriculum_run_resumes_bitwise_and_logs_bits_per_byte_per_source(tmp_path):
+  import jax
   from conftest import records, tiny
   from lm import experiment, loop
-  cfg = tiny("experiments/configs/mixture.py:curriculum,tiny", train__steps=2,
-             train__eval_every=2, train__eval_batches=2, data__stages=((0, {"docs": 1.0}),
-                                                                       (1, {"code": 1.0})))
-  loop.run(cfg, str(tmp_path))
-  ev = [r for r in records(tmp_path) if "eval_loss" in r][-1]
+  cfg = tiny("experiments/configs/mixture.py:curriculum,tiny", train__steps=8,
+             train__eval_every=4, train__eval_batches=2, train__log_every=1,
+             train__checkpoint_every=100,
+             data__stages=((0, {"docs": 1.0}), (4, {"code": 1.0, "docs": 0.5})))
+  full = loop.run(cfg, str(tmp_path / "full"))
+  # killed mid-stage (step 3), then across the switch at 4 (step 6), then to the end
+  for stop in (3, 6, None):
+    part = loop.run(cfg, str(tmp_path / "split"), stop_at=stop)
+  assert part["step"] == 8
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(part["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  strip = lambda rs: [(r["step"], r.get("loss"), r.get("eval_bpb/code")) for r in rs]
+  assert strip(records(tmp_path / "full")) == strip(records(tmp_path / "split"))
+
+  ev = [r for r in records(tmp_path / "full") if "eval_loss" in r][-1]
   for name in ("docs", "code"):
     assert 0 < ev[f"eval_bpb/{name}"] < 20 and ev[f"eval_loss/{name}"] > 0
-  assert (tmp_path / "tokenizer.json").read_bytes() == open(tokenizers.shipped_path(), "rb").read()
+  shipped = open(tokenizers.shipped_path(), "rb").read()
+  assert (tmp_path / "full" / "tokenizer.json").read_bytes() == shipped
   # the twin: bits per byte from the eval batches' own tokens and bytes
   data = experiment.build(cfg).data
   tokens = n_bytes = 0.0
