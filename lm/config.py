@@ -257,6 +257,10 @@ def _group(cls, node, path: str):
   if unknown:
     raise ConfigError(f"{path}.{unknown[0]}", node[unknown[0]], "not a field of this group",
                       f"use {', '.join(sorted(names))}")
+  for f in dataclasses.fields(cls):
+    if f.name not in node and f.default is dataclasses.MISSING:
+      raise ConfigError(f"{path}.{f.name}", None, "missing from the config",
+                        "add it (see experiments/configs/mixture.py)")
   full = {f.name: node[f.name] if f.name in node else f.default for f in dataclasses.fields(cls)}
   return convert(cls, ml_collections.ConfigDict(full), path)
 

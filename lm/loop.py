@@ -199,9 +199,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   try:
     saved_config = _saved_config(config, exp)
     _check_tokenizer(ckpt, saved_config, exp.config.data.tokenizer)
-    data_iter = exp.data.train_iterator()
-    restored = ckpt.restore_latest(exp.state.abstract, data_iter, config=saved_config,
-                                   log=say)
+    # Batches are a pure function of the step: the data resume from the restored step
+    # (the iterator state saved beside each checkpoint is not needed to restore).
+    restored = ckpt.restore_latest(exp.state.abstract, config=saved_config, log=say)
     if restored is not None:
       state, resumed_from = restored
     else:
@@ -213,6 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         f.write(config.to_json_best_effort(indent=2))
       _copy_tokenizer(exp.data.tokenizer, workdir)
     step = int(state["step"])
+    data_iter = exp.data.train_iterator(step)
     end = min(tc.steps, stop_at) if stop_at else tc.steps
     logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=step,
                            progress=tc.progress, enabled=lead, tensorboard=tc.tensorboard)

@@ -12,7 +12,7 @@ from conftest import data_config
 
 from core.errors import ConfigError
 from lm import data as D
-from lm.data.packing import pack_eval
+from lm.data.packing import HeldOut, pack_eval
 
 LETTERS = string.ascii_letters[:40]  # one distinct byte per letter document
 
@@ -126,6 +126,20 @@ def test_epochs_reshuffle(letter_corpus):
   epoch1, epoch2 = order[:n_docs], order[n_docs:2 * n_docs]
   assert sorted(epoch1) == sorted(epoch2) == sorted(d[0] for d in data.train_documents)
   assert epoch1 != epoch2
+
+
+@pytest.mark.parametrize("bos,eos", [(None, 256), (300, 256), (None, None)])
+def test_held_out_rows_read_on_demand_equal_packing_everything(bos, eos):
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, 256, rng.integers(0, 40)).astype(np.int32) for _ in range(30)]
+  corpus = D.sources.InMemory(docs, 0)
+  held = HeldOut(corpus, row_len=17, bos=bos, eos=eos, pad=0)
+  tokens, valid = pack_eval(docs, row_len=17, bos=bos, eos=eos, pad=0)
+  assert held.n_rows == len(tokens) and held.tokens == valid.sum()
+  order = rng.permutation(held.n_rows)  # any rows, in any order
+  got_tokens, got_valid = held.rows(order)
+  np.testing.assert_array_equal(got_tokens, tokens[order])
+  np.testing.assert_array_equal(got_valid, valid[order])
 
 
 def test_rows_are_shuffled_within_windows_of_the_stream(letter_corpus):
@@ -278,3 +292,13 @@ def test_synthetic_process_sharding_matches_global_batch():
     np.testing.assert_array_equal(glued, ref["inputs"])
   assert not any(np.array_equal(x, y) for x, y in
                  itertools.product(parts[0][0]["inputs"], parts[1][0]["inputs"]))
+
+
+@pytest.mark.parametrize("source", ["embedded", "synthetic"])
+def test_an_iterator_started_at_a_step_is_the_straight_one_from_there(source):
+  cfg = _cfg(source=source, seq_len=64)
+  data = D.make_data(cfg, seed=1)
+  straight = _take(data.train_iterator(), 7)
+  late = data.train_iterator(4)
+  assert late.get_state() == data.train_iterator().get_state() | {"next_index": 4}
+  _assert_batches_equal(_take(late, 3), straight[4:])

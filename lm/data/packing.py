@@ -82,10 +82,52 @@ class PackedStream:
             for d, _, _ in self._pieces(self.stream_row(r) * S, (self.stream_row(r) + 1) * S)}
 
 
+class HeldOut:
+  """Held-out rows: the documents in order (no shuffle, one pass), concatenated and cut
+  into rows of ``S``; the last row is padded with ``pad`` (weight 0). Like
+  ``PackedStream``, a row is built from the lengths and the documents it overlaps only,
+  so a large pretokenized held-out split is never read whole."""
+
+  def __init__(self, corpus, *, row_len: int, bos: int | None, eos: int | None, pad: int):
+    self.corpus, self.row_len, self.pad = corpus, row_len, pad
+    self._bos = np.array([] if bos is None else [bos], np.int32)
+    self._eos = np.array([] if eos is None else [eos], np.int32)
+    self.doc_lengths = corpus.lengths + len(self._bos) + len(self._eos)
+    self.tokens = int(self.doc_lengths.sum())
+    self.n_rows = -(-self.tokens // row_len)
+    self._starts = np.concatenate([[0], np.cumsum(self.doc_lengths)[:-1]]).astype(np.int64)
+
+  def rows(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [len(indices), S], valid bool [len(indices), S]) of rows ``indices``."""
+    S = self.row_len
+    plans = []
+    for r in indices:
+      lo, hi = int(r) * S, min((int(r) + 1) * S, self.tokens)
+      plan = []
+      while lo < hi:
+        k = int(np.searchsorted(self._starts, lo, side="right")) - 1
+        a = lo - int(self._starts[k])
+        b = min(int(self.doc_lengths[k]), a + hi - lo)
+        plan.append((k, a, b))
+        lo += b - a
+      plans.append(plan)
+    needed = sorted({d for plan in plans for d, _, _ in plan})
+    docs = dict(zip(needed, self.corpus.get(needed)))
+    tokens = np.full((len(plans), S), self.pad, np.int32)
+    valid = np.zeros((len(plans), S), bool)
+    for i, plan in enumerate(plans):
+      row = [np.concatenate([self._bos, docs[d], self._eos])[a:b] for d, a, b in plan]
+      n = sum(len(x) for x in row)
+      if n:
+        tokens[i, :n] = np.concatenate(row)
+      valid[i, :n] = True
+    return tokens, valid
+
+
 def pack_eval(docs_tokens: list[np.ndarray], *, row_len: int, bos: int | None,
               eos: int | None, pad: int) -> tuple[np.ndarray, np.ndarray]:
-  """The held-out documents, in order, concatenated and cut into rows; the last row is
-  padded with ``pad``. Returns tokens int32 [R, S] and valid bool [R, S]."""
+  """All held-out rows of in-memory documents at once (the slow, obvious twin of
+  ``HeldOut``): tokens int32 [R, S] and valid bool [R, S]."""
   pre = [] if bos is None else [np.array([bos], np.int32)]
   post = [] if eos is None else [np.array([eos], np.int32)]
   stream_N = np.concatenate([x for d in docs_tokens for x in (*pre, d, *post)])

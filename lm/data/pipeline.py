@@ -26,6 +26,8 @@ from ``np.random.default_rng([seed, stream, example_index])`` (stream 0 train,
 0 pad, 1 separator, symbols in ``[2, 2 + vocab)``.
 """
 import dataclasses
+import functools
+import os
 import sys
 from typing import Any
 
@@ -36,7 +38,7 @@ from core.errors import ConfigError
 from lm.data import mixture as mixture_lib
 from lm.data import sources as sources_lib
 from lm.data import tokenizers as tokenizers_lib
-from lm.data.packing import PackedStream, pack_eval
+from lm.data.packing import HeldOut, PackedStream
 
 SYNTHETIC_TASKS = ("mqar", "copy")
 SOURCES = (*sources_lib.TEXT, *sources_lib.PRETOKENIZED, "mixture", "synthetic")
@@ -196,7 +198,7 @@ class Data:
   vocab_size: int
   batch_rows: int
   seq_len: int
-  train_dataset: grain.IterDataset
+  _train_from: Any  # step -> grain.IterDataset of the batches from that step on
   _eval_fns: dict[str, Any]
   tokenizer: Any = None
   token_bytes: np.ndarray | None = None
@@ -205,10 +207,16 @@ class Data:
   streams: dict[str, Any] = dataclasses.field(default_factory=dict)
   schedule: Any = None
 
-  def train_iterator(self) -> grain.DatasetIterator:
-    """A fresh endless iterator; ``get_state``/``set_state`` and orbax via
-    ``grain.checkpoint.CheckpointSave/CheckpointRestore``."""
-    return iter(self.train_dataset)
+  def train_iterator(self, step: int = 0) -> grain.DatasetIterator:
+    """An endless iterator of the batches from global batch ``step`` on. Batches are a
+    pure function of the step, so resuming needs only the step (``lm.loop`` does that);
+    the iterator also has grain's ``get_state``/``set_state`` (and orbax's
+    ``grain.checkpoint`` handlers); without worker processes its state is the step."""
+    ds, start = self._train_from(step)
+    it = iter(ds)
+    if start:
+      it.set_state({"next_index": start})
+    return it
 
   def eval_sets(self, n: int) -> dict[str, list[Batch]]:
     """{source name: its first ``n`` held-out batches}, identical on every call
@@ -245,6 +253,19 @@ def _check_process(data_cfg, process_index: int, process_count: int) -> int:
   return data_cfg.batch_size // process_count
 
 
+def _steps(batch_at, workers: int):
+  """step -> the grain dataset of ``batch_at(step), batch_at(step + 1), ...``, built in
+  ``workers`` processes (0: in this one)."""
+  def train_from(step: int) -> tuple[grain.IterDataset, int]:
+    """(dataset, position to set): in process, the dataset of every step and the position
+    ``step`` (the iterator's state is then the global step); with workers, the dataset
+    from ``step`` on (their state counts from there)."""
+    first = step if workers else 0
+    ds = grain.MapDataset.range(first, sys.maxsize).map(batch_at)
+    return _with_workers(ds.to_iter_dataset(_READ_OPTIONS), workers), step - first
+  return train_from
+
+
 def _with_workers(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
   if workers == 0:
     return ds
@@ -258,22 +279,15 @@ def _synthetic(data_cfg, seed, rows, first_row) -> Data:
   syn, seq_len, global_batch = data_cfg.synthetic, data_cfg.seq_len, data_cfg.batch_size
   _check_synthetic(syn, seq_len)
 
-  def example_index(i: int) -> int:  # local row i -> global example index
-    return (i // rows) * global_batch + first_row + i % rows
-
-  train = (grain.MapDataset.range(sys.maxsize)
-           .map(lambda i: synthetic_example(syn, seq_len, seed, _TRAIN_STREAM,
-                                            example_index(i)))
-           .batch(rows, drop_remainder=True).to_iter_dataset(_READ_OPTIONS))
-
-  def eval_fn(b: int) -> Batch:
-    rows_ = [synthetic_example(syn, seq_len, seed, _EVAL_STREAM,
-                               example_index(b * rows + r)) for r in range(rows)]
+  def batch(stream: int, b: int) -> Batch:  # this process's rows of global batch b
+    rows_ = [synthetic_example(syn, seq_len, seed, stream, b * global_batch + first_row + r)
+             for r in range(rows)]
     return {k: np.stack([r[k] for r in rows_]) for k in rows_[0]}
 
+  # token_bytes None: synthetic symbols are not text, eval_bpb is nan
   return Data(tokenizers_lib.ByteTokenizer.vocab_size, rows, seq_len,
-              _with_workers(train, data_cfg.workers), {"": eval_fn},
-              token_bytes=np.r_[np.ones(256, np.int64), 0])
+              _steps(functools.partial(batch, _TRAIN_STREAM), data_cfg.workers),
+              {"": functools.partial(batch, _EVAL_STREAM)})
 
 
 def _check_enough(n_tokens: int, seq_len: int, what: str) -> None:
@@ -292,7 +306,8 @@ def text_split(src, prefix: str, data_cfg) -> tuple[list[str], list[str]]:
   if not 0.0 < data_cfg.val_fraction < 1.0:
     raise ConfigError("data.val_fraction", data_cfg.val_fraction, "must be in (0, 1)",
                       "use e.g. 0.05 to hold out 5% of the documents, or give eval_path")
-  return sources_lib.split_documents(docs, data_cfg.val_fraction, data_cfg.shuffle_seed)
+  return sources_lib.split_documents(docs, data_cfg.val_fraction, data_cfg.shuffle_seed,
+                                     f"{prefix}.path")
 
 
 def train_texts(data_cfg) -> list[str]:
@@ -309,33 +324,37 @@ def train_texts(data_cfg) -> list[str]:
 
 
 def _text_corpora(src, prefix, tokenizer, data_cfg):
-  """(train corpus, held-out tokenized docs, train docs, held-out docs) of a text source."""
+  """(train corpus, held-out corpus, train docs, held-out docs) of a text source."""
   train_docs, val_docs = text_split(src, prefix, data_cfg)
-  train = sources_lib.InMemory(tokenizer.encode_batch(train_docs),
-                               sum(len(d.encode()) for d in train_docs))
-  return train, tokenizer.encode_batch(val_docs), train_docs, val_docs
+  corpus = lambda docs: sources_lib.InMemory(tokenizer.encode_batch(docs),
+                                             sum(len(d.encode()) for d in docs))
+  return corpus(train_docs), corpus(val_docs), train_docs, val_docs
 
 
-def _pretokenized_corpora(src, prefix, tokenizer):
-  index = sources_lib.read_index(src.path, f"{prefix}.path")
+def _pretokenized_index(folder: str, field: str, tokenizer) -> dict:
+  index = sources_lib.read_index(folder, field)
   if index["tokenizer_sha256"] != tokenizer.sha256:
-    raise ConfigError("data.tokenizer", tokenizer.name, f"is not the tokenizer {src.path} "
+    raise ConfigError("data.tokenizer", tokenizer.name, f"is not the tokenizer {folder} "
                       f"was pretokenized with ({index['tokenizer']}, sha256 "
                       f"{index['tokenizer_sha256'][:12]})", "use that tokenizer, or "
                       "pretokenize again with this one")
-  train = sources_lib.Pretokenized(src.path, "train", index)
-  held = src.path
+  return index
+
+
+def _pretokenized_corpora(src, prefix, tokenizer):
+  """(train corpus, held-out corpus, [], []): the folder's train and val splits, or all of
+  ``eval_path``'s splits as held-out data; documents are read on demand."""
+  folder = os.path.expanduser(src.path)
+  index = _pretokenized_index(folder, f"{prefix}.path", tokenizer)
+  train = sources_lib.Pretokenized(folder, ["train"], index)
   if src.eval_path:
-    held = src.eval_path
-    eval_index = sources_lib.read_index(held, f"{prefix}.eval_path")
-  else:
-    eval_index = index
-  if "val" not in eval_index["splits"]:
-    raise ConfigError(f"{prefix}.eval_path" if src.eval_path else f"{prefix}.path", held,
-                      "has no val split", "pretokenize with --val_fraction > 0 or give "
-                      "eval_path")
-  val = sources_lib.Pretokenized(held, "val", eval_index)
-  return train, val.get(range(len(val))), [], []
+    held = os.path.expanduser(src.eval_path)
+    eval_index = _pretokenized_index(held, f"{prefix}.eval_path", tokenizer)
+    return train, sources_lib.Pretokenized(held, sorted(eval_index["splits"]), eval_index), [], []
+  if "val" not in index["splits"]:
+    raise ConfigError(f"{prefix}.path", src.path, "has no val split",
+                      "pretokenize with a data.val_fraction > 0, or give eval_path")
+  return train, sources_lib.Pretokenized(folder, ["val"], index), [], []
 
 
 def make_data(data_cfg, *, seed: int, process_index: int = 0,
@@ -368,18 +387,17 @@ def make_data(data_cfg, *, seed: int, process_index: int = 0,
     prefix = f"data.mixture.{name}" if name else "data"
     label = f"source {name!r}" if name else "the source"
     if src.source in sources_lib.PRETOKENIZED:
-      train, val_tokens, train_docs, val_docs = _pretokenized_corpora(src, prefix, tokenizer)
+      train, held, train_docs, val_docs = _pretokenized_corpora(src, prefix, tokenizer)
     else:
-      train, val_tokens, train_docs, val_docs = _text_corpora(src, prefix, tokenizer, data_cfg)
+      train, held, train_docs, val_docs = _text_corpora(src, prefix, tokenizer, data_cfg)
     stream = PackedStream(train, row_len=seq_len + 1, bos=bos, eos=eos,
                           seed=_mix_seed(seed, data_cfg.shuffle_seed, k),
                           shuffle_window=data_cfg.shuffle_window)
     _check_enough(stream.epoch_tokens, seq_len, f"the train split of {label}")
-    val_RS, valid_RS = pack_eval(val_tokens, row_len=seq_len + 1, bos=bos, eos=eos,
-                                 pad=tokenizer.pad_id)
-    _check_enough(int(valid_RS.sum()), seq_len, f"the held-out split of {label}")
+    held_rows = HeldOut(held, row_len=seq_len + 1, bos=bos, eos=eos, pad=tokenizer.pad_id)
+    _check_enough(held_rows.tokens, seq_len, f"the held-out split of {label}")
     streams[name] = stream
-    eval_fns[name] = _eval_fn(val_RS, valid_RS, global_batch, first_row, rows)
+    eval_fns[name] = _eval_fn(held_rows, global_batch, first_row, rows)
     if not name:
       text = (train_docs, val_docs)
 
@@ -400,15 +418,14 @@ def make_data(data_cfg, *, seed: int, process_index: int = 0,
     return {"inputs": tokens_BS[:, :-1], "targets": tokens_BS[:, 1:],
             "weights": np.ones((rows, seq_len), np.float32)}
 
-  train_ds = grain.MapDataset.range(sys.maxsize).map(batch_at).to_iter_dataset(_READ_OPTIONS)
-  return Data(tokenizer.vocab_size, rows, seq_len, _with_workers(train_ds, data_cfg.workers),
+  return Data(tokenizer.vocab_size, rows, seq_len, _steps(batch_at, data_cfg.workers),
               eval_fns, tokenizer, tokenizer.token_bytes, text[0], text[1], streams, schedule)
 
 
-def _eval_fn(val_RS, valid_RS, global_batch, first_row, rows):
+def _eval_fn(held: HeldOut, global_batch, first_row, rows):
   def eval_fn(b: int) -> Batch:  # rows of global batch b, cycling the held-out rows
-    idx_B = (b * global_batch + first_row + np.arange(rows)) % len(val_RS)
-    tokens_BS, valid_BS = val_RS[idx_B], valid_RS[idx_B]
+    idx_B = (b * global_batch + first_row + np.arange(rows)) % held.n_rows
+    tokens_BS, valid_BS = held.rows(idx_B)
     return {"inputs": tokens_BS[:, :-1], "targets": tokens_BS[:, 1:],
             "weights": valid_BS[:, 1:].astype(np.float32)}
   return eval_fn

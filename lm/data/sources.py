@@ -172,14 +172,15 @@ def read_documents(src: SourceConfig, prefix: str = "data", *, held_out: bool = 
   return docs
 
 
-def split_documents(docs: list, val_fraction: float, seed: int) -> tuple[list, list]:
+def split_documents(docs: list, val_fraction: float, seed: int,
+                    field: str = "data.path") -> tuple[list, list]:
   """(train, val) by document with a seeded permutation; val gets
   ``round(n * val_fraction)`` documents, at least one, train at least one; both keep the
   original order."""
   n = len(docs)
   if n < 2:
-    raise ConfigError("data.val_fraction", val_fraction, f"a split by document needs at "
-                      f"least 2 documents and the source has {n}",
+    raise ConfigError(field, f"<{n} document>", "a split by document needs at least 2 "
+                      "documents",
                       "use more documents (or blank-line separated paragraphs), or give "
                       "eval_path")
   n_val = min(n - 1, max(1, round(n * val_fraction)))
@@ -207,15 +208,21 @@ class InMemory:
 
 
 class Pretokenized:
-  """One split of a pretokenized folder; documents read on demand with random access."""
+  """Splits of a pretokenized folder, one after another; documents read on demand."""
 
-  def __init__(self, folder: str, split: str, index: dict):
+  def __init__(self, folder: str, splits: list[str], index: dict):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
-    info = index["splits"][split]
-    self.lengths = np.load(os.path.join(folder, info["lengths"])).astype(np.int64)
-    self.bytes = int(info["bytes"])
+    infos = [index["splits"][s] for s in splits]
+    self.lengths = np.concatenate([np.load(os.path.join(folder, i["lengths"]))
+                                   for i in infos]).astype(np.int64)
+    self.bytes = sum(int(i["bytes"]) for i in infos)
     self._dtype = np.dtype(index["dtype"])
-    self._source = ArrayRecordDataSource([os.path.join(folder, s) for s in info["shards"]])
+    shards = [os.path.join(folder, s) for i in infos for s in i["shards"]]
+    self._source = ArrayRecordDataSource(shards)
+    if len(self._source) != len(self.lengths):
+      raise ConfigError("data.path", folder, f"holds {len(self._source)} records in "
+                        f"{'+'.join(splits)} but its lengths files list {len(self.lengths)}",
+                        "pretokenize it again")
 
   def __len__(self):
     return len(self.lengths)
@@ -228,25 +235,26 @@ class Pretokenized:
 
 def read_index(folder: str, field: str) -> dict:
   """The ``index.json`` of a pretokenized folder; ConfigError naming ``field``."""
-  path = os.path.join(os.path.expanduser(folder), INDEX)
   fix = "pass a folder written by 'python -m experiments.pretokenize --config=... --out=DIR'"
   if not folder:
-    raise ConfigError(field, folder, "is empty", fix)
+    raise ConfigError(field, shown, "is empty", fix)
+  shown, folder = folder, os.path.expanduser(folder)
+  path = os.path.join(folder, INDEX)
   try:
     with open(path) as f:
       index = json.load(f)
   except FileNotFoundError:
-    raise ConfigError(field, folder, f"has no {INDEX}", fix) from None
+    raise ConfigError(field, shown, f"has no {INDEX}", fix) from None
   except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(field, folder, f"{INDEX} cannot be read ({e})", fix) from None
+    raise ConfigError(field, shown, f"{INDEX} cannot be read ({e})", fix) from None
   if index.get("format") != FORMAT:
-    raise ConfigError(field, folder, f"{INDEX} is not a {FORMAT} index", fix)
+    raise ConfigError(field, shown, f"{INDEX} is not a {FORMAT} index", fix)
   for split in index["splits"].values():
     if not split["shards"]:
-      raise ConfigError(field, folder, "lists an empty shard list", fix)
+      raise ConfigError(field, shown, "lists an empty shard list", fix)
     for s in split["shards"]:
       if not os.path.isfile(os.path.join(folder, s)):
-        raise ConfigError(field, folder, f"is missing shard {s}", fix)
+        raise ConfigError(field, shown, f"is missing shard {s}", fix)
   return index
 
 
@@ -257,6 +265,8 @@ def write_pretokenized(folder: str, splits: dict[str, list[np.ndarray]],
   ``<split>-lengths.npy`` and ``index.json`` (last: a folder without it is incomplete)."""
   from array_record.python.array_record_module import ArrayRecordWriter
   os.makedirs(folder, exist_ok=True)
+  if os.path.exists(os.path.join(folder, INDEX)):  # until the new index: incomplete
+    os.remove(os.path.join(folder, INDEX))
   dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
   index = {"format": FORMAT, "tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer.sha256,
            "vocab_size": int(tokenizer.vocab_size), "dtype": dtype.str, "splits": {},

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 
@@ -34,6 +35,7 @@ SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")  # ids 0, 1, 2 of the BPEs trained 
 _EOS_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<eos>")
 _BOS_NAMES = ("<|bos|>", "<s>", "<bos>")
 _PAD_NAMES = ("<|pad|>", "<pad>")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class ByteTokenizer:
@@ -124,8 +126,10 @@ class HuggingFaceTokenizer:
         continue
       if byte_level and all(c in chars for c in piece):
         sizes[i] = len(piece)  # one character per byte
-      else:
-        sizes[i] = len(self._tok.decode([i]).encode("utf-8"))
+      elif _BYTE_PIECE.fullmatch(piece):
+        sizes[i] = 1  # a byte-fallback piece such as <0x0A>
+      else:  # sentencepiece-style pieces mark spaces with U+2581
+        sizes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
     self.token_bytes = sizes
 
   def encode(self, text: str) -> np.ndarray:

@@ -11,5 +11,5 @@ def cross_entropy(logits_BTV, batch):
   """(Token-weighted mean next-token cross-entropy in fp32, the weight sum)."""
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
   weights_BT = batch["weights"].astype(jnp.float32)
-  total = jnp.maximum(jnp.sum(weights_BT), 1.0)
-  return jnp.sum(losses_BT * weights_BT) / total, total
+  total = jnp.sum(weights_BT)  # 0 for a batch of padding only: it then counts for nothing
+  return jnp.sum(losses_BT * weights_BT) / jnp.maximum(total, 1.0), total
