@@ -228,8 +228,11 @@ def run_grid(base_config, sweeps: list[str], seeds: list[int], out: str, *,
                 "to resume it", flush=True)
           sys.exit(143)
         summary = summarise(workdir, time.perf_counter() - start, result["params"])
-        if not keep_checkpoints:
+        if not keep_checkpoints:  # and the copy of the tokenizer: the config names it
           shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+          for copy in ("tokenizer.json", "tokenizer.model"):
+            if os.path.exists(os.path.join(workdir, copy)):
+              os.remove(os.path.join(workdir, copy))
         with open(summary_path, "w") as f:
           json.dump(summary, f, indent=2)
       results.append({"name": name, "overrides": overrides, "seed": seed, "summary": summary})

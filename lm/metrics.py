@@ -101,7 +101,9 @@ class MetricsLogger:
       else:
         print(f"step {step}: {text}  lr {record.get('learning_rate', 0):.2e}", flush=True)
     elif "eval_loss" in record:
-      self.info(f"step {step}: eval_loss {record['eval_loss']:.4f}")
+      bpb = record.get("eval_bpb", float("nan"))
+      self.info(f"step {step}: eval_loss {record['eval_loss']:.4f}"
+                + (f", {bpb:.4f} bits per byte" if bpb == bpb else ""))
 
   def close(self, plot: bool = True) -> None:
     """Closes the files (safe to call twice, e.g. on an error path)."""
