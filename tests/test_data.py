@@ -132,7 +132,7 @@ def test_epochs_reshuffle(letter_corpus):
 def test_held_out_rows_read_on_demand_equal_packing_everything(bos, eos):
   rng = np.random.default_rng(0)
   docs = [rng.integers(0, 256, rng.integers(0, 40)).astype(np.int32) for _ in range(30)]
-  corpus = D.sources.InMemory(docs, 0)
+  corpus = D.sources.InMemory(docs)
   held = HeldOut(corpus, row_len=17, bos=bos, eos=eos, pad=0)
   tokens, valid = pack_eval(docs, row_len=17, bos=bos, eos=eos, pad=0)
   assert held.n_rows == len(tokens) and held.tokens == valid.sum()

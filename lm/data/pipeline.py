@@ -326,8 +326,7 @@ def train_texts(data_cfg) -> list[str]:
 def _text_corpora(src, prefix, tokenizer, data_cfg):
   """(train corpus, held-out corpus, train docs, held-out docs) of a text source."""
   train_docs, val_docs = text_split(src, prefix, data_cfg)
-  corpus = lambda docs: sources_lib.InMemory(tokenizer.encode_batch(docs),
-                                             sum(len(d.encode()) for d in docs))
+  corpus = lambda docs: sources_lib.InMemory(tokenizer.encode_batch(docs))
   return corpus(train_docs), corpus(val_docs), train_docs, val_docs
 
 

@@ -195,10 +195,9 @@ def split_documents(docs: list, val_fraction: float, seed: int,
 class InMemory:
   """Tokenized documents held in memory (text sources)."""
 
-  def __init__(self, docs_tokens: list[np.ndarray], n_bytes: int):
+  def __init__(self, docs_tokens: list[np.ndarray]):
     self._docs = docs_tokens
     self.lengths = np.array([len(d) for d in docs_tokens], np.int64)
-    self.bytes = n_bytes
 
   def __len__(self):
     return len(self._docs)
@@ -215,7 +214,6 @@ class Pretokenized:
     infos = [index["splits"][s] for s in splits]
     self.lengths = np.concatenate([np.load(os.path.join(folder, i["lengths"]))
                                    for i in infos]).astype(np.int64)
-    self.bytes = sum(int(i["bytes"]) for i in infos)
     self._dtype = np.dtype(index["dtype"])
     shards = [os.path.join(folder, s) for i in infos for s in i["shards"]]
     self._source = ArrayRecordDataSource(shards)
