@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention import cache as kv_cache
 from attention import context, ops, sparse
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
@@ -64,14 +65,18 @@ class Attention(nnx.Module):
     self.v = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
     self.o = logical_param(rngs, (N, H, D), ("heads", "head_dim", "embed"), N * H, param_dtype)
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  def _qkv(self, x_BTD, positions_BT):
     dt = self.dtype
     x = x_BTD.astype(dt)
     q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
     cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
-    q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
+    return apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin), v_BTKH
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    dt = self.dtype
+    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
     if self.context_parallel != "none":
       out_BTNH = context.context_attend(
           q_BTNH, k_BTKH, v_BTKH, self.spec, strategy=self.context_parallel,
@@ -86,3 +91,39 @@ class Attention(nnx.Module):
       out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec, block_mask=block_mask,
                             implementation=self.implementation)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt))
+
+  # ------------------------------------------------------------------------- decoding
+  def cache_slots(self, max_len: int, slack: int) -> int:
+    """Slots of this layer's cache (``attention.cache``): a ring of window + slack for
+    a plain sliding window, else the whole context rounded up to whole blocks."""
+    spec = self.spec
+    if spec.sliding_window and spec.block_sparse is None and spec.hierarchical is None:
+      if spec.sliding_window + slack < max_len:
+        return spec.sliding_window + slack
+    block = (spec.block_sparse.block_k if spec.block_sparse is not None else
+             spec.hierarchical.block if spec.hierarchical is not None else 1)
+    return -(-(max_len + slack) // block) * block
+
+  def init_cache(self, batch: int, slots: int, dtype) -> dict:
+    return kv_cache.init(batch, slots, self.n_kv_heads, self.head_dim, dtype)
+
+  def extend(self, cache: dict, x_BTD: jax.Array, start_B: jax.Array, n_B: jax.Array,
+             fresh: bool = False):
+    """Adds tokens i < n_b of ``x_BTD`` (positions start_b + i) to the cache and attends
+    them over it: (y_BTD, new cache). ``fresh`` (an empty cache: a prompt) attends the
+    new tokens among themselves with the layer's implementation, as in training."""
+    dt = self.dtype
+    T = x_BTD.shape[1]
+    positions = start_B[:, None] + jnp.arange(T)[None, :]
+    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions)
+    slots = cache["k"].shape[1]
+    new = kv_cache.write(cache, k_BTKH, v_BTKH, start_B, n_B)
+    plain = self.spec.block_sparse is None and self.spec.hierarchical is None
+    if fresh and plain:
+      out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
+                            implementation=self.implementation)
+    else:
+      # A ring must have slack >= T - 1 (attention.cache); the decoder builds it so.
+      kpos = kv_cache.slot_positions(start_B + n_B - 1, slots)
+      out_BTNH = kv_cache.attend_cached(q_BTNH, positions, new["k"], new["v"], kpos, self.spec)
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt)), new

@@ -339,41 +339,70 @@ class LinearAttention(nnx.Module):
     return ((self.conv_q, self.conv_q_bias), (self.conv_k, self.conv_k_bias),
             (self.conv_v, self.conv_v_bias))
 
+  def _conv(self, u_BTNH, w, b, prefix_BWNH=None):
+    """Causal depthwise conv: out_t = sum_s w_s u_{t-W+1+s} + b; the W - 1 inputs before
+    the first are ``prefix_BWNH`` (a decode cache) or zeros."""
+    W, T = self.cfg["width"], u_BTNH.shape[1]
+    if prefix_BWNH is None:
+      up = jnp.pad(u_BTNH, ((0, 0), (W - 1, 0), (0, 0), (0, 0)))
+    else:
+      up = jnp.concatenate([prefix_BWNH.astype(u_BTNH.dtype), u_BTNH], axis=1)
+    return sum(up[:, s:s + T] * self._w(w)[s] for s in range(W)) + self._w(b), up
+
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
     """[B, T, D] -> [B, T, D]; ``positions_BT`` is unused (no RoPE)."""
     del positions_BT
     qkv, a, dt = self._project(x_BTD.astype(self.dtype))
-    W, T = self.cfg["width"], x_BTD.shape[1]
-
-    def conv(u_BTNH, w, b):  # causal depthwise: out_t = sum_s w_s u_{t-W+1+s} + b
-      up = jnp.pad(u_BTNH, ((0, 0), (W - 1, 0), (0, 0), (0, 0)))
-      return sum(up[:, s:s + T] * self._w(w)[s] for s in range(W)) + self._w(b)
-
-    qkv = tuple(conv(u, w, b) for u, (w, b) in zip(qkv, self._convs()))
+    qkv = tuple(self._conv(u, w, b)[0] for u, (w, b) in zip(qkv, self._convs()))
     core = lambda q, k, v, a: linear_attend(q, k, v, a, variant=self.variant,
                                             chunk_size=self.chunk_size,
                                             implementation=self.implementation)
     return self._finish(qkv, a, dt, core)
 
-  def init_cache(self, batch: int) -> dict:
-    """Zero decode cache: the last width-1 pre-conv q/k/v inputs and the core state."""
+  def extend(self, cache: dict, x_BTD: jax.Array, n_B: jax.Array, fresh: bool = False):
+    """Adds tokens i < n_b of ``x_BTD`` to the decode cache: (y_BTD, new cache).
+
+    Tokens at or after n_b (padding) are inert: their pre-conv inputs, keys, values and
+    log decays are zeroed, which leaves the recurrent state as it was after token
+    n_b - 1, and the conv cache keeps the last W - 1 inputs before n_b. ``fresh`` (a
+    prompt) runs the layer's own implementation; later calls the token recurrence."""
+    T = x_BTD.shape[1]
+    valid_BT = jnp.arange(T)[None, :] < n_B[:, None]
+    qkv, a, dt = self._project(x_BTD.astype(self.dtype))
+    qkv = tuple(u * valid_BT[:, :, None, None].astype(u.dtype) for u in qkv)
+    new, conv_out = {}, []
+    for name, u, (w, b) in zip("qkv", qkv, self._convs()):
+      out, window = self._conv(u, w, b, cache[f"conv_{name}"])
+      conv_out.append(out)
+      W = self.cfg["width"]
+      idx = n_B[:, None] + jnp.arange(W - 1)[None, :]  # window rows n_b .. n_b + W - 2
+      new[f"conv_{name}"] = jnp.take_along_axis(window, idx[:, :, None, None], axis=1).astype(
+          cache[f"conv_{name}"].dtype)
+    a = jnp.where(valid_BT[:, :, None], a, 0.0)
+    mask = lambda u: u * valid_BT[:, :, None, None].astype(u.dtype)
+
+    def core(q, k, v, a):
+      y, new["state"] = linear_attend(
+          q, mask(k), mask(v), a, variant=self.variant, chunk_size=self.chunk_size,
+          implementation=self.implementation if fresh else "recurrent",
+          initial_state=cache["state"], return_state=True)
+      return y
+    return self._finish(tuple(conv_out), a, dt, core), new
+
+  def init_cache(self, batch: int, slots: int = 0, dtype=None) -> dict:
+    """Zero decode cache: the last width-1 pre-conv q/k/v inputs (``dtype``, default the
+    compute dtype) and the core state (fp32, whatever ``dtype``). ``slots`` is unused: the
+    cache does not grow with the context."""
+    del slots
     shape = (batch, self.cfg["width"] - 1, self.n_heads, self.head_dim)
-    cache = {f"conv_{n}": jnp.zeros(shape, self.dtype) for n in "qkv"}
+    cache = {f"conv_{n}": jnp.zeros(shape, dtype or self.dtype) for n in "qkv"}
     cache["state"] = init_state(batch, self.n_heads, self.head_dim, self.head_dim, self.variant)
     return cache
 
+  def cache_slots(self, max_len: int, slack: int) -> int:
+    del max_len, slack
+    return 0
+
   def step(self, cache: dict, x_B1D: jax.Array):
     """One decode token: (y_B1D, new cache); token by token it equals ``__call__``."""
-    qkv, a, dt = self._project(x_B1D.astype(self.dtype))
-    new, out = {}, []
-    for name, u_B1NH, (w, b) in zip("qkv", qkv, self._convs()):
-      window_BWNH = jnp.concatenate([cache[f"conv_{name}"], u_B1NH], axis=1)
-      W = window_BWNH.shape[1]
-      out.append(sum(window_BWNH[:, s:s + 1] * self._w(w)[s] for s in range(W)) + self._w(b))
-      new[f"conv_{name}"] = window_BWNH[:, 1:]
-
-    def core(q, k, v, a):
-      y, new["state"] = linear_step(cache["state"], q[:, 0], k[:, 0], v[:, 0], a[:, 0],
-                                    variant=self.variant)
-      return y[:, None]
-    return self._finish(tuple(out), a, dt, core), new
+    return self.extend(cache, x_B1D, jnp.ones((x_B1D.shape[0],), jnp.int32))

@@ -95,6 +95,17 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
+  def extend(self, cache, x_BTD, start_B, n_B, fresh: bool):
+    """The block over new tokens with its mixer's cache (``lm.decode``): (x, cache, the
+    mixer's input)."""
+    h_BTD = self.attn_norm(x_BTD)
+    if isinstance(self.attn, LinearAttention):
+      y, cache = self.attn.extend(cache, h_BTD, n_B, fresh)
+    else:
+      y, cache = self.attn.extend(cache, h_BTD, start_B, n_B, fresh)
+    x_BTD = x_BTD + y
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache, h_BTD
+
 
 class Transformer(nnx.Module):
   """The LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]`` in fp32."""
@@ -126,14 +137,76 @@ class Transformer(nnx.Module):
     call = nnx.remat(lambda b, x, p: b(x, p)) if self.remat else (lambda b, x, p: b(x, p))
     for i in range(self.n_layers):
       x_BTD = constrain(call(getattr(self, f"block_{i}"), x_BTD, positions_BT), residual)
-    x_BTD = self.final_norm(x_BTD)
+    return constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+
+  def head_matrix(self) -> jax.Array:
+    """The unembedding [D, V] in the compute dtype (tied: the embedding / sqrt(D))."""
     if self.tie_embeddings:
-      w_DV = self.embedding[...].T * (x_BTD.shape[-1] ** -0.5)
+      w_DV = self.embedding[...].T * (self.embedding.shape[-1] ** -0.5)
     else:
       w_DV = self.head[...]
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, ("batch", "length", "vocab"))
+    return w_DV.astype(self.dtype)
+
+  def logits(self, x_BTD: jax.Array) -> jax.Array:
+    """Final norm and head on residuals [..., D]: fp32 logits [..., V]."""
+    return jnp.einsum("...d,dv->...v", self.final_norm(x_BTD), self.head_matrix(),
+                      preferred_element_type=jnp.float32)
+
+  # ------------------------------------------------------------------------- decoding
+  def init_cache(self, batch: int, max_len: int, slack: int = 0, dtype=jnp.bfloat16) -> dict:
+    """An empty decode cache for ``batch`` rows of up to ``max_len`` tokens:
+    ``{"lengths": [B] int32, "block_<i>": the mixer's cache}``; ``slack``: the most
+    tokens one later call adds, less one (``attention.cache``)."""
+    cache = {"lengths": jnp.zeros((batch,), jnp.int32)}
+    for i in range(self.n_layers):
+      attn = getattr(self, f"block_{i}").attn
+      cache[f"block_{i}"] = attn.init_cache(batch, attn.cache_slots(max_len, slack), dtype)
+    return cache
+
+  def extend(self, cache: dict, tokens_BT: jax.Array, n_B: jax.Array, *, fresh: bool = False,
+             last_only: bool = False, keep: tuple = ()):
+    """Runs tokens i < n_b of each row after the ``cache["lengths"]`` already cached:
+    (logits, new cache, extras).
+
+    ``fresh``: the cache is empty (a prompt). ``last_only``: logits [B, V] of each row's
+    last valid token, else [B, T, V]. ``keep`` asks for extras: ``"inputs"`` (each
+    linear-attention block's mixer input, to recompute its state for fewer tokens,
+    ``commit``) and ``"hidden"`` (the residual after every block [L, B, T, D], for the
+    logit lens).
+    """
+    start_B = cache["lengths"]
+    T = tokens_BT.shape[1]
+    residual = ("batch", "length", "embed")
+    x_BTD = constrain(jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype),
+                      residual)
+    new, inputs, hidden = {"lengths": start_B + n_B}, {}, []
+    for i in range(self.n_layers):
+      block = getattr(self, f"block_{i}")
+      x_BTD, new[f"block_{i}"], h_BTD = block.extend(cache[f"block_{i}"], x_BTD, start_B, n_B,
+                                                     fresh)
+      x_BTD = constrain(x_BTD, residual)
+      if isinstance(block.attn, LinearAttention):
+        inputs[f"block_{i}"] = h_BTD
+      hidden.append(x_BTD)
+    if last_only:
+      idx = jnp.clip(n_B - 1, 0, T - 1)[:, None, None]
+      x_BTD = jnp.take_along_axis(x_BTD, idx, axis=1)[:, 0]
+    extras = {}
+    if "inputs" in keep:
+      extras["inputs"] = inputs
+    if "hidden" in keep:
+      extras["hidden"] = jnp.stack(hidden)
+    return self.logits(x_BTD), new, extras
+
+  def commit(self, old: dict, new: dict, inputs: dict, n_B: jax.Array) -> dict:
+    """The cache after only the first n_b of the tokens an ``extend`` from ``old`` ran
+    (speculative decoding keeps the accepted ones): lengths and softmax caches come
+    from ``new`` (later slots are masked by the length), each linear-attention block's
+    state is recomputed from ``old`` and its kept ``inputs``."""
+    out = dict(new, lengths=old["lengths"] + n_B)
+    for name, h_BTD in inputs.items():
+      _, out[name] = getattr(self, name).attn.extend(old[name], h_BTD, n_B)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,290 @@
+"""Cached decoding: prefill a batch of prompts, then one token per step.
+
+``Decoder`` holds a model's weights and the decode-time version of its config:
+MoE layers dispatch dropless (a token is never dropped, whatever the batch) and do
+not update their balancing bias; everything else is the trained model. Its cache is
+``lm.model.Transformer.init_cache``'s: per softmax layer a key/value cache of the
+kv heads (a ring of window + slack slots for sliding-window layers,
+``attention.cache``), per linear-attention layer the conv inputs and the recurrent
+state; ``lengths`` [B] says how many tokens each row holds. Rows have their own
+lengths, so prompts of different lengths need no left padding and keep the
+positions they had in training. Caches are bf16 by default (recurrent states fp32).
+
+``generate`` runs the whole decode loop as one ``lax.while_loop`` under ``jax.jit``
+with the cache donated; with stop strings it runs in chunks and checks the text on
+the host between them. ``lm.decode.speculative`` adds drafts.
+
+On a mesh the cache is sharded like activations: rows over the batch axes, kv heads
+(and linear-attention heads) over ``tensor``; rows are padded to a multiple of the
+batch axes' size.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from core.errors import ConfigError
+from lm import sharding
+from lm.decode.sampling import Sampling, row_keys, sample
+from lm.model import DTYPES, build_model
+
+CACHE_AXES = {  # logical axes of each cache leaf by name (lengths: [B])
+    "k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None, "kv_heads", "head_dim"),
+    "conv_q": ("batch", None, "heads", "head_dim"), "conv_k": ("batch", None, "heads", "head_dim"),
+    "conv_v": ("batch", None, "heads", "head_dim"),
+    "S": ("batch", "heads", None, None), "z": ("batch", "heads", None),
+    "lengths": ("batch",),
+}
+
+
+def decode_config(model_cfg):
+  """The config a model decodes with: dropless MoE without bias updates, no remat."""
+  moe = model_cfg.moe
+  if moe.enabled:
+    moe = dataclasses.replace(moe, dispatch="dropless", bias_update_rate=0.0)
+  return dataclasses.replace(model_cfg, moe=moe, remat=False)
+
+
+@dataclasses.dataclass
+class Model:
+  """A decodable model: (decode) config, graph definition, weights and other state."""
+  cfg: object
+  graphdef: object
+  params: dict
+  state: dict
+
+  @classmethod
+  def from_weights(cls, model_cfg, params, state) -> "Model":
+    cfg = decode_config(model_cfg)
+    built = build_model(cfg, 0, abstract=True)
+    return cls(cfg, built.graphdef, params, state)
+
+
+def _merge(model: Model, params):
+  return nnx.merge(model.graphdef, params, model.state)
+
+
+def extend(model: Model, params, cache, tokens_BT, n_B, *, fresh=False, last_only=False,
+           keep=()):
+  """``Transformer.extend`` on explicit weights (what the layers sow is dropped)."""
+  m = _merge(model, params)
+  (logits, new, extras), _ = nnx.capture(m.extend, nnx.Intermediate)(
+      cache, tokens_BT, n_B, fresh=fresh, last_only=last_only, keep=keep)
+  return logits, new, extras
+
+
+def commit(model: Model, params, old, new, inputs, n_B):
+  m = _merge(model, params)
+  out, _ = nnx.capture(m.commit, nnx.Intermediate)(old, new, inputs, n_B)
+  return out
+
+
+def init_cache(model: Model, batch: int, max_len: int, slack: int, dtype):
+  m = _merge(model, model.params)
+  return m.init_cache(batch, max_len, slack, dtype)
+
+
+def cache_bytes(cache) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """Prompts (token ids, any lengths) and how to continue them."""
+  prompts: list
+  max_new_tokens: int
+  sampling: Sampling = Sampling()
+  eos_id: int | None = None
+
+
+class Decoder:
+  """Prefill and decode steps of one model, jitted once per shape.
+
+  Args:
+    model: ``Model``.
+    max_len: the longest prompt + continuation a row may reach.
+    cache_dtype: ``bfloat16`` (default) or ``float32``.
+    slack: tokens one call may add beyond one (speculative verification: gamma).
+    mesh: place weights and cache on it (default: one device, unplaced).
+  """
+
+  def __init__(self, model: Model, *, max_len: int, cache_dtype: str = "bfloat16",
+               slack: int = 0, mesh=None, param_shardings=None):
+    if cache_dtype not in DTYPES:
+      raise ConfigError("--cache_dtype", cache_dtype, "unknown dtype",
+                        f"use one of {sorted(DTYPES)}")
+    self.model, self.max_len, self.slack, self.mesh = model, max_len, slack, mesh
+    self.cache_dtype = DTYPES[cache_dtype]
+    self.param_shardings = param_shardings
+    self._jits = {}
+
+  # ----------------------------------------------------------------- placement
+  @property
+  def batch_multiple(self) -> int:
+    if self.mesh is None:
+      return 1
+    spec = sharding.logical_to_spec(("batch",), (0,), dict(self.mesh.shape))
+    axes = spec[0] if spec and spec[0] else ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(self.mesh.shape[a] for a in axes)
+
+  def cache_shardings(self, cache):
+    if self.mesh is None:
+      return None
+    sizes = dict(self.mesh.shape)
+
+    def one(path, x):
+      name = getattr(path[-1], "key", "")
+      spec = sharding.logical_to_spec(CACHE_AXES[name], x.shape, sizes, what=f"cache {name}")
+      return jax.sharding.NamedSharding(self.mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+  def _context(self):
+    import contextlib
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(sharding.placed(self.mesh))
+    return stack
+
+  def new_cache(self, batch: int):
+    fn = lambda: init_cache(self.model, batch, self.max_len, self.slack, self.cache_dtype)
+    shapes = jax.eval_shape(fn)
+    with self._context():
+      return jax.jit(fn, out_shardings=self.cache_shardings(shapes))()
+
+  def jit(self, name, fn, donate=()):
+    """``fn`` jitted once (cached by name), traced under the mesh's placement."""
+    if name not in self._jits:
+      jitted = jax.jit(fn, donate_argnums=donate)
+
+      def call(*args):
+        with self._context():
+          return jitted(*args)
+      call.lower = lambda *args: _lower(self, jitted, args)
+      self._jits[name] = call
+    return self._jits[name]
+
+  # ----------------------------------------------------------------- steps
+  def prefill(self, tokens_BT, lengths_B, *, all_logits: bool = False):
+    """Runs prompts (right-padded [B, T], ``lengths_B`` valid each) into a new cache:
+    (logits of the last prompt token [B, V] (all: [B, T, V]), cache)."""
+    model = self.model
+    cache = self.new_cache(tokens_BT.shape[0])
+    fn = self.jit(("prefill", all_logits), lambda p, c, t, n: extend(
+        model, p, c, t, n, fresh=True, last_only=not all_logits)[:2], donate=(1,))
+    return fn(model.params, cache, jnp.asarray(tokens_BT, jnp.int32),
+              jnp.asarray(lengths_B, jnp.int32))
+
+  def step(self, cache, tokens_BT, n_B=None):
+    """Adds tokens [B, T] (n_b valid per row, default all) to the cache: (logits
+    [B, T, V], cache). The cache passed in is donated."""
+    model = self.model
+    tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+    if n_B is None:
+      n_B = jnp.full((tokens_BT.shape[0],), tokens_BT.shape[1], jnp.int32)
+    fn = self.jit("step", lambda p, c, t, n: extend(model, p, c, t, n)[:2], donate=(1,))
+    return fn(model.params, cache, tokens_BT, jnp.asarray(n_B, jnp.int32))
+
+  # ----------------------------------------------------------------- generation
+  def check_request(self, req: Request) -> None:
+    if not req.prompts:
+      raise ConfigError("--prompt", "", "no prompt given", "pass --prompt=... or --prompt_file")
+    for i, p in enumerate(req.prompts):
+      if len(p) == 0:
+        raise ConfigError("--prompt", "", f"prompt {i} is empty (no tokens)",
+                          "give every prompt at least one character")
+      if len(p) + req.max_new_tokens > self.max_len:
+        raise ConfigError("--max_new_tokens", req.max_new_tokens,
+                          f"prompt {i} has {len(p)} tokens: {len(p)} + {req.max_new_tokens} "
+                          f"exceeds max_len={self.max_len}",
+                          "generate fewer tokens, shorten the prompt or raise --max_len")
+
+  def pad_prompts(self, prompts):
+    """(tokens [B', T], lengths [B'], B): right-padded, rows padded to the mesh."""
+    B = len(prompts)
+    Bp = -(-B // self.batch_multiple) * self.batch_multiple
+    T = max(len(p) for p in prompts)
+    T = -(-T // 8) * 8
+    tokens = np.zeros((Bp, T), np.int32)
+    lengths = np.ones((Bp,), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+      lengths[i] = len(p)
+    return tokens, lengths, B
+
+  def generate(self, req: Request, *, stop=None, chunk: int | None = None):
+    """Continues every prompt: {"tokens": [list per row], "steps": model calls}.
+
+    Rows stop at ``eos_id`` (not included) or after ``max_new_tokens``. ``stop``:
+    a callable(row, new tokens) -> bool checked between chunks of ``chunk`` tokens
+    (the caller cuts the text at its stop string)."""
+    self.check_request(req)
+    tokens, lengths, B = self.pad_prompts(req.prompts)
+    Bp = tokens.shape[0]
+    logits, cache = self.prefill(tokens, lengths)
+    s, N = req.sampling, req.max_new_tokens
+    rows = jnp.arange(Bp, dtype=jnp.int32)
+    lengths = jnp.asarray(lengths)
+    first = sample(logits, s, row_keys(s.seed, rows, lengths))
+    eos = -1 if req.eos_id is None else req.eos_id
+    carry = {"cache": cache, "cur": first, "out": jnp.zeros((Bp, N), jnp.int32),
+             "n": jnp.zeros((Bp,), jnp.int32),
+             "done": jnp.asarray(np.arange(Bp) >= B) | (first == eos)}
+    carry["out"] = carry["out"].at[:, 0].set(first)
+    carry["n"] = jnp.where(first == eos, 0, 1)
+    loop = self.jit(("loop", s, N, eos), functools.partial(_loop, self.model, s, N, eos),
+                    donate=(1,))
+    limit = N if stop is None else min(N, chunk or 16)
+    calls = 1
+    while True:
+      carry, steps = loop(self.model.params, carry, jnp.int32(limit))
+      calls += int(steps)
+      n = np.asarray(carry["n"])
+      done = np.asarray(carry["done"]) | (n >= N)
+      if stop is not None:
+        out = np.asarray(carry["out"])
+        for b in range(B):
+          if not done[b] and stop(b, out[b, :n[b]].tolist()):
+            done[b] = True
+        carry["done"] = jnp.asarray(done)
+      if done[:B].all() or limit >= N:
+        break
+      limit = min(N, limit + (chunk or 16))
+    out, n = np.asarray(carry["out"]), np.asarray(carry["n"])
+    return {"tokens": [out[b, :n[b]].tolist() for b in range(B)], "steps": calls}
+
+
+def _loop(model, s: Sampling, N: int, eos: int, params, carry, limit):
+  """The decode loop: feed each row's newest token, sample the next, until every row is
+  done or has ``limit`` tokens. Returns (carry, model calls)."""
+  rows = jnp.arange(carry["cur"].shape[0], dtype=jnp.int32)
+
+  def cond(c):
+    c, _ = c
+    return jnp.any(~c["done"] & (c["n"] < limit))
+
+  def body(c):
+    c, steps = c
+    live = ~c["done"] & (c["n"] < limit)
+    logits, cache, _ = extend(model, params, c["cache"], c["cur"][:, None], live.astype(jnp.int32))
+    nxt = sample(logits[:, 0], s, row_keys(s.seed, rows, cache["lengths"]))
+    stop = nxt == eos
+    put = live & ~stop
+    out = c["out"].at[rows, jnp.where(put, c["n"], N)].set(nxt, mode="drop")
+    n = c["n"] + put
+    done = c["done"] | (live & stop) | (n >= N)
+    return {"cache": cache, "cur": jnp.where(put, nxt, c["cur"]), "out": out, "n": n,
+            "done": done}, steps + 1
+
+  return jax.lax.while_loop(cond, body, (carry, jnp.int32(0)))
+
+
+def _lower(decoder, jitted, args):
+  with decoder._context():
+    return jitted.lower(*args)

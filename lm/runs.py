@@ -1,0 +1,154 @@
+"""A trained run, read back from its workdir: its config, tokenizer and weights.
+
+``experiments.evaluate`` and ``experiments.generate`` (and speculative drafts that
+are other runs) start here. A workdir written by ``lm.loop.run`` holds
+``config.json``, ``checkpoints/<step>/`` and, for file tokenizers, a copy of the
+tokenizer; nothing else is needed.
+
+The config is rebuilt on top of ``experiments/configs/base.py``'s defaults (which
+hold every field), so runs written before a field existed still load; command-line
+overrides (``--config.a.b=v``) are applied last, which is how the same weights are
+evaluated under another attention implementation or sparse mask.
+"""
+import dataclasses
+import json
+import os
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from core.errors import ConfigError
+from lm import checkpoint
+from lm import config as config_lib
+
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments", "configs", "base.py")
+
+
+def _leaves(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict) and value and key != "mixture":
+      yield from _leaves(value, path + ".")
+    else:
+      yield path, value
+
+
+def _tokenizer_spec(spec: str, workdir: str) -> str:
+  """The run's tokenizer: named ones as they are; a file path if it still exists, else
+  the copy ``lm.loop`` keeps in the workdir."""
+  if spec in ("byte", "bpe") or not spec or os.path.exists(os.path.expanduser(spec)):
+    return spec
+  copy = os.path.join(workdir, "tokenizer" + os.path.splitext(spec)[1])
+  if os.path.exists(copy):
+    return copy
+  raise ConfigError("data.tokenizer", spec, f"the run's tokenizer file is gone and {workdir} "
+                    "holds no copy", "pass --config.data.tokenizer=<the tokenizer file>")
+
+
+def load_config(workdir: str, overrides: dict | None = None,
+                flag: str = "--workdir") -> ml_collections.ConfigDict:
+  """The run's config (``config.json`` over the base defaults), then ``overrides``."""
+  from experiments import configs
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise ConfigError(flag, workdir, "no such directory", "pass the workdir of a trained run")
+  if not os.path.isfile(path):
+    raise ConfigError(flag, workdir, "has no config.json (not a Kestrel run)",
+                      "pass the workdir that experiments.train wrote")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(flag, workdir, f"config.json cannot be read ({e})",
+                      "pass the workdir of a finished run") from None
+  config = configs.load(BASE_CONFIG)
+  assignments = {}
+  for dotted, value in _leaves(saved):
+    if dotted.startswith("_"):
+      continue
+    if dotted == "data.mixture":
+      with config.unlocked():
+        config.data.mixture = ml_collections.ConfigDict(value)
+      continue
+    if isinstance(value, list):
+      value = _tuples(value)
+    assignments[dotted] = value
+  known, unknown = {}, []
+  for dotted, value in assignments.items():
+    try:
+      configs.override(config, {dotted: value})
+      known[dotted] = value
+    except ConfigError:
+      unknown.append(dotted)
+  config = configs.override(config, known)
+  if unknown:  # a field this version does not have (or of another type): keep the rest
+    print(f"note: {workdir}/config.json fields not applied: {', '.join(unknown[:5])}")
+  config.data.tokenizer = _tokenizer_spec(config.data.tokenizer, workdir)
+  return configs.override(config, overrides or {})
+
+
+def _tuples(value):
+  return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+
+
+def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
+  """({"params", "model_state"}, step) of the newest checkpoint of ``workdir``, restored
+  onto ``abstract_model``'s shardings; the saved trees must match it."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
+                      "train it first with experiments.train, or pass another workdir")
+  ckpt = checkpoint.read_only(directory)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ConfigError(flag, workdir, "holds no checkpoint",
+                        "train it first (experiments.train), or pass another workdir")
+    saved = ckpt.manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    diff = checkpoint.tree_difference({k: saved.get(k, {}) for k in abstract_model},
+                                      abstract_model)
+    if diff is not None:
+      raise ConfigError(flag, workdir, f"its checkpoint (step {step}) does not fit the "
+                        f"config: {diff}", "override only fields that keep the weights' "
+                        "shapes (attention_impl, sparse, dtype, ...)")
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_model,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model),
+        partial_restore=True)))
+  finally:
+    ckpt.close()
+  return restored["state"], step
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run ready to evaluate or decode."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  experiment: object  # lm.experiment.Experiment (mesh, data, model, steps)
+  params: dict
+  model_state: dict
+  step: int
+
+  @property
+  def model_config(self):
+    return self.experiment.config.model
+
+  @property
+  def tokenizer(self):
+    return self.experiment.data.tokenizer
+
+
+def load(workdir: str, overrides: dict | None = None, *, devices=None,
+         flag: str = "--workdir") -> Run:
+  """Builds the run's experiment (mesh over ``devices``) and restores its newest
+  weights. Raises ``ConfigError`` for a missing or incompatible workdir."""
+  from lm import experiment as experiment_lib
+  config = load_config(workdir, overrides, flag)
+  exp = experiment_lib.build(config, devices=devices)
+  abstract = {"params": exp.state.abstract["params"],
+              "model_state": exp.state.abstract["model_state"]}
+  model, step = latest_model(workdir, abstract, flag)
+  return Run(workdir, config, exp, model["params"], model["model_state"], step)

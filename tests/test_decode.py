@@ -1,0 +1,273 @@
+"""lm/decode: cached decoding equals the full forward for every token mixer, batched
+equals one by one, sampling, and the generation loop."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, tiny
+
+from attention import cache as kv_cache
+from attention import masks, sparse
+from attention.spec import AttentionSpec, BlockSparse
+from lm import config as config_lib
+from lm import decode
+from lm.decode.sampling import Sampling, distribution
+from lm.model import apply, build_model
+
+V = 97
+
+MIXERS = {  # name: model overrides (tiny: d 64, 2 layers, 4 heads, 2 kv heads)
+    "softmax": {},
+    "sliding_window": {"sliding_window": 5},
+    "ssd": {"layer_pattern": "L", "linear__variant": "ssd", "linear__chunk_size": 8},
+    "mamba2s": {"layer_pattern": "L", "linear__variant": "mamba2s", "linear__chunk_size": 8},
+    "2mamba": {"layer_pattern": "L", "linear__variant": "2mamba", "linear__chunk_size": 8},
+    "hybrid": {"layer_pattern": "LS", "linear__variant": "mamba2s", "sliding_window": 6},
+    "moe": {"moe__num_experts": 4, "moe__top_k": 2},
+    "hierarchical": {"hierarchical__block": 4, "hierarchical__local_blocks": 1},
+    "block_sparse": {"sparse__enabled": True, "sparse__block_q": 1, "sparse__block_k": 4,
+                     "sparse__top_k": 0.0, "sparse__top_p": 0.5},
+}
+
+
+def model_cfg(n_layers=2, **overrides):
+  fields = {f"model__{k}": v for k, v in overrides.items()}
+  fields.update(model__dtype="float32", model__n_layers=n_layers)
+  cfg = config_lib.resolve(tiny(**fields)).model
+  return dataclasses.replace(cfg, vocab_size=V)
+
+
+def decodable(cfg, seed=0):
+  built = build_model(cfg, seed)
+  return built, decode.Model.from_weights(cfg, built.params, built.state)
+
+
+def sparse_reference_logits(built, tokens, cfg):
+  """The full forward with every softmax layer's block-sparse mask made by a numpy loop of
+  the per-token causal rule (the slow twin of ``attention.cache.causal_token_rule``)."""
+  import attention.ops as ops_lib
+  bs = cfg.sparse
+  orig = ops_lib.attend
+
+  def attend(q, k, v, spec, block_mask=None, implementation=None):
+    q_, k_, v_ = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, N, H = q_.shape
+    K = k_.shape[2]
+    G, bk = N // K, bs.block_k
+    out = np.zeros_like(q_)
+    for b in range(B):
+      for t in range(T):
+        diag = t // bk
+        pooled = [k_[b, j * bk:min((j + 1) * bk, t + 1)].mean(axis=0) for j in range(diag + 1)]
+        pooled = np.stack(pooled)  # [C', K, H]
+        for kh in range(K):
+          keep = np.zeros(diag + 1, bool)
+          for g in range(G):
+            n = kh * G + g
+            sc = pooled[:, kh] @ q_[b, t, n] * H ** -0.5
+            p = np.exp(sc - sc.max()); p /= p.sum()
+            order = np.argsort(-p, kind="stable")
+            before = np.cumsum(p[order]) - p[order]
+            keep[order[before < bs.top_p]] = True
+          keep[diag] = True
+          keep[:bs.sink_blocks] = True
+          keep[max(diag - bs.local_blocks, 0):diag] = True
+          allowed = np.array([keep[s // bk] for s in range(t + 1)])
+          for g in range(G):
+            n = kh * G + g
+            lg = k_[b, :t + 1, kh] @ q_[b, t, n] * H ** -0.5
+            lg = np.where(allowed, lg, -np.inf)
+            w = np.exp(lg - lg.max()); w /= w.sum()
+            out[b, t, n] = w @ v_[b, :t + 1, kh]
+    return jnp.asarray(out, q.dtype)
+
+  ops_lib.attend, saved_bs = attend, None
+  try:
+    dense_cfg = dataclasses.replace(cfg, sparse=None)
+    dense = build_model(dense_cfg, 0)
+    return apply(dense.graphdef, built.params, built.state, tokens)[0]
+  finally:
+    ops_lib.attend = orig
+    del saved_bs
+
+
+def full_logits(built, cfg, tokens):
+  if cfg.sparse is not None:
+    return sparse_reference_logits(built, tokens, cfg)
+  return apply(built.graphdef, built.params, built.state, tokens)[0]
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_cached_decode_equals_full_forward(mixer):
+  """Prompts of lengths 5 / 9 / 3, then teacher-forced tokens one per step (and 3 in one
+  call): every position's logits equal the full forward's (fp32)."""
+  cfg = model_cfg(**MIXERS[mixer])
+  built, model = decodable(cfg)
+  T = 16
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (3, T), 0, V))
+  ref = np.asarray(full_logits(built, cfg, tokens))
+  dec = decode.Decoder(model, max_len=T, cache_dtype="float32", slack=3)
+  plens = np.array([5, 9, 3])
+  prompt = np.where(np.arange(10)[None] < plens[:, None], tokens[:, :10], 0)
+  logits, cache = dec.prefill(prompt, plens, all_logits=True)
+  for b in range(3):
+    assert_close(logits[b, :plens[b]], ref[b, :plens[b]], 2e-5)
+  pos = plens.copy()
+  # one token per call, then a 3-token call, then singles to the end
+  while pos.min() < T:
+    take = 3 if pos.min() == 7 else 1
+    n = np.minimum(take, T - pos)
+    step_tokens = np.stack([np.pad(tokens[b, pos[b]:pos[b] + n[b]], (0, take - n[b]))
+                            for b in range(3)])
+    logits, cache = dec.step(cache, step_tokens, n)
+    for b in range(3):
+      assert_close(logits[b, :n[b]], ref[b, pos[b]:pos[b] + n[b]], 2e-5)
+    pos += n
+  assert np.array_equal(np.asarray(cache["lengths"]), [T] * 3)
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "hybrid", "2mamba"])
+def test_batched_generation_equals_one_by_one(mixer):
+  cfg = model_cfg(**MIXERS[mixer])
+  _, model = decodable(cfg)
+  dec = decode.Decoder(model, max_len=32, cache_dtype="float32")
+  prompts = [[5, 6, 7], [9] * 8, [1, 2, 3, 4, 5]]
+  batched = dec.generate(decode.Request(prompts, 10))["tokens"]
+  for p, want in zip(prompts, batched):
+    assert dec.generate(decode.Request([p], 10))["tokens"] == [want]
+  # greedy continuation equals argmax of the full forward, token by token
+  seq = list(prompts[1])
+  built = build_model(cfg, 0)
+  for _ in range(10):
+    seq.append(int(np.argmax(apply(built.graphdef, built.params, built.state,
+                                   jnp.asarray([seq]))[0][0, -1])))
+  assert seq[len(prompts[1]):] == batched[1]
+
+
+def test_sampling_is_reproducible_and_stops_at_eos():
+  cfg = model_cfg()
+  _, model = decodable(cfg)
+  dec = decode.Decoder(model, max_len=40, cache_dtype="float32")
+  s = Sampling(temperature=1.0, top_k=20, seed=3)
+  a = dec.generate(decode.Request([[1, 2], [3]], 20, s))["tokens"]
+  b = dec.generate(decode.Request([[1, 2], [3]], 20, s))["tokens"]
+  c = dec.generate(decode.Request([[1, 2], [3]], 20, dataclasses.replace(s, seed=4)))["tokens"]
+  assert a == b and a != c
+  # chunked loop (stop checks between chunks) gives the same stream
+  chunked = dec.generate(decode.Request([[1, 2], [3]], 20, s), stop=lambda b, t: False, chunk=3)
+  assert chunked["tokens"] == a
+  eos = a[0][4]
+  cut = dec.generate(decode.Request([[1, 2]], 20, s, eos_id=eos))["tokens"][0]
+  assert cut == a[0][:a[0].index(eos)]
+
+
+def test_distribution_top_k_top_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  p = np.asarray(distribution(logits, Sampling(temperature=1.0, top_p=0.7)))
+  np.testing.assert_allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]], rtol=1e-5)
+  p = np.asarray(distribution(logits, Sampling(temperature=1.0, top_k=3)))
+  np.testing.assert_allclose(p, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]], rtol=1e-5)
+  p = np.asarray(distribution(logits, Sampling()))
+  assert p.tolist() == [[1, 0, 0, 0, 0]]
+
+
+def test_ring_cache_holds_the_window_only():
+  cfg = model_cfg(**MIXERS["sliding_window"])
+  _, model = decodable(cfg)
+  cache = decode.Decoder(model, max_len=64, slack=2).new_cache(2)
+  assert cache["block_0"]["k"].shape == (2, 5 + 2, 2, 16)
+  assert cache["block_0"]["k"].dtype == jnp.bfloat16
+  full = decode.Decoder(decodable(model_cfg())[1], max_len=64).new_cache(2)
+  assert full["block_0"]["k"].shape == (2, 64, 2, 16)
+
+
+def test_slot_positions_and_write():
+  c = kv_cache.init(1, 4, 1, 2, jnp.float32)
+  k = jnp.arange(6, dtype=jnp.float32).reshape(1, 6, 1, 1) * jnp.ones((1, 6, 1, 2))
+  c = kv_cache.write(c, k, k, jnp.array([0]), jnp.array([6]))
+  # positions 2..5 survive in slots 2, 3, 0, 1
+  assert np.asarray(c["k"][0, :, 0, 0]).tolist() == [4, 5, 2, 3]
+  assert np.asarray(kv_cache.slot_positions(jnp.array([5]), 4))[0].tolist() == [4, 5, 2, 3]
+  assert np.asarray(kv_cache.slot_positions(jnp.array([1]), 4))[0].tolist() == [0, 1, -2, -1]
+
+
+# ----------------------------------------------------------------------------- speculative
+from lm.decode import drafts, speculative  # noqa: E402
+
+
+@pytest.mark.parametrize("mixer,draft,expect", [
+    ("softmax", "layers:2", "all"), ("softmax", "layers:1", None), ("softmax", "sparse", None),
+    ("hybrid", "layers:1", None), ("sliding_window", "random", "few"), ("2mamba", "layers:2", "all"),
+])
+def test_speculative_greedy_equals_plain_greedy(mixer, draft, expect):
+  cfg = model_cfg(**MIXERS[mixer])
+  _, target = decodable(cfg)
+  if draft == "random":
+    d = decodable(cfg, seed=7)[1]
+  else:
+    d = drafts.make(draft, target)
+  prompts = [[5, 6, 7], [9] * 8, [1, 2, 3, 4, 5]]
+  plain = decode.Decoder(target, max_len=40, cache_dtype="float32").generate(
+      decode.Request(prompts, 14))
+  spec = speculative.Speculative(target, d, gamma=3, max_len=40, cache_dtype="float32")
+  got = spec.generate(decode.Request(prompts, 14))
+  assert got["tokens"] == plain["tokens"]
+  if expect == "all":
+    assert got["acceptance_rate"] == 1.0 and got["tokens_per_target_call"] > 3.0
+  elif expect == "few":
+    assert got["acceptance_rate"] < 0.3
+  assert 1.0 <= got["tokens_per_target_call"] <= 4.0
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+  """First emitted token over 40k seeded draws: chi-square against the target's p."""
+  rng = np.random.default_rng(0)
+  V, G, B = 6, 2, 40_000
+  p = rng.dirichlet(np.ones(V), size=G + 1).astype(np.float32)
+  q = rng.dirichlet(np.ones(V) * 0.5, size=G).astype(np.float32)
+  s = Sampling(temperature=1.0)
+  keys = jax.random.split(jax.random.key(1), B * (G + 1)).reshape(B, G + 1)
+  d = jax.vmap(lambda k: jax.vmap(lambda kk, qq: jax.random.categorical(kk, jnp.log(qq)))(
+      k[:G], jnp.asarray(q)))(keys)
+  pB, qB = (jnp.broadcast_to(jnp.asarray(x), (B,) + x.shape) for x in (p, q))
+  ukeys = jax.vmap(lambda k: jax.vmap(lambda kk: jax.random.fold_in(kk, 9))(k[:G]))(keys)
+  n_acc, extra = speculative.accept(pB, qB, d.astype(jnp.int32), s, ukeys)
+  first = np.where(np.asarray(n_acc) > 0, np.asarray(d[:, 0]), np.asarray(extra))
+  counts = np.bincount(first, minlength=V)
+  chi2 = float(np.sum((counts - B * p[0]) ** 2 / (B * p[0])))
+  assert chi2 < 20.5, (chi2, counts / B, p[0])  # chi-square 5 dof: P(> 20.5) = 0.001
+  # second token given the first was accepted follows p[1] likewise
+  second = np.where(np.asarray(n_acc) > 1, np.asarray(d[:, 1]), np.asarray(extra))
+  sel = np.asarray(n_acc) >= 1
+  c2 = np.bincount(second[sel], minlength=V)
+  chi2 = float(np.sum((c2 - sel.sum() * p[1]) ** 2 / (sel.sum() * p[1])))
+  assert chi2 < 20.5, chi2
+  # acceptance rate matches sum_x min(p, q) for the first proposal
+  np.testing.assert_allclose(float(np.mean(np.asarray(n_acc) > 0)),
+                             float(np.minimum(p[0], q[0]).sum()), atol=0.01)
+
+
+def test_speculative_sampling_runs_and_is_reproducible():
+  cfg = model_cfg()
+  _, target = decodable(cfg)
+  spec = speculative.Speculative(target, drafts.make("layers:1", target), gamma=2, max_len=40,
+                                 cache_dtype="float32")
+  s = Sampling(temperature=1.0, seed=5)
+  a = spec.generate(decode.Request([[1, 2, 3], [4]], 15, s))
+  b = spec.generate(decode.Request([[1, 2, 3], [4]], 15, s))
+  assert a["tokens"] == b["tokens"] and all(len(t) == 15 for t in a["tokens"])
+  assert 0.0 <= a["acceptance_rate"] <= 1.0
+
+
+def test_draft_errors():
+  from core.errors import ConfigError
+  _, target = decodable(model_cfg())
+  with pytest.raises(ConfigError, match="layers:N with 1 <= N <= 2"):
+    drafts.make("layers:3", target)
+  with pytest.raises(ConfigError, match="neither a draft kind"):
+    drafts.make("nonsense", target)
+  _, linear = decodable(model_cfg(**MIXERS["ssd"]))
+  with pytest.raises(ConfigError, match="no softmax attention"):
+    drafts.make("sparse", linear)
