@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -152,3 +153,41 @@ def load(workdir: str, overrides: dict | None = None, *, devices=None,
               "model_state": exp.state.abstract["model_state"]}
   model, step = latest_model(workdir, abstract, flag)
   return Run(workdir, config, exp, model["params"], model["model_state"], step)
+
+
+@dataclasses.dataclass
+class Weights:
+  """A trained model without its data pipeline: what decoding needs."""
+  workdir: str
+  config: object  # the typed ExperimentConfig
+  mesh: object
+  tokenizer: object  # None for synthetic tasks
+  params: dict
+  model_state: dict
+  step: int
+
+
+def load_weights(workdir: str, overrides: dict | None = None, *, devices=None,
+                 flag: str = "--workdir") -> Weights:
+  """The run's typed config, tokenizer and newest weights, placed on a mesh over
+  ``devices`` by the rules table (the data are not built)."""
+  from lm import sharding
+  from lm.data import tokenizers
+  from lm.model import build_model
+  typed = config_lib.resolve(load_config(workdir, overrides, flag))
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
+                      "train it first with experiments.train, or pass another workdir")
+  tokenizer = None if typed.data.source == "synthetic" else tokenizers.load(typed.data.tokenizer)
+  if not typed.model.vocab_size:
+    raise ConfigError(flag, workdir, "config.json has no resolved model.vocab_size",
+                      "re-save the run with this version (train for one more step)")
+  mesh = sharding.make_mesh(typed.mesh, devices)
+  built = build_model(typed.model, typed.seed, abstract=True)
+  specs = {"params": sharding.tree_specs(built.axes["params"], built.params, mesh),
+           "model_state": sharding.tree_specs(built.axes["state"], built.state, mesh)}
+  shardings = sharding.named(mesh, specs)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          {"params": built.params, "model_state": built.state}, shardings)
+  model, step = latest_model(workdir, abstract, flag)
+  return Weights(workdir, typed, mesh, tokenizer, model["params"], model["model_state"], step)

@@ -32,11 +32,11 @@ MIXERS = {  # name: model overrides (tiny: d 64, 2 layers, 4 heads, 2 kv heads)
 }
 
 
-def model_cfg(n_layers=2, **overrides):
+def model_cfg(n_layers=2, vocab=V, **overrides):
   fields = {f"model__{k}": v for k, v in overrides.items()}
   fields.update(model__dtype="float32", model__n_layers=n_layers)
   cfg = config_lib.resolve(tiny(**fields)).model
-  return dataclasses.replace(cfg, vocab_size=V)
+  return dataclasses.replace(cfg, vocab_size=vocab)
 
 
 def decodable(cfg, seed=0):
@@ -271,3 +271,44 @@ def test_draft_errors():
   _, linear = decodable(model_cfg(**MIXERS["ssd"]))
   with pytest.raises(ConfigError, match="no softmax attention"):
     drafts.make("sparse", linear)
+
+
+# ----------------------------------------------------------------------------- placement
+def test_decoding_on_8_devices_equals_one_device():
+  from lm import sharding
+  from lm.config import MeshConfig
+  cfg = model_cfg(vocab=128, **MIXERS["hybrid"])
+  built, model = decodable(cfg)
+  prompts = [[5, 6, 7], [9] * 8, [1, 2, 3, 4, 5], [7, 7]]
+  one = decode.Decoder(model, max_len=32, cache_dtype="float32").generate(
+      decode.Request(prompts, 8))
+  mesh = sharding.make_mesh(MeshConfig(dcn=1, data=4, fsdp=1, expert=1, sequence=1, tensor=2))
+  specs = sharding.tree_specs(built.axes["params"], built.params, mesh)
+  params = jax.device_put(built.params, sharding.named(mesh, specs))
+  placed = decode.Model(model.cfg, model.graphdef, params, model.state)
+  dec = decode.Decoder(placed, max_len=32, cache_dtype="float32", mesh=mesh)
+  many = dec.generate(decode.Request(prompts, 8))
+  assert many["tokens"] == one["tokens"]
+  cache = dec.new_cache(4)
+  k = cache["block_1"]["k"]  # [B, S, K, H]: rows over data (4), kv heads over tensor (2)
+  assert k.sharding.shard_shape(k.shape) == (1, k.shape[1], 1, k.shape[3])
+  logits_one, _ = decode.Decoder(model, max_len=32, cache_dtype="float32").prefill(
+      np.array([[1, 2, 3, 0]] * 4), np.array([3, 3, 2, 1]), all_logits=True)
+  logits_many, _ = dec.prefill(np.array([[1, 2, 3, 0]] * 4), np.array([3, 3, 2, 1]),
+                               all_logits=True)
+  assert_close(logits_many, logits_one, 1e-5)
+
+
+def test_prefill_and_decode_compile_for_tpu():
+  from conftest import topology_or_skip
+  from lm import sharding
+  from lm.config import MeshConfig
+  devices = topology_or_skip("v5e:2x2")
+  cfg = dataclasses.replace(model_cfg(vocab=128, **MIXERS["hybrid"]), dtype="bfloat16")
+  mesh = sharding.make_mesh(MeshConfig(dcn=1, data=2, fsdp=1, expert=1, sequence=1, tensor=2),
+                            devices)
+  r = decode.compile_report(cfg, mesh, batch=4, prompt_len=64, max_len=256, slack=4)
+  # rows over data (2) and heads over tensor (2): a quarter of the cache per chip
+  # (the lengths [B] int32 are split over data only: 16 bytes, 8 per chip)
+  assert (r["cache_bytes_per_device"] - 8) * 4 == r["cache_bytes"] - 16
+  assert r["decode"]["temp_bytes"] > 0 and r["prefill"]["flops"] > r["decode"]["flops"] > 0

@@ -107,6 +107,19 @@ CASES = [
      "data.source='synthetic': is not a text source"),
     ("tokenizer: bad suffix", "experiments.tokenizer", [BASE, "--out={data}/tok.txt"],
      "--out='{data}/tok.txt': must end in .json"),
+    # generation from a trained run ({finished}); max_len defaults to data.seq_len = 64
+    ("generate: empty prompt", "experiments.generate", ["--workdir={finished}", "--prompt="],
+     "--prompt='': empty"),
+    ("generate: prompt + new tokens beyond max_len", "experiments.generate",
+     ["--workdir={finished}", "--prompt=hello", "--max_new_tokens=60"],
+     "--max_new_tokens=60: prompt 0 has 5 tokens: 5 + 60 exceeds max_len=64"),
+    ("generate: layers:N out of range", "experiments.generate",
+     ["--workdir={finished}", "--prompt=hi", "--draft=layers:3"],
+     "--draft='layers:3': the target has 2 layers"),
+    ("generate: workdir without checkpoint", "experiments.generate",
+     ["--workdir={data}/nockpt", "--prompt=hi"], "has no checkpoints/ folder"),
+    ("generate: not a run", "experiments.generate", ["--workdir={data}", "--prompt=hi"],
+     "has no config.json (not a Kestrel run)"),
 ]
 
 
@@ -124,6 +137,8 @@ def bad_data(tmp_path_factory):
   (folder / "pre").mkdir()
   (folder / "pre" / "index.json").write_text(json_lib.dumps(
       {"format": "kestrel-pretokenized-1", "splits": {"train": {"shards": []}}}))
+  (folder / "nockpt").mkdir()
+  (folder / "nockpt" / "config.json").write_text("{}")
   return folder
 
 
@@ -131,7 +146,8 @@ def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(finished, bad_da
   before = _fingerprint(finished)
   procs = []
   for case, module, args, expected in CASES:
-    args = [a.replace("{data}", str(bad_data)) for a in args]
+    args = [a.replace("{data}", str(bad_data)).replace("{finished}", str(finished))
+            for a in args]
     expected = expected.replace("{data}", str(bad_data))
     extra = []
     if module == "experiments.train" and not any(a.startswith("--workdir") for a in args):

@@ -233,17 +233,18 @@ class Decoder:
     lengths = jnp.asarray(lengths)
     first = sample(logits, s, row_keys(s.seed, rows, lengths))
     eos = -1 if req.eos_id is None else req.eos_id
-    carry = {"cache": cache, "cur": first, "out": jnp.zeros((Bp, N), jnp.int32),
+    width = self.max_len  # the output buffer; N is traced, so one compile serves every N
+    carry = {"cache": cache, "cur": first, "out": jnp.zeros((Bp, width), jnp.int32),
              "n": jnp.zeros((Bp,), jnp.int32),
              "done": jnp.asarray(np.arange(Bp) >= B) | (first == eos)}
     carry["out"] = carry["out"].at[:, 0].set(first)
     carry["n"] = jnp.where(first == eos, 0, 1)
-    loop = self.jit(("loop", s, N, eos), functools.partial(_loop, self.model, s, N, eos),
+    loop = self.jit(("loop", s, eos), functools.partial(_loop, self.model, s, eos),
                     donate=(1,))
     limit = N if stop is None else min(N, chunk or 16)
     calls = 1
     while True:
-      carry, steps = loop(self.model.params, carry, jnp.int32(limit))
+      carry, steps = loop(self.model.params, carry, jnp.int32(limit), jnp.int32(N))
       calls += int(steps)
       n = np.asarray(carry["n"])
       done = np.asarray(carry["done"]) | (n >= N)
@@ -260,7 +261,37 @@ class Decoder:
     return {"tokens": [out[b, :n[b]].tolist() for b in range(B)], "steps": calls}
 
 
-def _loop(model, s: Sampling, N: int, eos: int, params, carry, limit):
+def deep_thinking(model: Model, prompts, continuations, *, g: float = 0.5, rho: float = 0.85,
+                  chunk: int = 1024) -> list[dict]:
+  """The Deep-Thinking Ratio (``lm.decode.dtr``) of each row's continuation: the logit
+  lens of every layer at the positions that predicted the continuation's tokens.
+  Returns per row {"dtr", "settling_depth" (list), "threshold_layer"}."""
+  from lm.decode import dtr as dtr_lib
+  out = []
+  for prompt, cont in zip(prompts, continuations):
+    if not cont:
+      out.append({"dtr": None, "settling_depth": [], "threshold_layer":
+                  dtr_lib.threshold_layer(model.cfg.n_layers, rho)})
+      continue
+    seq = jnp.asarray([list(prompt) + list(cont)], jnp.int32)
+    T = seq.shape[1]
+    m = _merge(model, model.params)
+    cache = m.init_cache(1, T, 0, jnp.float32)
+
+    def lens(params, cache, seq):
+      mm = _merge(model, params)
+      (_, _, extras), _ = nnx.capture(mm.extend, nnx.Intermediate)(
+          cache, seq, jnp.full((1,), T, jnp.int32), fresh=True, keep=("hidden",))
+      h_LND = extras["hidden"][:, 0, len(prompt) - 1:T - 1]
+      return dtr_lib.dtr(h_LND, mm.final_norm, mm.head_matrix(), g=g, rho=rho, chunk=chunk)
+    r = jax.jit(lens)(model.params, cache, seq)
+    out.append({"dtr": float(r["ratio"]),
+                "settling_depth": np.asarray(r["settling_depth"]).tolist(),
+                "threshold_layer": dtr_lib.threshold_layer(model.cfg.n_layers, rho)})
+  return out
+
+
+def _loop(model, s: Sampling, eos: int, params, carry, limit, N):
   """The decode loop: feed each row's newest token, sample the next, until every row is
   done or has ``limit`` tokens. Returns (carry, model calls)."""
   rows = jnp.arange(carry["cur"].shape[0], dtype=jnp.int32)
@@ -276,7 +307,7 @@ def _loop(model, s: Sampling, N: int, eos: int, params, carry, limit):
     nxt = sample(logits[:, 0], s, row_keys(s.seed, rows, cache["lengths"]))
     stop = nxt == eos
     put = live & ~stop
-    out = c["out"].at[rows, jnp.where(put, c["n"], N)].set(nxt, mode="drop")
+    out = c["out"].at[rows, jnp.where(put, c["n"], c["out"].shape[1])].set(nxt, mode="drop")
     n = c["n"] + put
     done = c["done"] | (live & stop) | (n >= N)
     return {"cache": cache, "cur": jnp.where(put, nxt, c["cur"]), "out": out, "n": n,
@@ -288,3 +319,44 @@ def _loop(model, s: Sampling, N: int, eos: int, params, carry, limit):
 def _lower(decoder, jitted, args):
   with decoder._context():
     return jitted.lower(*args)
+
+
+def compile_report(model_cfg, mesh, *, batch: int, prompt_len: int, max_len: int,
+                   cache_dtype: str = "bfloat16", slack: int = 0) -> dict:
+  """Lowers and compiles the prefill and one decode step for ``mesh`` (e.g. a TPU
+  topology's devices, ``lm.aot.topology_devices``) with abstract weights and cache.
+
+  Returns {"prefill" / "decode": {temp_bytes, argument_bytes, flops}, "cache_bytes":
+  total, "cache_bytes_per_device"}."""
+  from lm.aot import _per_device_bytes
+  built = build_model(model_cfg, 0, abstract=True)
+  specs = {"params": sharding.tree_specs(built.axes["params"], built.params, mesh),
+           "state": sharding.tree_specs(built.axes["state"], built.state, mesh)}
+  named = sharding.named(mesh, specs)
+  sds = lambda tree, sh: jax.tree.map(
+      lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), tree, sh)
+  model = Model.from_weights(model_cfg, sds(built.params, named["params"]),
+                             sds(built.state, named["state"]))
+  dec = Decoder(model, max_len=max_len, cache_dtype=cache_dtype, slack=slack, mesh=mesh)
+  shapes = jax.eval_shape(lambda: init_cache(model, batch, max_len, slack, dec.cache_dtype))
+  cache = sds(shapes, dec.cache_shardings(shapes))
+  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+      ("batch", None), (batch, 1), dict(mesh.shape)))
+  vec = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+      ("batch",), (batch,), dict(mesh.shape)))
+  tokens = lambda T: jax.ShapeDtypeStruct((batch, T), jnp.int32, sharding=rows)
+  n = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vec)
+  out = {"cache_bytes": cache_bytes(shapes), "cache_bytes_per_device": _per_device_bytes(cache)}
+  steps = {
+      "prefill": (lambda p, c, t, k: extend(model, p, c, t, k, fresh=True, last_only=True)[:2],
+                  tokens(prompt_len)),
+      "decode": (lambda p, c, t, k: extend(model, p, c, t, k)[:2], tokens(1))}
+  for name, (fn, tok) in steps.items():
+    compiled = dec.jit(name, fn, donate=(1,)).lower(model.params, cache, tok, n).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[name] = {"temp_bytes": int(mem.temp_size_in_bytes),
+                 "argument_bytes": int(mem.argument_size_in_bytes),
+                 "flops": float(cost.get("flops", float("nan")))}
+  return out

@@ -96,14 +96,14 @@ class Speculative:
     eos = -1 if req.eos_id is None else req.eos_id
     zeros = jnp.zeros((Bp,), jnp.int32)
     carry = {"tcache": tcache, "dcache": dcache, "cur": first,
-             "out": jnp.zeros((Bp, N), jnp.int32).at[:, 0].set(first),
+             "out": jnp.zeros((Bp, t.max_len), jnp.int32).at[:, 0].set(first),
              "n": jnp.where(first == eos, 0, 1),
              "done": jnp.asarray(np.arange(Bp) >= B) | (first == eos) | (N <= 1),
              "rounds": zeros, "accepted": zeros + 0}
-    loop = t.jit(("speculative", s, N, eos, self.gamma),
-                 functools.partial(_rounds, t.model, d.model, s, N, eos, self.gamma),
+    loop = t.jit(("speculative", s, eos, self.gamma),
+                 functools.partial(_rounds, t.model, d.model, s, eos, self.gamma),
                  donate=(2,))
-    carry = loop(t.model.params, d.model.params, carry)
+    carry = loop(t.model.params, d.model.params, carry, jnp.int32(N))
     out, n = np.asarray(carry["out"]), np.asarray(carry["n"])
     rounds, acc = np.asarray(carry["rounds"])[:B], np.asarray(carry["accepted"])[:B]
     emitted = np.maximum(n[:B] - 1, 0)
@@ -113,7 +113,7 @@ class Speculative:
             "tokens_per_target_call": float(emitted.sum() / max(rounds.sum(), 1))}
 
 
-def _rounds(tmodel, dmodel, s: Sampling, N: int, eos: int, gamma: int, tparams, dparams, carry):
+def _rounds(tmodel, dmodel, s: Sampling, eos: int, gamma: int, tparams, dparams, carry, N):
   B = carry["cur"].shape[0]
   rows = jnp.arange(B, dtype=jnp.int32)
   G = gamma
@@ -154,7 +154,7 @@ def _rounds(tmodel, dmodel, s: Sampling, N: int, eos: int, gamma: int, tparams, 
     first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), G + 1)
     count = jnp.minimum(jnp.minimum(count, first_eos), N - c["n"])
     count = jnp.where(live, count, 0)
-    slot = jnp.where(i < count[:, None], c["n"][:, None] + i, N)
+    slot = jnp.where(i < count[:, None], c["n"][:, None] + i, c["out"].shape[1])
     out = c["out"].at[rows[:, None], slot].set(emit, mode="drop")
     n = c["n"] + count
     done = c["done"] | (live & jnp.any(is_eos, 1)) | (n >= N)
