@@ -30,9 +30,9 @@ def text_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
-  """A tiny run of the synthetic copy task, 4 steps."""
+  """A tiny run of the synthetic MQAR task, 4 steps."""
   workdir = str(tmp_path_factory.mktemp("synthetic_run"))
-  loop.run(tiny(data__source="synthetic", data__synthetic__task="copy", data__seq_len=40,
+  loop.run(tiny(data__source="synthetic", data__synthetic__task="mqar", data__seq_len=40,
                 train__steps=4, train__eval_every=4, train__eval_batches=2), workdir)
   return workdir
 

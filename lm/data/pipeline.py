@@ -63,8 +63,8 @@ def _check_synthetic(syn, seq_len: int) -> None:
                       "ids 2..vocab+1 fit the byte vocabulary", "use e.g. 64")
   if syn.task == "mqar":
     for name in ("num_pairs", "num_queries"):
-      if syn[name] < 1:
-        raise ConfigError(f"data.synthetic.{name}", syn[name], "must be >= 1",
+      if getattr(syn, name) < 1:
+        raise ConfigError(f"data.synthetic.{name}", getattr(syn, name), "must be >= 1",
                           "use e.g. 8")
     if syn.num_pairs > syn.vocab // 2:
       raise ConfigError("data.synthetic.num_pairs", syn.num_pairs, "keys are "
