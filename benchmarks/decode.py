@@ -13,7 +13,6 @@ there), bf16 on accelerators. Cache bytes are exact (the cache's shapes), for th
 model below and for a 12-head, head_dim 64 layer like the papers'.
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time

@@ -107,6 +107,7 @@ def generate(workdir: str, prompts: list[str], overrides: dict) -> dict:
          "tokens_per_sec": round(n_tokens / max(seconds, 1e-9), 2), "step": w.step}
   if _DRAFT.value:
     out["acceptance_rate"] = round(result["acceptance_rate"], 4)
+    out["alpha"] = round(result["alpha"], 4)
     out["tokens_per_target_call"] = round(result["tokens_per_target_call"], 4)
   if _DTR.value:
     d = decode.deep_thinking(target, ids, result["tokens"])

@@ -127,7 +127,10 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.head = logical_param(rngs, (D, V), ("embed", "vocab"), D, param_dtype)
 
-  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None):
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               exits: tuple = ()):
+    """Logits [B, T, V] fp32; with ``exits`` (layer counts n), also {"layer_<n>": the
+    logit lens after block n: final norm and head on that residual}."""
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     residual = ("batch", "length", "embed")
@@ -135,9 +138,13 @@ class Transformer(nnx.Module):
     x_BTD = constrain(x_BTD, residual)
     # remat: keep only each block's input for the backward pass, recompute the rest.
     call = nnx.remat(lambda b, x, p: b(x, p)) if self.remat else (lambda b, x, p: b(x, p))
+    lens = {}
     for i in range(self.n_layers):
       x_BTD = constrain(call(getattr(self, f"block_{i}"), x_BTD, positions_BT), residual)
-    return constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+      if i + 1 in exits:
+        lens[f"layer_{i + 1}"] = constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+    logits = constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+    return (logits, lens) if exits else logits
 
   def head_matrix(self) -> jax.Array:
     """The unembedding [D, V] in the compute dtype (tied: the embedding / sqrt(D))."""
@@ -243,8 +250,9 @@ def count_params(params) -> int:
   return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def apply(graphdef, params, state, tokens_BT: jax.Array):
-  """Runs the model: (logits [B, T, V] fp32, statistics, new state).
+def apply(graphdef, params, state, tokens_BT: jax.Array, exits: tuple = ()):
+  """Runs the model: (logits [B, T, V] fp32, statistics, new state); with ``exits``
+  (layer counts), a fourth item: the logit lens after those layers (``Transformer``).
 
   The statistics group what the layers sowed as ``<group>_stats`` by group and
   block: ``{"moe": {block: {load, dropped, lb_loss, z_loss}}, "attention": {block:
@@ -252,7 +260,8 @@ def apply(graphdef, params, state, tokens_BT: jax.Array):
   them (e.g. the MoE balancing bias after its update).
   """
   model = nnx.merge(graphdef, params, state)
-  logits_BTV, sown = nnx.capture(model, nnx.Intermediate)(tokens_BT)
+  out, sown = nnx.capture(model, nnx.Intermediate)(tokens_BT, exits=tuple(exits))
+  logits_BTV, lens = out if exits else (out, None)
   sown = nnx.to_pure_dict(sown)
   _, _, new_state = nnx.split(model, nnx.Param, ...)
   stats = {}
@@ -266,6 +275,8 @@ def apply(graphdef, params, state, tokens_BT: jax.Array):
 
   for block, node in sown.items():
     collect(block, node)
+  if exits:
+    return logits_BTV, stats, nnx.to_pure_dict(new_state), lens
   return logits_BTV, stats, nnx.to_pure_dict(new_state)
 
 

@@ -22,11 +22,17 @@ def make_objective(graphdef, terms: list[losses.Term]):
   """``objective(params, model_state, batch, aux) -> (total, (Forward, new model
   state, the terms' metrics))``."""
   w_ce = losses.ce_weight(terms)
+  exits = tuple(sorted({n for t in terms for n in t.exits}))
 
   def objective(params, model_state, batch, aux):
-    logits_BTV, stats, new_state = apply(graphdef, params, model_state, batch["inputs"])
+    lens = {}
+    if exits:
+      logits_BTV, stats, new_state, lens = apply(graphdef, params, model_state,
+                                                 batch["inputs"], exits)
+    else:
+      logits_BTV, stats, new_state = apply(graphdef, params, model_state, batch["inputs"])
     ce, tokens = cross_entropy(logits_BTV, batch)
-    out = losses.Forward(logits_BTV, ce, tokens, stats)
+    out = losses.Forward(logits_BTV, ce, tokens, stats, lens)
     total, metrics = w_ce * ce, {}
     for term in terms:
       value, m = term.loss(out, batch, aux.get(term.name))

@@ -29,3 +29,10 @@ def test_data_notebook_runs(tmp_path, monkeypatch):
   assert "round trip exact: True" in outputs and "bits/byte" in outputs
   assert (tmp_path / "run" / "tokenizer.json").exists()
   assert (tmp_path / "pretok" / "index.json").exists()
+
+
+def test_generate_notebook_runs(tmp_path, monkeypatch):
+  outputs = _run("generate.ipynb", tmp_path, monkeypatch)
+  assert "speculative output equals plain greedy: True" in outputs
+  assert "fp32-cache output equals the uncached one: True" in outputs
+  assert "tokens_per_target_call" in outputs

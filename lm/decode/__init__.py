@@ -153,10 +153,13 @@ class Decoder:
     return stack
 
   def new_cache(self, batch: int):
-    fn = lambda: init_cache(self.model, batch, self.max_len, self.slack, self.cache_dtype)
-    shapes = jax.eval_shape(fn)
+    """An empty cache for ``batch`` rows, placed on the mesh (one compile per batch)."""
+    key = ("new_cache", batch)
+    if key not in self._jits:
+      fn = lambda: init_cache(self.model, batch, self.max_len, self.slack, self.cache_dtype)
+      self._jits[key] = jax.jit(fn, out_shardings=self.cache_shardings(jax.eval_shape(fn)))
     with self._context():
-      return jax.jit(fn, out_shardings=self.cache_shardings(shapes))()
+      return self._jits[key]()
 
   def jit(self, name, fn, donate=()):
     """``fn`` jitted once (cached by name), traced under the mesh's placement."""

@@ -69,8 +69,11 @@ class Speculative:
   """A target ``decode.Decoder`` and a draft ``decode.Model`` with ``gamma`` proposals.
 
   Both decoders are built with ``gamma`` slots of slack; ``generate`` returns what
-  ``Decoder.generate`` does plus ``acceptance_rate`` (accepted / proposed) and
-  ``tokens_per_target_call`` (emitted tokens / target calls, the prompt's excluded)."""
+  ``Decoder.generate`` does plus ``acceptance_rate`` (accepted / proposed),
+  ``alpha`` (accepted / examined: proposals after a round's first rejection are not
+  examined; Leviathan et al.'s per-token acceptance, for which the expected tokens per
+  target call are (1 - alpha^(gamma + 1)) / (1 - alpha)) and ``tokens_per_target_call``
+  (emitted tokens / target calls, the prompt's excluded)."""
 
   def __init__(self, target: decode.Model, draft: decode.Model, *, gamma: int, max_len: int,
                cache_dtype: str = "bfloat16", mesh=None):
@@ -99,17 +102,19 @@ class Speculative:
              "out": jnp.zeros((Bp, t.max_len), jnp.int32).at[:, 0].set(first),
              "n": jnp.where(first == eos, 0, 1),
              "done": jnp.asarray(np.arange(Bp) >= B) | (first == eos) | (N <= 1),
-             "rounds": zeros, "accepted": zeros + 0}
+             "rounds": zeros, "accepted": zeros + 0, "examined": zeros + 0}
     loop = t.jit(("speculative", s, eos, self.gamma),
                  functools.partial(_rounds, t.model, d.model, s, eos, self.gamma),
                  donate=(2,))
     carry = loop(t.model.params, d.model.params, carry, jnp.int32(N))
     out, n = np.asarray(carry["out"]), np.asarray(carry["n"])
     rounds, acc = np.asarray(carry["rounds"])[:B], np.asarray(carry["accepted"])[:B]
+    examined = np.asarray(carry["examined"])[:B]
     emitted = np.maximum(n[:B] - 1, 0)
     return {"tokens": [out[b, :n[b]].tolist() for b in range(B)],
             "steps": int(rounds.max(initial=0)) + 1,
             "acceptance_rate": float(acc.sum() / max(rounds.sum() * self.gamma, 1)),
+            "alpha": float(acc.sum() / max(examined.sum(), 1)),
             "tokens_per_target_call": float(emitted.sum() / max(rounds.sum(), 1))}
 
 
@@ -160,6 +165,7 @@ def _rounds(tmodel, dmodel, s: Sampling, eos: int, gamma: int, tparams, dparams,
     done = c["done"] | (live & jnp.any(is_eos, 1)) | (n >= N)
     return {"tcache": tcache, "dcache": dcache, "cur": jnp.where(live, extra, c["cur"]),
             "out": out, "n": n, "done": done, "rounds": c["rounds"] + n_live,
-            "accepted": c["accepted"] + jnp.where(live, n_acc, 0)}
+            "accepted": c["accepted"] + jnp.where(live, n_acc, 0),
+            "examined": c["examined"] + jnp.where(live, jnp.minimum(n_acc + 1, G), 0)}
 
   return jax.lax.while_loop(lambda c: jnp.any(~c["done"]), body, carry)

@@ -16,11 +16,14 @@ class Forward:
     ce: token-weighted mean cross-entropy (fp32 scalar).
     tokens: the weight sum of the batch.
     stats: what the layers sowed, by group and block (``lm.model.apply``).
+    exits: the logit lens after the layers terms asked for (``Term.exits``):
+      {"layer_<n>": fp32 logits [B, T, V]}; empty when none asked.
   """
   logits_BTV: jax.Array
   ce: jax.Array
   tokens: jax.Array
   stats: dict
+  exits: dict = dataclasses.field(default_factory=dict)
 
 
 class Term:
@@ -29,6 +32,7 @@ class Term:
   group: ClassVar[str | None] = None   # config group of its settings, if any
   Config: ClassVar[type | None] = None  # that group's dataclass
   ce_weight: float | None = None        # set: the cross-entropy's weight in the objective
+  exits: tuple = ()                     # layers whose logit lens the term reads (Forward.exits)
 
   @classmethod
   def build(cls, config, model) -> "Term | None":
