@@ -126,7 +126,7 @@ def causal_token_rule(q_BTNH, qpos_BT, k_BSKH, kpos_BS, spec: AttentionSpec) -> 
                                               & (j >= diag[:, :, None] - bs.local_blocks))
   keep = sparse.select_blocks(scores, valid[:, None, None], forced[:, None, None],
                               top_k=bs.top_k, top_p=bs.top_p, max_blocks=bs.max_blocks)
-  keep_BKTC = jnp.any(keep, axis=2)
+  keep_BKTC = sparse.group_union(keep, forced[:, None], bs.max_blocks)
   block_of_slot = jnp.clip(kpos_BS, 0) // bk  # [B, S]
   keep_tok = jnp.take_along_axis(keep_BKTC, block_of_slot[:, None, None, :]
                                  .repeat(K, 1).repeat(T, 2), axis=3)

@@ -116,6 +116,21 @@ def block_scores(q_BTNH, k_BSKH, spec: AttentionSpec) -> jax.Array:
   return jnp.einsum("bqkgh,bckh->bkgqc", qp_BQKGH, kp_BCKH) * scale
 
 
+def group_union(keep_BKGQC: jax.Array, forced, max_blocks: int) -> jax.Array:
+  """One mask per kv head: the union over its query heads [B, K, Q, C]. With a cap
+  (``max_blocks`` > 0) the union can exceed it: the blocks most heads chose are kept
+  (forced blocks count as chosen by all)."""
+  keep_BKQC = jnp.any(keep_BKGQC, axis=2)
+  if max_blocks and keep_BKGQC.shape[2] > 1:
+    G = keep_BKGQC.shape[2]
+    votes = jnp.sum(keep_BKGQC, axis=2) + jnp.asarray(forced, jnp.int32) * G
+    C = votes.shape[-1]
+    pri = jnp.where(keep_BKQC, votes * C + (C - jnp.arange(C)), -1)
+    order = jnp.argsort(-pri, axis=-1, stable=True)
+    keep_BKQC &= jnp.argsort(order, axis=-1, stable=True) < max_blocks
+  return keep_BKQC
+
+
 def predict_block_mask(q_BTNH: jax.Array, k_BSKH: jax.Array, spec: AttentionSpec,
                        q_offset: int = 0) -> jax.Array:
   """SpargeAttention2's mask for ``spec.block_sparse``: bool [B, K, Q, C].
@@ -135,16 +150,7 @@ def predict_block_mask(q_BTNH: jax.Array, k_BSKH: jax.Array, spec: AttentionSpec
   keep_BKGQC = select_blocks(block_scores(q_BTNH, k_BSKH, spec), jnp.asarray(valid),
                              jnp.asarray(forced), top_k=bs.top_k, top_p=bs.top_p,
                              max_blocks=bs.max_blocks)
-  keep_BKQC = jnp.any(keep_BKGQC, axis=2)
-  if bs.max_blocks and keep_BKGQC.shape[2] > 1:
-    # The union over a group's query heads can exceed the cap: keep the blocks most
-    # heads chose (forced blocks are chosen by all).
-    votes = jnp.sum(keep_BKGQC, axis=2) + jnp.asarray(forced, jnp.int32) * keep_BKGQC.shape[2]
-    C = votes.shape[-1]
-    pri = jnp.where(keep_BKQC, votes * C + (C - jnp.arange(C)), -1)
-    order = jnp.argsort(-pri, axis=-1, stable=True)
-    keep_BKQC &= jnp.argsort(order, axis=-1, stable=True) < bs.max_blocks
-  return keep_BKQC
+  return group_union(keep_BKGQC, jnp.asarray(forced), bs.max_blocks)
 
 
 def block_density(block_mask_BKQC: jax.Array, spec: AttentionSpec, q_offset: int = 0):

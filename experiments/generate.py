@@ -75,7 +75,7 @@ def generate(workdir: str, prompts: list[str], overrides: dict) -> dict:
   target = decode.Model.from_weights(w.config.model, w.params, w.model_state)
   ids = [tok.encode(p).tolist() for p in prompts]
   req = decode.Request(ids, _MAX_NEW.value, sampling, eos_id=tok.eos_id)
-  stops = _STOP.value
+  stops = [s.replace("\\n", "\n") for s in _STOP.value]
   stop = (lambda b, t: any(s in tok.decode(t) for s in stops)) if stops else None
   if _DRAFT.value:
     draft = drafts.make(_DRAFT.value, target, {"tokenizer": tok, "devices": None})

@@ -200,6 +200,37 @@ class Checkpointer:
     self.manager.close()
 
 
+class NoCheckpoint(Exception):
+  """The folder holds no checkpoint."""
+
+
+class OtherTree(Exception):
+  """The newest checkpoint's tree is not the one asked for: ``args = (step, difference)``."""
+
+
+def restore_model(directory: str, abstract_model: dict) -> tuple[dict, int]:
+  """(the newest checkpoint's items named by ``abstract_model`` (e.g. ``params`` and
+  ``model_state``: nothing else is read), its step), restored onto ``abstract_model``'s
+  shardings. Raises ``NoCheckpoint`` or ``OtherTree`` (callers word the error)."""
+  ckpt = read_only(directory)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise NoCheckpoint(directory)
+    saved = ckpt.manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    diff = tree_difference({k: saved.get(k, {}) for k in abstract_model}, abstract_model)
+    if diff is not None:
+      raise OtherTree(step, diff)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_model,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model),
+        partial_restore=True)))
+  finally:
+    ckpt.close()
+  return restored["state"], step
+
+
 def read_only(directory: str) -> Checkpointer:
   """A checkpointer that never creates, cleans up or deletes anything in ``directory``."""
   return Checkpointer(directory, read_only=True)

@@ -13,10 +13,10 @@ evaluated under another attention implementation or sparse mask.
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from core.errors import ConfigError
 from lm import checkpoint
@@ -84,7 +84,8 @@ def load_config(workdir: str, overrides: dict | None = None,
       unknown.append(dotted)
   config = configs.override(config, known)
   if unknown:  # a field this version does not have (or of another type): keep the rest
-    print(f"note: {workdir}/config.json fields not applied: {', '.join(unknown[:5])}")
+    print(f"note: {workdir}/config.json fields not applied: {', '.join(unknown[:5])}",
+          file=sys.stderr)
   config.data.tokenizer = _tokenizer_spec(config.data.tokenizer, workdir)
   return configs.override(config, overrides or {})
 
@@ -100,27 +101,16 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
   if not os.path.isdir(directory):
     raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
                       "train it first with experiments.train, or pass another workdir")
-  ckpt = checkpoint.read_only(directory)
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ConfigError(flag, workdir, "holds no checkpoint",
-                        "train it first (experiments.train), or pass another workdir")
-    saved = ckpt.manager.item_metadata(step)["state"]
-    saved = getattr(saved, "tree", saved)
-    diff = checkpoint.tree_difference({k: saved.get(k, {}) for k in abstract_model},
-                                      abstract_model)
-    if diff is not None:
-      raise ConfigError(flag, workdir, f"its checkpoint (step {step}) does not fit the "
-                        f"config: {diff}", "override only fields that keep the weights' "
-                        "shapes (attention_impl, sparse, dtype, ...)")
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_model,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model),
-        partial_restore=True)))
-  finally:
-    ckpt.close()
-  return restored["state"], step
+    return checkpoint.restore_model(directory, abstract_model)
+  except checkpoint.NoCheckpoint:
+    raise ConfigError(flag, workdir, "holds no checkpoint",
+                      "train it first (experiments.train), or pass another workdir") from None
+  except checkpoint.OtherTree as e:
+    step, diff = e.args
+    raise ConfigError(flag, workdir, f"its checkpoint (step {step}) does not fit the "
+                      f"config: {diff}", "override only fields that keep the weights' "
+                      "shapes (attention_impl, sparse, dtype, ...)") from None
 
 
 @dataclasses.dataclass

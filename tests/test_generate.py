@@ -1,6 +1,7 @@
 """experiments.generate and drafts that are other runs, on small trained runs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,13 +15,19 @@ from lm.decode import drafts, speculative
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """Three tiny runs: a byte-level target, a BPE run, a byte run with a bigger vocab."""
+  """A tiny byte-level run, and two copies of it whose config.json names the BPE
+  tokenizer or a 512-token vocabulary (drafts are checked before weights are read)."""
   root = tmp_path_factory.mktemp("runs")
-  made = {}
-  for name, extra in {"byte": {"train__steps": 12}, "bpe": {"data__tokenizer": "bpe"},
-                      "vocab512": {"model__vocab_size": 512}}.items():
+  made = {"byte": str(root / "byte")}
+  loop.run(tiny(train__steps=12), made["byte"])
+  for name, field, value in (("bpe", "tokenizer", "bpe"), ("vocab512", "vocab_size", 512)):
     made[name] = str(root / name)
-    loop.run(tiny(**{"train__steps": 2, **extra}), made[name])
+    shutil.copytree(made["byte"], made[name])
+    with open(os.path.join(made[name], "config.json")) as f:
+      config = json.load(f)
+    config["data" if field == "tokenizer" else "model"][field] = value
+    with open(os.path.join(made[name], "config.json"), "w") as f:
+      json.dump(config, f)
   return made
 
 

@@ -163,9 +163,9 @@ def override(config: ml_collections.ConfigDict, assignments: dict,
   return config
 
 
-def from_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str | None, list[str]]:
-  """(config, its spec, the other arguments) from ``--config=path.py[:arg]`` and
-  ``--config.a.b=value`` arguments; (None, None, argv) without ``--config=``."""
+def config_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
+  """(the ``--config=`` spec or None, {dotted field: text} of the ``--config.a.b=value``
+  arguments, the other arguments)."""
   spec, assignments, rest = None, {}, []
   for arg in argv:
     if arg.startswith("--config="):
@@ -178,6 +178,13 @@ def from_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str | 
       assignments[field] = value
     else:
       rest.append(arg)
+  return spec, assignments, rest
+
+
+def from_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str | None, list[str]]:
+  """(config, its spec, the other arguments) from ``--config=path.py[:arg]`` and
+  ``--config.a.b=value`` arguments; (None, None, argv) without ``--config=``."""
+  spec, assignments, rest = config_args(argv)
   if spec is None:
     if assignments:
       raise ConfigError("--config", None, "field overrides without a config file",

@@ -109,17 +109,17 @@ class Decoder:
     max_len: the longest prompt + continuation a row may reach.
     cache_dtype: ``bfloat16`` (default) or ``float32``.
     slack: tokens one call may add beyond one (speculative verification: gamma).
-    mesh: place weights and cache on it (default: one device, unplaced).
+    mesh: trace under its placement and put the cache on it (the weights are placed
+      by whoever made them, e.g. ``lm.runs.load_weights``); default: unplaced.
   """
 
   def __init__(self, model: Model, *, max_len: int, cache_dtype: str = "bfloat16",
-               slack: int = 0, mesh=None, param_shardings=None):
+               slack: int = 0, mesh=None):
     if cache_dtype not in DTYPES:
       raise ConfigError("--cache_dtype", cache_dtype, "unknown dtype",
                         f"use one of {sorted(DTYPES)}")
     self.model, self.max_len, self.slack, self.mesh = model, max_len, slack, mesh
     self.cache_dtype = DTYPES[cache_dtype]
-    self.param_shardings = param_shardings
     self._jits = {}
 
   # ----------------------------------------------------------------- placement
@@ -221,33 +221,43 @@ class Decoder:
       lengths[i] = len(p)
     return tokens, lengths, B
 
+  def start(self, req: Request):
+    """(the loop's state after the prefill and the first sampled token, real rows)."""
+    self.check_request(req)
+    tokens, lengths, B = self.pad_prompts(req.prompts)
+    Bp = tokens.shape[0]
+    logits, cache = self.prefill(tokens, lengths)
+    s = req.sampling
+    rows = jnp.arange(Bp, dtype=jnp.int32)
+    first = sample(logits, s, row_keys(s.seed, rows, jnp.asarray(lengths)))
+    eos = -1 if req.eos_id is None else req.eos_id
+    width = self.max_len  # the output buffer; N is traced, so one compile serves every N
+    carry = {"cache": cache, "cur": first,
+             "out": jnp.zeros((Bp, width), jnp.int32).at[:, 0].set(first),
+             "n": jnp.where(first == eos, 0, 1),
+             "done": jnp.asarray(np.arange(Bp) >= B) | (first == eos)}
+    return carry, B
+
+  def run(self, req: Request, carry, limit: int):
+    """Decode steps until every row is done or has ``limit`` tokens: (carry, steps).
+    ``carry`` (from ``start`` or a previous ``run``) is donated."""
+    eos = -1 if req.eos_id is None else req.eos_id
+    loop = self.jit(("loop", req.sampling, eos),
+                    functools.partial(_loop, self.model, req.sampling, eos), donate=(1,))
+    return loop(self.model.params, carry, jnp.int32(limit), jnp.int32(req.max_new_tokens))
+
   def generate(self, req: Request, *, stop=None, chunk: int | None = None):
     """Continues every prompt: {"tokens": [list per row], "steps": model calls}.
 
     Rows stop at ``eos_id`` (not included) or after ``max_new_tokens``. ``stop``:
     a callable(row, new tokens) -> bool checked between chunks of ``chunk`` tokens
     (the caller cuts the text at its stop string)."""
-    self.check_request(req)
-    tokens, lengths, B = self.pad_prompts(req.prompts)
-    Bp = tokens.shape[0]
-    logits, cache = self.prefill(tokens, lengths)
-    s, N = req.sampling, req.max_new_tokens
-    rows = jnp.arange(Bp, dtype=jnp.int32)
-    lengths = jnp.asarray(lengths)
-    first = sample(logits, s, row_keys(s.seed, rows, lengths))
-    eos = -1 if req.eos_id is None else req.eos_id
-    width = self.max_len  # the output buffer; N is traced, so one compile serves every N
-    carry = {"cache": cache, "cur": first, "out": jnp.zeros((Bp, width), jnp.int32),
-             "n": jnp.zeros((Bp,), jnp.int32),
-             "done": jnp.asarray(np.arange(Bp) >= B) | (first == eos)}
-    carry["out"] = carry["out"].at[:, 0].set(first)
-    carry["n"] = jnp.where(first == eos, 0, 1)
-    loop = self.jit(("loop", s, eos), functools.partial(_loop, self.model, s, eos),
-                    donate=(1,))
+    carry, B = self.start(req)
+    N = req.max_new_tokens
     limit = N if stop is None else min(N, chunk or 16)
     calls = 1
     while True:
-      carry, steps = loop(self.model.params, carry, jnp.int32(limit), jnp.int32(N))
+      carry, steps = self.run(req, carry, limit)
       calls += int(steps)
       n = np.asarray(carry["n"])
       done = np.asarray(carry["done"]) | (n >= N)

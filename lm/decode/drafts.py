@@ -56,17 +56,22 @@ def sparse_attention(target: Model, arg: str, ctx: dict) -> Model:
 
 
 def other_run(target: Model, path: str, ctx: dict) -> Model:
+  from lm import config as config_lib
   from lm import runs
-  run = runs.load(path, devices=ctx.get("devices"), flag="--draft")
-  tok, own = run.tokenizer, ctx.get("tokenizer")
-  if own is not None and tok is not None and tok.sha256 != own.sha256:
-    raise ConfigError("--draft", path, f"its tokenizer ({tok.name}) is not the target's "
-                      f"({own.name})", "draft with a run trained with the same tokenizer")
-  if run.model_config.vocab_size != target.cfg.vocab_size:
-    raise ConfigError("--draft", path, f"its vocabulary ({run.model_config.vocab_size}) is not "
+  from lm.data import tokenizers
+  cfg = config_lib.resolve(runs.load_config(path, flag="--draft"))
+  own = ctx.get("tokenizer")
+  if own is not None and cfg.data.source != "synthetic":
+    tok = tokenizers.load(cfg.data.tokenizer)
+    if tok.sha256 != own.sha256:
+      raise ConfigError("--draft", path, f"its tokenizer ({tok.name}) is not the target's "
+                        f"({own.name})", "draft with a run trained with the same tokenizer")
+  if cfg.model.vocab_size != target.cfg.vocab_size:
+    raise ConfigError("--draft", path, f"its vocabulary ({cfg.model.vocab_size}) is not "
                       f"the target's ({target.cfg.vocab_size})",
                       "draft with a run of the same tokenizer and vocab_size")
-  return Model.from_weights(run.model_config, run.params, run.model_state)
+  w = runs.load_weights(path, devices=ctx.get("devices"), flag="--draft")
+  return Model.from_weights(w.config.model, w.params, w.model_state)
 
 
 DRAFTS = {"layers": first_layers, "sparse": sparse_attention}

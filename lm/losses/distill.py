@@ -33,7 +33,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from core.errors import ConfigError, check_choice, check_positive, check_range
 from lm import checkpoint
@@ -94,30 +93,20 @@ def restore_teacher(teacher: str, abstract_model: dict) -> tuple[dict, int, str]
   restored onto ``abstract_model``'s shardings (the student's); only these two are
   read, and their trees must be the student's."""
   directory = checkpoint_dir(teacher)
-  ckpt = checkpoint.read_only(directory)
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ConfigError("distill.teacher", teacher, f"no checkpoint in {directory}",
-                        "train the dense teacher to the end first (its workdir gets "
-                        "checkpoints/<step>), or pass a run that has one")
-    saved = ckpt.manager.item_metadata(step)["state"]
-    saved = getattr(saved, "tree", saved)
-    diff = checkpoint.tree_difference({k: saved.get(k, {}) for k in abstract_model},
-                                      abstract_model)
-    if diff is not None:
-      raise ConfigError("distill.teacher", teacher,
-                        f"the teacher (checkpoint step {step} in {directory}) has another "
-                        f"architecture: {diff}; a student must have its teacher's "
-                        "architecture (only model.sparse and how the model is computed may "
-                        "differ)", "use the teacher's model config, or another teacher")
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_model,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model),
-        partial_restore=True)))
-  finally:
-    ckpt.close()
-  return restored["state"], step, directory
+    model, step = checkpoint.restore_model(directory, abstract_model)
+  except checkpoint.NoCheckpoint:
+    raise ConfigError("distill.teacher", teacher, f"no checkpoint in {directory}",
+                      "train the dense teacher to the end first (its workdir gets "
+                      "checkpoints/<step>), or pass a run that has one") from None
+  except checkpoint.OtherTree as e:
+    step, diff = e.args
+    raise ConfigError("distill.teacher", teacher,
+                      f"the teacher (checkpoint step {step} in {directory}) has another "
+                      f"architecture: {diff}; a student must have its teacher's "
+                      "architecture (only model.sparse and how the model is computed may "
+                      "differ)", "use the teacher's model config, or another teacher") from None
+  return model, step, directory
 
 
 class Distill(Term):

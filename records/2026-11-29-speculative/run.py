@@ -52,6 +52,7 @@ def main():
   ap.add_argument("--sample_gamma", type=int, default=4, help="sampled runs use this gamma only")
   ap.add_argument("--kinds", default="", help="comma-separated drafts (default: all)")
   ap.add_argument("--tag", default="", help="name of this target in results.json")
+  ap.add_argument("--greedy_only", action="store_true")
   args = ap.parse_args()
   os.chdir(ROOT)
   import jax
@@ -68,7 +69,8 @@ def main():
   if args.kinds:
     kinds = {k: v for k, v in kinds.items() if k in args.kinds.split(",")}
   settings = {"greedy": [Sampling()]}
-  settings["sampled T=1"] = [Sampling(temperature=1.0, seed=s) for s in (0, 1, 2)]
+  if not args.greedy_only:
+    settings["sampled T=1"] = [Sampling(temperature=1.0, seed=s) for s in (0, 1, 2)]
   plain = decode.Decoder(target, max_len=max_len)
   results = []
 
