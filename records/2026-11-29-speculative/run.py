@@ -53,6 +53,7 @@ def main():
   ap.add_argument("--kinds", default="", help="comma-separated drafts (default: all)")
   ap.add_argument("--tag", default="", help="name of this target in results.json")
   ap.add_argument("--greedy_only", action="store_true")
+  ap.add_argument("--dtype", default="", help="compute dtype (default: the run's model.dtype)")
   args = ap.parse_args()
   os.chdir(ROOT)
   import jax
@@ -60,7 +61,11 @@ def main():
   from lm.decode import drafts, speculative
   from lm.decode.sampling import Sampling
   w = runs.load_weights(args.target)
-  target = decode.Model.from_weights(w.config.model, w.params, w.model_state)
+  model_cfg = w.config.model
+  if args.dtype:
+    import dataclasses
+    model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
+  target = decode.Model.from_weights(model_cfg, w.params, w.model_state)
   L = w.config.model.n_layers
   ps = prompts(w, args.prompts)
   max_len = len(ps[0]) + args.new
@@ -110,6 +115,7 @@ def main():
           results.append(row)
           print(json.dumps(row), flush=True)
   meta = {"target": os.path.abspath(args.target), "other": os.path.abspath(args.other),
+          "compute_dtype": model_cfg.dtype,
           "target_layers": L, "prompts": len(ps), "prompt_tokens": len(ps[0]),
           "new_tokens": args.new, "jax": jax.__version__,
           "device": jax.devices()[0].device_kind, "cores": os.cpu_count()}
