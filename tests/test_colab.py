@@ -35,4 +35,4 @@ def test_generate_notebook_runs(tmp_path, monkeypatch):
   outputs = _run("generate.ipynb", tmp_path, monkeypatch)
   assert "speculative output equals plain greedy: True" in outputs
   assert "fp32-cache output equals the uncached one: True" in outputs
-  assert "tokens_per_target_call" in outputs
+  assert "tokens per target call" in outputs

@@ -124,7 +124,7 @@ def test_cached_decode_equals_full_forward(mixer):
   assert np.array_equal(np.asarray(cache["lengths"]), [T] * 3)
 
 
-@pytest.mark.parametrize("mixer", ["softmax", "hybrid", "2mamba"])
+@pytest.mark.parametrize("mixer", ["softmax", "hybrid"])
 def test_batched_generation_equals_one_by_one(mixer):
   cfg = model_cfg(**MIXERS[mixer])
   _, model = decodable(cfg)
