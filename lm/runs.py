@@ -115,21 +115,13 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
 
 @dataclasses.dataclass
 class Run:
-  """A trained run ready to evaluate or decode."""
+  """A trained run ready to evaluate: its experiment (data, eval step) and weights."""
   workdir: str
   config: ml_collections.ConfigDict
   experiment: object  # lm.experiment.Experiment (mesh, data, model, steps)
   params: dict
   model_state: dict
   step: int
-
-  @property
-  def model_config(self):
-    return self.experiment.config.model
-
-  @property
-  def tokenizer(self):
-    return self.experiment.data.tokenizer
 
 
 def load(workdir: str, overrides: dict | None = None, *, devices=None,

@@ -152,6 +152,10 @@ class Decoder:
     stack.enter_context(sharding.placed(self.mesh))
     return stack
 
+  def _lowered(self, jitted, args):
+    with self._context():
+      return jitted.lower(*args)
+
   def new_cache(self, batch: int):
     """An empty cache for ``batch`` rows, placed on the mesh (one compile per batch)."""
     key = ("new_cache", batch)
@@ -169,7 +173,7 @@ class Decoder:
       def call(*args):
         with self._context():
           return jitted(*args)
-      call.lower = lambda *args: _lower(self, jitted, args)
+      call.lower = lambda *args: self._lowered(jitted, args)
       self._jits[name] = call
     return self._jits[name]
 
@@ -329,9 +333,6 @@ def _loop(model, s: Sampling, eos: int, params, carry, limit, N):
   return jax.lax.while_loop(cond, body, (carry, jnp.int32(0)))
 
 
-def _lower(decoder, jitted, args):
-  with decoder._context():
-    return jitted.lower(*args)
 
 
 def compile_report(model_cfg, mesh, *, batch: int, prompt_len: int, max_len: int,
