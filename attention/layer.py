@@ -17,6 +17,7 @@ from attention import context, ops, sparse
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
 from core.params import logical_param
+from core.quant import act_int8
 
 CONTEXT_PARALLEL = ("none",) + context.STRATEGIES
 
@@ -35,6 +36,8 @@ class Attention(nnx.Module):
     context_parallel: ``none``, or ``ulysses`` / ``headwise`` / ``ring``
       (``attention.context``): used when the placement shards the ``length`` axis.
     heads_per_stage: ``headwise``: heads per device per stage.
+    act_quant: int8-fake-quantize the inputs of the q/k/v and output projections
+      per token (``core.quant.act_int8``; w8a8 with ``lm.quant``'s weights).
 
   With ``spec.block_sparse`` the block mask is predicted from q and k
   (``attention.sparse``) and each call sows ``attention_stats`` (``nnx.Intermediate``):
@@ -45,7 +48,7 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs, rope_theta: float = 10_000.0, implementation=None,
                spec: AttentionSpec = AttentionSpec(), dtype=jnp.float32,
                param_dtype=jnp.float32, context_parallel: str = "none",
-               heads_per_stage: int = 1):
+               heads_per_stage: int = 1, act_quant: bool = False):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_kv_heads={n_kv_heads}: must divide n_heads={n_heads}. "
                        "Fix: choose n_kv_heads among the divisors of n_heads")
@@ -57,7 +60,7 @@ class Attention(nnx.Module):
                        "not supported. Fix: use context_parallel='none'")
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.rope_theta, self.implementation, self.spec = rope_theta, implementation, spec
-    self.dtype = dtype
+    self.dtype, self.act_quant = dtype, act_quant
     self.context_parallel, self.heads_per_stage = context_parallel, heads_per_stage
     D, N, K, H = d_model, n_heads, n_kv_heads, head_dim
     self.q = logical_param(rngs, (D, N, H), ("embed", "heads", "head_dim"), D, param_dtype)
@@ -68,6 +71,7 @@ class Attention(nnx.Module):
   def _qkv(self, x_BTD, positions_BT):
     dt = self.dtype
     x = x_BTD.astype(dt)
+    x = act_int8(x) if self.act_quant else x
     q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
@@ -90,7 +94,11 @@ class Attention(nnx.Module):
                  {"density": sparse.block_density(block_mask, self.spec)})
       out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec, block_mask=block_mask,
                             implementation=self.implementation)
-    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt))
+    return self._out(out_BTNH)
+
+  def _out(self, out_BTNH):
+    out_BTNH = act_int8(out_BTNH, 2) if self.act_quant else out_BTNH
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(self.dtype))
 
   # ------------------------------------------------------------------------- decoding
   def cache_slots(self, max_len: int, slack: int) -> int:
@@ -126,4 +134,4 @@ class Attention(nnx.Module):
       # A ring must have slack >= T - 1 (attention.cache); the decoder builds it so.
       kpos = kv_cache.slot_positions(start_B + n_B - 1, slots)
       out_BTNH = kv_cache.attend_cached(q_BTNH, positions, new["k"], new["v"], kpos, self.spec)
-    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt)), new
+    return self._out(out_BTNH), new

@@ -67,6 +67,7 @@ from flax import nnx
 
 from core.errors import check_choice, check_int
 from core.params import logical_param
+from core.quant import act_int8
 
 VARIANTS = ("ssd", "mamba2s", "2mamba")
 IMPLEMENTATIONS = ("chunked", "recurrent")
@@ -280,12 +281,15 @@ class LinearAttention(nnx.Module):
       chunk size; chunked or recurrent).
     norm_eps: epsilon of the output RMSNorm.
     dtype: compute dtype; param_dtype: storage dtype of the weights.
+    act_quant: int8-fake-quantize the inputs of the projections per token
+      (``core.quant.act_int8``).
   """
 
   def __init__(self, d_model: int, n_heads: int, head_dim: int, config: LinearConfig, *,
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               norm_eps: float = 1e-6):
+               norm_eps: float = 1e-6, act_quant: bool = False):
     variant = config.variant
+    self.act_quant = act_quant
     self.variant, self.chunk_size = variant, config.chunk_size
     self.implementation = config.implementation
     self.n_heads, self.head_dim, self.dtype, self.norm_eps = n_heads, head_dim, dtype, norm_eps
@@ -315,6 +319,7 @@ class LinearAttention(nnx.Module):
 
   def _project(self, x_BTD):
     """Pre-conv q, k, v [B, T, N, H] and the log decay and dt [B, T, N] (fp32)."""
+    x_BTD = act_int8(x_BTD) if self.act_quant else x_BTD
     q, k, v = (jnp.einsum("btd,dnh->btnh", x_BTD, self._w(p)) for p in (self.q, self.k, self.v))
     lin = lambda w, b: (jnp.einsum("btd,dn->btn", x_BTD.astype(jnp.float32),
                                    w[...].astype(jnp.float32)) + b[...].astype(jnp.float32))
@@ -333,6 +338,7 @@ class LinearAttention(nnx.Module):
     y_BTNH = core(q, k, v, a)
     if self.cfg["norm"]:
       y_BTNH = rms_norm(y_BTNH, self.norm_scale[...], self.norm_eps)
+    y_BTNH = act_int8(y_BTNH, 2) if self.act_quant else y_BTNH
     return jnp.einsum("btnh,nhd->btd", y_BTNH, self._w(self.o))
 
   def _convs(self):

@@ -58,14 +58,15 @@ def accuracy(exp, params, model_state, n_batches: int) -> dict:
   """``exact_match`` and ``token_accuracy`` of the argmax predictions over the first
   ``n_batches`` held-out batches of every source (the batches ``lm.loop.evaluate``
   reads), and ``examples``: how many examples they cover."""
-  from lm import sharding
+  from lm import hooks, sharding
   from lm.model import apply
   from lm.state import replicated
   graphdef, mesh = exp.model.graphdef, exp.mesh
 
   def step(params, model_state, batch):
     with sharding.placed(mesh):
-      logits_BTV, _, _ = apply(graphdef, params, model_state, batch["inputs"])
+      logits_BTV, _, _ = apply(graphdef, hooks.forward(exp.hooks, params), model_state,
+                               batch["inputs"])
     return answer_sums(logits_BTV, batch["targets"], batch["weights"])
 
   shardings = exp.state.shardings
@@ -114,7 +115,30 @@ def evaluate(workdir: str, overrides: dict | None = None, eval_batches: int | No
   out.update(metrics)
   if exp.config.data.source == "synthetic":
     out.update(accuracy(exp, run.params, run.model_state, n))
-  return {k: _finite_or_none(v) for k, v in out.items()}
+  out.update(_weights(exp, run))
+  return {k: _finite_or_none(v) if not isinstance(v, dict) else v for k, v in out.items()}
+
+
+def _weights(exp, run) -> dict:
+  """How the weights are held: ``quant`` (the read-back quantization, or the stored
+  one of a quantized checkpoint), ``weight_bytes`` as stored that way, and
+  ``sparsity``: the share of exact zeros per matrix (``lm.prune.sparsity_report``)."""
+  import json
+  import os
+  from lm import prune, quant
+  axes = exp.model.axes["params"]
+  q = exp.config.quant
+  how = {"weight": q.weight, "act": q.act, "group_size": q.group_size}
+  manifest = os.path.join(run.workdir, quant.MANIFEST)
+  nbytes = quant.weight_bytes(run.params, axes, q)
+  if os.path.isfile(manifest):
+    with open(manifest) as f:
+      stored = json.load(f)
+    how.update(weight=stored["weight"], group_size=stored["group_size"], stored=True)
+    nbytes = stored["bytes"]["after"]
+  report = prune.sparsity_report(run.params, axes)
+  return {"quant": how, "weight_bytes": nbytes, "sparsity": report["all"],
+          "sparsity_per_matrix": {k: v for k, v in report.items() if k != "all"}}
 
 
 def report(result: dict) -> str:
@@ -134,6 +158,16 @@ def report(result: dict) -> str:
   if "exact_match" in result:
     lines.append(f"exact_match     {result['exact_match']:.4f} ({result['examples']} examples)")
     lines.append(f"token_accuracy  {result['token_accuracy']:.4f}")
+  q = result["quant"]
+  if q["weight"] != "none" or q["act"] != "none":
+    group = f"group {q['group_size']}" if q["group_size"] else "per channel"
+    lines.append(f"quantized       weights {q['weight']} ({group}), activations {q['act']}"
+                 + (" (stored)" if q.get("stored") else ""))
+  lines.append(f"weight_bytes    {result['weight_bytes'] / 1e6:.3f} MB")
+  if result["sparsity"]:
+    per = result["sparsity_per_matrix"].values()
+    lines.append(f"sparsity        {result['sparsity']:.4f} of the matrices' weights are zero "
+                 f"(per matrix {min(per):.4f} to {max(per):.4f})")
   for key, value in result.items():  # the layers' statistics
     if key.startswith("eval_") and key not in ("eval_loss", "eval_bpb", "eval_batches") \
         and not key.startswith(("eval_loss/", "eval_bpb/")) and value is not None:

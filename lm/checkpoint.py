@@ -96,6 +96,14 @@ class Checkpointer:
         force=True)
     self.manager.wait_until_finished()
 
+  def save_model(self, step: int, model: dict, config: dict) -> None:
+    """Saves a model alone (``{"params", "model_state"}``, no optimizer or data state):
+    an exported run that ``restore_model`` reads and a new run starts from
+    (``train.init_from``), not one to resume."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(model), config=ocp.args.JsonSave(config)), force=True)
+    self.manager.wait_until_finished()
+
   def check_compatible(self, step: int, abstract_state, current_config: dict | None = None,
                        what: str = "the workdir's checkpoint") -> None:
     """Raises ConfigError when the state saved at ``step`` is not ``abstract_state``'s

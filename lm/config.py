@@ -22,6 +22,8 @@ from attention.ops import REGISTRY as ATTENTION
 from attention.spec import BlockSparse, Hierarchical
 from core.errors import ConfigError, check_choice, check_int, check_range
 from lm import data as data_lib
+from lm.prune import PruneConfig
+from lm.quant import QuantConfig
 from moe.config import MoEConfig
 from optim.chain import OptimizerConfig
 
@@ -71,6 +73,9 @@ class ModelConfig:
   context_parallel: str
   heads_per_stage: int
   moe: MoEConfig
+  # Not a config field: the roles whose matmul inputs are int8-quantized, set by
+  # ``resolve`` from the quant group (``lm.quant.QuantConfig.act_roles``).
+  act_quant: tuple = dataclasses.field(default=(), metadata={"derived": True})
 
   def __post_init__(self):
     _positive(self, "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -172,6 +177,7 @@ class TrainConfig:
   progress: str
   plot: bool
   tensorboard: bool
+  init_from: str
 
   def __post_init__(self):
     _positive(self, "steps", "log_every", "eval_every", "eval_batches",
@@ -191,6 +197,8 @@ class ExperimentConfig:
   data: DataConfig
   train: TrainConfig
   optimizer: OptimizerConfig
+  quant: QuantConfig
+  prune: PruneConfig
   losses: dict = dataclasses.field(default_factory=dict)
 
 
@@ -272,7 +280,7 @@ def convert(cls, node, path: str):
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for f in dataclasses.fields(cls):
-    if f.name == "losses" and cls is ExperimentConfig:
+    if (f.name == "losses" and cls is ExperimentConfig) or f.metadata.get("derived"):
       continue
     if f.name not in node:
       raise ConfigError(f"{path}.{f.name}" if path else f.name, None, "missing from the config",
@@ -301,7 +309,8 @@ def resolve(config: ml_collections.ConfigDict) -> ExperimentConfig:
       raise ConfigError(group, None, "missing from the config (a loss term's group)",
                         "add it (see experiments/configs/base.py)")
     term_configs[group] = convert(term.Config, config[group], group)
-  typed = dataclasses.replace(typed, losses=term_configs)
+  typed = dataclasses.replace(typed, losses=term_configs, model=dataclasses.replace(
+      typed.model, act_quant=typed.quant.act_roles))
   check(typed)
   return typed
 

@@ -10,12 +10,19 @@ from jax.sharding import NamedSharding
 from core.errors import ConfigError, Unsupported
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import hooks as hooks_lib
 from lm import losses, sharding
+from lm.prune import Prune
+from lm.quant import Quant
 from lm.model import Built, build_model
 from lm.state import StateSpec, make_state, replicated
 from lm.step import make_steps, weighted_sums
 from optim.chain import build_optimizer
 
+
+# The update hooks (lm.hooks), in the order they act: the forward sees fake-quantized
+# weights; after an update, pruning masks apply.
+HOOKS = (Quant, Prune)
 
 # The config field that picks each registry's implementation.
 _IMPLEMENTATION_FIELDS = {"attention": "model.attention_impl", "grouped-matmul": "model.moe.gmm_impl"}
@@ -32,6 +39,7 @@ class Experiment:
     optimizer: ``optim.chain.Built`` (``.tx``, ``.learning_rates``).
     data: ``lm.data.Data``.
     terms: the loss terms that are on (``lm.losses``).
+    hooks: the update hooks that are on (``lm.hooks``: QAT, pruning).
     state: the train state's abstract tree, shardings and jitted init (``lm.state``).
     train_step: jitted ``(state, batch, aux) -> (state, metrics)``; donates the state.
     eval_step: jitted ``(params, model_state, batch, aux) -> metrics`` (token-weighted sums).
@@ -42,6 +50,7 @@ class Experiment:
   optimizer: object
   data: object
   terms: list
+  hooks: list
   state: StateSpec
   train_step: object
   eval_step: object
@@ -106,9 +115,10 @@ def build(config: ml_collections.ConfigDict | config_lib.ExperimentConfig, *,
   except ConfigError as e:
     raise e.within("optimizer") from None
   terms = losses.build_terms(typed, model)
-  state = make_state(typed.model, typed.seed, model, optimizer.tx, mesh)
-  train_step, eval_step = make_steps(model.graphdef, terms, optimizer.tx, mesh)
-  exp = Experiment(typed, mesh, model, optimizer, data, terms, state, None, None)
+  hooks = [h for h in (cls.build(typed, model) for cls in HOOKS) if h is not None]
+  state = make_state(typed.model, typed.seed, model, optimizer.tx, mesh, hooks)
+  train_step, eval_step = make_steps(model.graphdef, terms, optimizer.tx, mesh, hooks)
+  exp = Experiment(typed, mesh, model, optimizer, data, terms, hooks, state, None, None)
   aux_shardings = jax.tree.map(lambda s: s.sharding, exp.abstract_aux())
   batch, shardings = exp.batch_sharding, state.shardings
   exp.train_step = jax.jit(train_step, in_shardings=(shardings, batch, aux_shardings),

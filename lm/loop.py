@@ -193,6 +193,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       notes.append(note)
   step_aux = {name: loaded[name] for name in exp.abstract_aux()}
   exp.check_step()
+  if tc.init_from and not os.path.isdir(os.path.join(tc.init_from, "checkpoints")):
+    raise ConfigError("train.init_from", tc.init_from, "has no checkpoints/ folder (not a "
+                      "trained run)", "pass the workdir of a trained run with the same "
+                      "model, or leave train.init_from empty")
   _writable_workdir(workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   logger = None
@@ -207,6 +211,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     else:
       resumed_from = None
       start = next((m for t in exp.terms if (m := t.initial_model(loaded.get(t.name)))), None)
+      if start is None and tc.init_from:
+        from lm import runs
+        start, from_step = runs.latest_model(tc.init_from, model, flag="train.init_from")
+        notes.append(f"started from {tc.init_from} (step {from_step})")
       state = exp.state.init(start) if start is not None else exp.state.init()
     if lead:
       with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -9,6 +9,8 @@ the embedding or its own matrix). The token mixer of each layer is softmax
 attention (``attention.layer``) or linear attention (``attention.linear``), by
 ``model.layer_pattern``. Parameters are stored in ``param_dtype`` and cast to
 ``dtype`` for compute; logits are fp32. Every variable carries logical axis names.
+``cfg.act_quant`` (set from the ``quant`` group, ``lm.quant``) names the roles whose
+matmul inputs are int8-fake-quantized per token.
 
 The functional interface: ``build_model`` returns the graph definition, the
 parameters and the model's other state (variables that are not parameters, such
@@ -26,6 +28,7 @@ from attention.layer import Attention
 from attention.linear import LinearAttention
 from attention.spec import AttentionSpec
 from core.params import logical_param
+from core.quant import act_int8
 from core.placement import constrain
 from moe.layer import MoEFeedForward
 
@@ -49,17 +52,19 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
   """down(silu(x gate) * (x up)) (Shazeer 2020)."""
 
-  def __init__(self, d_model: int, d_ff: int, *, rngs, dtype, param_dtype):
-    self.dtype = dtype
+  def __init__(self, d_model: int, d_ff: int, *, rngs, dtype, param_dtype,
+               act_quant: bool = False):
+    self.dtype, self.act_quant = dtype, act_quant
     self.gate = logical_param(rngs, (d_model, d_ff), ("embed", "mlp"), d_model, param_dtype)
     self.up = logical_param(rngs, (d_model, d_ff), ("embed", "mlp"), d_model, param_dtype)
     self.down = logical_param(rngs, (d_ff, d_model), ("mlp", "embed"), d_ff, param_dtype)
 
   def __call__(self, x_BTD):
     dt = self.dtype
-    x = x_BTD.astype(dt)
+    q = act_int8 if self.act_quant else (lambda u: u)
+    x = q(x_BTD.astype(dt))
     h_BTF = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-    return h_BTF @ self.down[...].astype(dt)
+    return q(h_BTF) @ self.down[...].astype(dt)
 
 
 def attention_spec(cfg) -> AttentionSpec:
@@ -75,21 +80,26 @@ class Block(nnx.Module):
 
   def __init__(self, cfg, *, rngs, dtype, param_dtype, moe: bool, mixer: str):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+    acts = cfg.act_quant
     if mixer == "L":
       self.attn = LinearAttention(cfg.d_model, cfg.n_heads, cfg.head_size, cfg.linear,
-                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                  act_quant="linear" in acts)
     else:
       self.attn = Attention(
           cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, rngs=rngs,
           rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
           spec=attention_spec(cfg), dtype=dtype, param_dtype=param_dtype,
-          context_parallel=cfg.context_parallel, heads_per_stage=cfg.heads_per_stage)
+          context_parallel=cfg.context_parallel, heads_per_stage=cfg.heads_per_stage,
+          act_quant="attention" in acts)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
     if moe:
       self.mlp = MoEFeedForward(cfg.d_model, cfg.moe.d_ff or cfg.d_ff, cfg.moe, rngs=rngs,
-                                dtype=dtype, param_dtype=param_dtype)
+                                dtype=dtype, param_dtype=param_dtype,
+                                act_quant="experts" in acts)
     else:
-      self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                        act_quant="mlp" in acts)
 
   def __call__(self, x_BTD, positions_BT):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
@@ -113,6 +123,7 @@ class Transformer(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     self.dtype, self.tie_embeddings, self.remat = dtype, cfg.tie_embeddings, cfg.remat
+    self.act_quant_head = "head" in cfg.act_quant
     D, V = cfg.d_model, cfg.vocab_size
     # Embedding rows have unit variance; the tied head rescales by 1/sqrt(D).
     self.embedding = nnx.Param(jax.random.normal(rngs.params(), (V, D), param_dtype),
@@ -156,7 +167,9 @@ class Transformer(nnx.Module):
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """Final norm and head on residuals [..., D]: fp32 logits [..., V]."""
-    return jnp.einsum("...d,dv->...v", self.final_norm(x_BTD), self.head_matrix(),
+    h = self.final_norm(x_BTD)
+    h = act_int8(h) if self.act_quant_head else h
+    return jnp.einsum("...d,dv->...v", h, self.head_matrix(),
                       preferred_element_type=jnp.float32)
 
   # ------------------------------------------------------------------------- decoding

@@ -9,6 +9,12 @@ The config is rebuilt on top of ``experiments/configs/base.py``'s defaults (whic
 hold every field), so runs written before a field existed still load; command-line
 overrides (``--config.a.b=v``) are applied last, which is how the same weights are
 evaluated under another attention implementation or sparse mask.
+
+Quantization (``lm.quant``) applies when a run is read back: a ``quant`` group with a
+weight or activation type (saved, or given as overrides) runs the weights quantized
+(post-training quantization; the forward is the one QAT trains, ``quant.mode`` is set
+to ``qat`` here). A quantized checkpoint (``experiments.quantize``: ``quantized.npz``
+and ``quantized.json`` in place of ``checkpoints/``) is read back dequantized.
 """
 import dataclasses
 import json
@@ -87,7 +93,10 @@ def load_config(workdir: str, overrides: dict | None = None,
     print(f"note: {workdir}/config.json fields not applied: {', '.join(unknown[:5])}",
           file=sys.stderr)
   config.data.tokenizer = _tokenizer_spec(config.data.tokenizer, workdir)
-  return configs.override(config, overrides or {})
+  config = configs.override(config, overrides or {})
+  if config.quant.weight != "none" or config.quant.act != "none":
+    config.quant.mode = "qat"  # read back: the forward quantizes (see the module doc)
+  return config
 
 
 def _tuples(value):
@@ -95,8 +104,12 @@ def _tuples(value):
 
 
 def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
-  """({"params", "model_state"}, step) of the newest checkpoint of ``workdir``, restored
-  onto ``abstract_model``'s shardings; the saved trees must match it."""
+  """({"params", "model_state"}, step) of the newest checkpoint of ``workdir`` (or its
+  quantized checkpoint, dequantized), restored onto ``abstract_model``'s shardings; the
+  saved trees must match it."""
+  from lm import quant
+  if quant.is_stored(workdir):
+    return _stored_model(workdir, abstract_model, flag)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
@@ -111,6 +124,18 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
     raise ConfigError(flag, workdir, f"its checkpoint (step {step}) does not fit the "
                       f"config: {diff}", "override only fields that keep the weights' "
                       "shapes (attention_impl, sparse, dtype, ...)") from None
+
+
+def _stored_model(workdir: str, abstract_model: dict, flag: str):
+  from lm import quant
+  params, state, manifest = quant.read_stored(workdir)
+  model = {"params": params, "model_state": state}
+  diff = checkpoint.tree_difference(model, {k: abstract_model[k] for k in model})
+  if diff is not None:
+    raise ConfigError(flag, workdir, f"its quantized checkpoint does not fit the config: "
+                      f"{diff}", "override only fields that keep the weights' shapes")
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_model)
+  return jax.device_put(model, shardings), manifest.get("step", 0)
 
 
 @dataclasses.dataclass
@@ -157,7 +182,8 @@ def load_weights(workdir: str, overrides: dict | None = None, *, devices=None,
   from lm.data import tokenizers
   from lm.model import build_model
   typed = config_lib.resolve(load_config(workdir, overrides, flag))
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  from lm import quant
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")) and not quant.is_stored(workdir):
     raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
                       "train it first with experiments.train, or pass another workdir")
   tokenizer = None if typed.data.source == "synthetic" else tokenizers.load(typed.data.tokenizer)
@@ -172,4 +198,10 @@ def load_weights(workdir: str, overrides: dict | None = None, *, devices=None,
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           {"params": built.params, "model_state": built.state}, shardings)
   model, step = latest_model(workdir, abstract, flag)
-  return Weights(workdir, typed, mesh, tokenizer, model["params"], model["model_state"], step)
+  params = model["params"]
+  if typed.quant.weight != "none":  # post-training quantization, once (lm.quant)
+    from lm import quant
+    quant.check_shapes(typed.quant, params, built.axes["params"])
+    params = jax.jit(lambda p: quant.quantize_params(p, built.axes["params"], typed.quant))(
+        params)
+  return Weights(workdir, typed, mesh, tokenizer, params, model["model_state"], step)

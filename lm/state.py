@@ -1,4 +1,5 @@
-"""The train state: ``{step, params, model_state, opt_state, rng}``, its shardings and
+"""The train state: ``{step, params, model_state, opt_state, rng}`` (and ``hooks``: the
+update hooks' state, e.g. pruning masks, when a hook keeps any), its shardings and
 its initialisation.
 
 ``params`` are what the optimizer updates; ``model_state`` the model's other
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lm import hooks as hooks_lib
 from lm import sharding
 from lm.model import Built, build_model
 
@@ -28,16 +30,21 @@ class StateSpec:
   init: Callable
 
 
-def make_state(model_cfg, seed: int, model: Built, tx, mesh) -> StateSpec:
-  """The train state of ``model`` (abstract) under optimizer ``tx`` on ``mesh``."""
+def make_state(model_cfg, seed: int, model: Built, tx, mesh, hooks=()) -> StateSpec:
+  """The train state of ``model`` (abstract) under optimizer ``tx`` on ``mesh``, with
+  the state of ``hooks`` (``lm.hooks``)."""
 
   def init_fn(start=None):
     if start is None:
       built = build_model(model_cfg, seed)
       start = {"params": built.params, "model_state": built.state}
-    return {"step": jnp.zeros((), jnp.int32), "params": start["params"],
-            "model_state": start["model_state"], "opt_state": tx.init(start["params"]),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+    params, hook_states = hooks_lib.init(hooks, start["params"])
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "model_state": start["model_state"], "opt_state": tx.init(params),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    if hook_states:
+      state["hooks"] = hook_states
+    return state
 
   shapes = jax.eval_shape(init_fn)
   param_specs = sharding.tree_specs(model.axes["params"], model.params, mesh)
@@ -45,6 +52,10 @@ def make_state(model_cfg, seed: int, model: Built, tx, mesh) -> StateSpec:
            "model_state": sharding.tree_specs(model.axes["state"], model.state, mesh),
            "opt_state": sharding.like_params_specs(shapes["opt_state"], model.params,
                                                    param_specs)}
+  if "hooks" in shapes:
+    specs["hooks"] = {h.name: sharding.tree_specs(h.state_axes(model.axes["params"]),
+                                                  shapes["hooks"][h.name], mesh)
+                      for h in hooks if h.name in shapes["hooks"]}
   shardings = sharding.named(mesh, specs)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)

@@ -13,18 +13,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import hooks as hooks_lib
 from lm import losses, sharding
 from lm.losses.cross_entropy import cross_entropy
 from lm.model import apply
 
 
-def make_objective(graphdef, terms: list[losses.Term]):
+def make_objective(graphdef, terms: list[losses.Term], hooks=()):
   """``objective(params, model_state, batch, aux) -> (total, (Forward, new model
-  state, the terms' metrics))``."""
+  state, the terms' metrics))``; the forward sees the parameters as the hooks give them
+  (``lm.hooks.forward``)."""
   w_ce = losses.ce_weight(terms)
   exits = tuple(sorted({n for t in terms for n in t.exits}))
 
   def objective(params, model_state, batch, aux):
+    params = hooks_lib.forward(hooks, params)
     lens = {}
     if exits:
       logits_BTV, stats, new_state, lens = apply(graphdef, params, model_state,
@@ -51,10 +54,12 @@ def _metrics(out: losses.Forward, term_metrics: dict) -> dict:
   return metrics
 
 
-def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformation, mesh):
+def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformation, mesh,
+               hooks=()):
   """The pure ``train_step(state, batch, aux)`` and ``eval_step(params, model_state,
-  batch, aux)`` (per-batch means of every metric, and ``tokens``)."""
-  objective = make_objective(graphdef, terms)
+  batch, aux)`` (per-batch means of every metric, and ``tokens``); ``hooks``
+  (``lm.hooks``) shape the forward's parameters and act after each update."""
+  objective = make_objective(graphdef, terms, hooks)
 
   def train_step(state, batch, aux):
     with sharding.placed(mesh):
@@ -62,8 +67,12 @@ def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformat
           objective, has_aux=True)(state["params"], state["model_state"], batch, aux)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, model_state=model_state,
+    step = state["step"] + 1
+    params, hook_states = hooks_lib.update(hooks, params, state.get("hooks", {}), step)
+    new_state = dict(state, step=step, params=params, model_state=model_state,
                      opt_state=opt_state)
+    if hook_states:
+      new_state["hooks"] = hook_states
     metrics = _metrics(out, term_metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
     if terms:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.params import logical_param
+from core.quant import act_int8
 from moe import dispatch, parallel, router
 from moe.config import MoEConfig
 
@@ -40,14 +41,20 @@ class MoEFeedForward(nnx.Module):
     config: ``MoEConfig`` (experts, top_k, score, dispatch, capacity, grouped matmul,
       expert parallelism, bias update rate).
     normalize: renormalise the top-k weights (None: router's default).
+    act_quant: int8-fake-quantize per token the experts' inputs (``core.quant``): x
+      for the routed gate/up (the router sees it unquantized) and every shared-expert
+      matmul input; the routed down projection's input stays in ``dtype`` (it lives
+      inside the grouped matmul).
   """
 
   def __init__(self, d_model: int, d_ff: int, config: MoEConfig, *, rngs: nnx.Rngs,
-               normalize: bool | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
+               normalize: bool | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               act_quant: bool = False):
     if not config.enabled:
       raise ValueError("config.num_experts=0: a dense layer. Fix: use a SwiGLU, or set "
                        "num_experts >= 1")
     self.config, self.normalize, self.dtype = config, normalize, dtype
+    self.act_quant = act_quant
     D, E, F = d_model, config.num_experts, d_ff
     self.router = logical_param(rngs, (D, E), ("embed", "router"), D, param_dtype)
     self.router_bias = BalanceBias(jnp.zeros((E,), jnp.float32), out_sharding=("router_bias",),
@@ -67,13 +74,14 @@ class MoEFeedForward(nnx.Module):
     routing = router.route(x_BSD, self.router[...], top_k=c.top_k, score=c.score,
                            normalize=self.normalize, bias_E=bias_E)
     w = dispatch.ExpertWeights(self.gate[...], self.up[...], self.down[...])
+    q = act_int8 if self.act_quant else (lambda u: u)
     y_BSD, stats = parallel.routed_experts(
-        x_BSD, routing, w, strategy=c.dispatch, capacity_factor=c.capacity_factor, dtype=dt,
+        q(x_BSD), routing, w, strategy=c.dispatch, capacity_factor=c.capacity_factor, dtype=dt,
         expert_parallel=c.expert_parallel, gmm_impl=c.gmm_implementation)
     if c.num_shared:
-      x = x_BSD.astype(dt)
+      x = q(x_BSD.astype(dt))
       h = jax.nn.silu(x @ self.shared_gate[...].astype(dt)) * (x @ self.shared_up[...].astype(dt))
-      y_BSD = y_BSD + h @ self.shared_down[...].astype(dt)
+      y_BSD = y_BSD + q(h) @ self.shared_down[...].astype(dt)
     if c.bias_update_rate:
       self.router_bias[...] = router.update_balance_bias(
           bias_E, jax.lax.stop_gradient(stats.load_E), c.bias_update_rate)

@@ -11,7 +11,8 @@ describe each field and whose defaults are the defaults: ``model.moe``
 (``moe.config.MoEConfig``), ``model.linear`` (``attention.linear.LinearConfig``),
 ``model.sparse`` (``attention.spec.BlockSparse``, plus ``enabled``),
 ``model.hierarchical`` (``attention.spec.Hierarchical``; ``block=0``: off),
-``optimizer`` (``optim.chain.OptimizerConfig``, with ``muon`` and ``namo``) and one
+``optimizer`` (``optim.chain.OptimizerConfig``, with ``muon`` and ``namo``), ``quant``
+(``lm.quant.QuantConfig``), ``prune`` (``lm.prune.PruneConfig``) and one
 group per loss term of ``lm.losses`` (``distill``: ``lm.losses.distill.DistillConfig``).
 """
 import ml_collections
@@ -20,6 +21,8 @@ from attention.linear import LinearConfig
 from attention.spec import BlockSparse, Hierarchical
 from experiments.configs import group, unknown_arg
 from lm import losses
+from lm.prune import PruneConfig
+from lm.quant import QuantConfig
 from moe.config import MoEConfig
 from optim.chain import OptimizerConfig
 
@@ -123,10 +126,18 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.train.progress = "auto"  # auto (bar on a terminal) | bar | log
   c.train.plot = True  # write loss_curve.png into the workdir at the end
   c.train.tensorboard = True  # write TensorBoard events into <workdir>/tensorboard
+  # A trained run's workdir to start from (its newest weights; same architecture) when
+  # this workdir has no checkpoint: QAT, pruning or fine-tuning of a trained model.
+  c.train.init_from = ""
 
   # AdamW, or Muon / NAMO / NAMO-D on the matrices with AdamW on the rest (optim/).
   c.optimizer = group(OptimizerConfig())
   c.optimizer.warmup_steps = c.train.get_ref("steps") // 20  # follows train.steps overrides
+
+  # Compression (lm/quant.py, lm/prune.py): weight / activation quantization (ptq: the
+  # run is read back quantized; qat: trained quantized) and pruning masks.
+  c.quant = group(QuantConfig())
+  c.prune = group(PruneConfig())
 
   # One group per loss term that has settings (lm/losses/): e.g. distill (distillation
   # fine-tuning from a teacher run: set distill.teacher to its workdir).

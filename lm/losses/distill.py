@@ -1,30 +1,29 @@
-"""Distillation fine-tuning: a student learns from a frozen teacher of the same architecture.
-
-SpargeAttention2's recipe (``../shared/REFERENCES.md``) adapted to causal LMs: the
-teacher is a trained dense model, the student the *same* weights run with the
-predicted block-sparse mask (``model.sparse``), both see the same inputs, and the
-student is fine-tuned to match the teacher's next-token distributions:
+"""Distillation: a student learns from a frozen teacher run's next-token distributions.
 
   objective = T^2 * KL(p_teacher^T || p_student^T)      (``distill.loss = "kl"``)
             + ce_weight * cross-entropy                   (``distill.loss = "kl+ce"``)
 
 where p^T = softmax(logits / T) (fp32 log-softmax) and the KL is the token-weighted
-mean over the batch. The T^2 factor (Hinton et al. 2015) keeps the gradient scale
-independent of T; the logged ``distill/kl`` is the KL itself. ``distill.loss =
-"ce"`` is plain cross-entropy fine-tuning from the teacher's weights (no KL, no
-teacher forward): the control that separates distillation from more training.
-The logged ``loss`` and ``eval_loss`` stay the student's cross-entropy.
+mean over the batch (Hinton et al. 2015; the T^2 factor keeps the gradient scale
+independent of T; the logged ``distill/kl`` is the KL itself). ``distill.loss =
+"ce"`` is plain cross-entropy training (no KL, no teacher forward): the control that
+separates distillation from more training. The logged ``loss`` and ``eval_loss``
+stay the student's cross-entropy.
 
-How a run uses it, when ``distill.teacher`` names a dense run's workdir (or its
-``checkpoints/`` folder):
-- the teacher's latest checkpoint's parameters are restored onto the student's
-  parameter shardings (only ``params``: its optimizer state, which may belong to
-  another optimizer, is not read) on every run, and held frozen outside the train
-  state: the step takes them as ``aux`` and never returns them;
-- a student workdir without a checkpoint starts from a copy of them with a fresh
-  optimizer state at step 0; with a checkpoint it resumes from its own;
-- the teacher model is the student's config with ``model.sparse`` off; its saved
-  parameters must have the student's paths and shapes.
+The teacher, ``distill.teacher``, is a run's workdir: its own ``config.json`` gives
+its model, which may differ from the student's in shape and architecture (a bigger
+dense model for a small one, dense for MoE, softmax for linear or hybrid), as long as
+it has the student's vocabulary and tokenizer (checked). Its newest checkpoint's
+``params`` and ``model_state`` are restored onto the student's mesh (sharded by the
+same rules table) and held frozen outside the train state: the step takes them as
+``aux``, runs the teacher's forward in the student's compute dtype (``model.dtype``,
+bf16 by default) without gradients and
+never returns them. When the teacher's parameters have the student's paths and
+shapes (SpargeAttention2's recipe: the same weights with a sparse mask), a student
+workdir without a checkpoint starts from a copy of them (fine-tuning); otherwise it
+starts fresh. A checkpoints/ folder without a config.json beside it is read as the
+student's own model with ``model.sparse`` off.
+
 Not implemented: matching attention outputs (SpargeAttention2's output MSE) layer
 by layer; the logits are matched.
 """
@@ -47,7 +46,7 @@ class DistillConfig:
   """The ``distill`` config group.
 
   Attributes:
-    teacher: "" (off), or a dense run's workdir (or its checkpoints/ folder).
+    teacher: "" (off), or a trained run's workdir (or its checkpoints/ folder).
     loss: ``kl``: T^2 KL(teacher || student); ``kl+ce``: plus ``ce_weight`` x
       cross-entropy; ``ce``: cross-entropy only, from the teacher's weights.
     ce_weight: ``kl+ce`` only: the weight of the student's cross-entropy.
@@ -82,7 +81,7 @@ def checkpoint_dir(path: str) -> str:
   """The teacher's checkpoint folder: ``<path>/checkpoints`` when it exists, else ``path``."""
   if not path or not os.path.isdir(path):
     raise ConfigError("distill.teacher", path, "no such directory",
-                      "pass the workdir of a trained dense run (or its checkpoints/ folder); "
+                      "pass the workdir of a trained run (or its checkpoints/ folder); "
                       "train one first, e.g. experiments/configs/sparse_attention.py:teacher")
   sub = os.path.join(path, "checkpoints")
   return os.path.abspath(sub if os.path.isdir(sub) else path)
@@ -90,8 +89,8 @@ def checkpoint_dir(path: str) -> str:
 
 def restore_teacher(teacher: str, abstract_model: dict) -> tuple[dict, int, str]:
   """({"params", "model_state"}, step, folder) of the teacher's latest checkpoint,
-  restored onto ``abstract_model``'s shardings (the student's); only these two are
-  read, and their trees must be the student's."""
+  restored onto ``abstract_model``'s shardings; only these two are read, and their
+  trees must be ``abstract_model``'s."""
   directory = checkpoint_dir(teacher)
   try:
     model, step = checkpoint.restore_model(directory, abstract_model)
@@ -102,11 +101,44 @@ def restore_teacher(teacher: str, abstract_model: dict) -> tuple[dict, int, str]
   except checkpoint.OtherTree as e:
     step, diff = e.args
     raise ConfigError("distill.teacher", teacher,
-                      f"the teacher (checkpoint step {step} in {directory}) has another "
-                      f"architecture: {diff}; a student must have its teacher's "
-                      "architecture (only model.sparse and how the model is computed may "
-                      "differ)", "use the teacher's model config, or another teacher") from None
+                      f"the teacher's checkpoint (step {step} in {directory}) does not fit "
+                      f"its model: {diff}", "pass a run whose config.json is the one it "
+                      "was trained with") from None
   return model, step, directory
+
+
+def teacher_model(cfg: DistillConfig, student) -> object:
+  """The teacher's ``lm.config.ModelConfig``: its run's, computed in the student's
+  compute dtype (``model.dtype``, bf16 by default); the student's with ``model.sparse`` off when only a checkpoints/ folder is given. Its
+  vocabulary and tokenizer must be the student's (``student``: the typed config)."""
+  from lm import config as config_lib
+  from lm import runs
+  folder = cfg.teacher.rstrip("/")
+  workdir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return dataclasses.replace(student.model, sparse=None)
+  typed = config_lib.resolve(runs.load_config(workdir, flag="distill.teacher"))
+  if typed.model.vocab_size != student.model.vocab_size:
+    raise ConfigError("distill.teacher", cfg.teacher,
+                      f"the teacher's vocabulary is {typed.model.vocab_size} tokens, the "
+                      f"student's {student.model.vocab_size}",
+                      "distil from a run with the student's tokenizer and model.vocab_size")
+  if _tokenizer_id(typed.data) != _tokenizer_id(student.data):
+    raise ConfigError("distill.teacher", cfg.teacher,
+                      f"the teacher was trained with another tokenizer "
+                      f"({typed.data.tokenizer!r}, the student's {student.data.tokenizer!r})",
+                      "distil from a run with the student's tokenizer")
+  return dataclasses.replace(typed.model, dtype=student.model.dtype)
+
+
+def _tokenizer_id(data) -> str:
+  if data.source == "synthetic":
+    return f"synthetic:{data.synthetic.task}:{data.synthetic.vocab}"
+  spec = data.tokenizer
+  if spec in ("byte", "bpe") or not spec:
+    return spec or "byte"
+  from lm.data.tokenizers import file_sha256
+  return file_sha256(os.path.expanduser(spec))
 
 
 class Distill(Term):
@@ -115,8 +147,8 @@ class Distill(Term):
   group = "distill"
   Config = DistillConfig
 
-  def __init__(self, cfg: DistillConfig, teacher_graphdef):
-    self.cfg, self.teacher_graphdef = cfg, teacher_graphdef
+  def __init__(self, cfg: DistillConfig, teacher, same_shapes: bool):
+    self.cfg, self.teacher, self.same_shapes = cfg, teacher, same_shapes
     self.ce_weight = {"kl": 0.0, "kl+ce": cfg.ce_weight, "ce": 1.0}[cfg.loss]
 
   @classmethod
@@ -124,8 +156,11 @@ class Distill(Term):
     cfg = config.losses[cls.group]
     if not cfg.teacher:
       return None
-    teacher = dataclasses.replace(config.model, sparse=None)
-    return cls(cfg, build_model(teacher, config.seed, abstract=True).graphdef)
+    checkpoint_dir(cfg.teacher)  # exists
+    teacher = build_model(teacher_model(cfg, config), config.seed, abstract=True)
+    shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
+    same = shapes(teacher.params) == shapes(model.params)
+    return cls(cfg, teacher, same)
 
   @property
   def uses_teacher(self) -> bool:
@@ -135,18 +170,38 @@ class Distill(Term):
   def loss(self, out: Forward, batch, aux):
     if not self.uses_teacher:
       return jnp.zeros((), jnp.float32), {}
-    teacher_logits_BTV, _, _ = apply(self.teacher_graphdef, aux["params"], aux["model_state"],
+    teacher_logits_BTV, _, _ = apply(self.teacher.graphdef, aux["params"], aux["model_state"],
                                      batch["inputs"])
     kl = kl_divergence(teacher_logits_BTV, out.logits_BTV, batch["weights"],
                        self.cfg.temperature)
     return self.cfg.temperature ** 2 * kl, {"kl": kl}
 
+  def _abstract_teacher(self, abstract_model):
+    from jax.sharding import NamedSharding
+    from lm import sharding
+    mesh = jax.tree.leaves(abstract_model)[0].sharding.mesh
+    t = self.teacher
+    out = {}
+    for key, tree, axes in (("params", t.params, t.axes["params"]),
+                            ("model_state", t.state, t.axes["state"])):
+      specs = sharding.tree_specs(axes, tree, mesh)
+      out[key] = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(
+          s.shape, s.dtype, sharding=NamedSharding(mesh, p)), tree, specs)
+    return out
+
   def abstract_aux(self, abstract_model):
-    return abstract_model if self.uses_teacher else None
+    if not self.uses_teacher:
+      return None
+    return self._abstract_teacher(abstract_model)
 
   def load_aux(self, abstract_model):
-    model, step, directory = restore_teacher(self.cfg.teacher, abstract_model)
-    return model, f"distilling from {directory} (step {step}, loss {self.cfg.loss})"
+    if not self.uses_teacher and not self.same_shapes:
+      return None, f"distill.loss=ce: training from scratch ({self.cfg.teacher} unused)"
+    model, step, directory = restore_teacher(self.cfg.teacher,
+                                             self._abstract_teacher(abstract_model))
+    how = "its weights as the start" if self.same_shapes else "a fresh student"
+    return model, f"distilling from {directory} (step {step}, loss {self.cfg.loss}, {how})"
 
   def initial_model(self, aux):
-    return aux  # the jitted init writes new buffers: the teacher's stay untouched
+    # the jitted init writes new buffers: the teacher's stay untouched
+    return aux if self.same_shapes else None
