@@ -59,7 +59,7 @@ def prune(workdir: str, out: str, overrides: dict | None = None) -> dict:
                     json.loads(config.to_json_best_effort()))
   finally:
     ckpt.close()
-  report = prune_lib.sparsity_report(params, built.axes["params"])
+  report = prune_lib.sparsity_report(params, built.axes["params"], typed.prune.targets)
   return {"out": out, "step": int(weights.step), "sparsity": report}
 
 

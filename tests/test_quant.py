@@ -197,16 +197,7 @@ def test_qat_gradient_is_straight_through_at_the_quantized_weights():
   assert float(jnp.abs(g_qat["block_0"]["attn"]["q"]).sum()) > 0
 
 
-def test_qat_trains_and_resumes_bitwise(tmp_path):
-  kw = dict(train__steps=6, train__log_every=1, train__eval_every=6, train__checkpoint_every=3,
-            quant__weight="int8", quant__act="int8", quant__mode="qat")
-  loop.run(tiny(**kw), str(tmp_path / "full"))
-  loop.run(tiny(**kw), str(tmp_path / "split"), stop_at=3)
-  loop.run(tiny(**kw), str(tmp_path / "split"))
-  strip = lambda rs: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rs]
-  assert strip(records(tmp_path / "full")) == strip(records(tmp_path / "split"))
-  losses = [r["loss"] for r in records(tmp_path / "full") if "loss" in r]
-  assert losses[-1] < losses[0]
+# QAT training and kill-and-resume: tests/test_prune.py (with pruning, one run).
 
 
 def test_errors(trained):
