@@ -156,7 +156,6 @@ class Distill(Term):
     cfg = config.losses[cls.group]
     if not cfg.teacher:
       return None
-    checkpoint_dir(cfg.teacher)  # exists
     teacher = build_model(teacher_model(cfg, config), config.seed, abstract=True)
     shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
     same = shapes(teacher.params) == shapes(model.params)
