@@ -46,8 +46,30 @@ from attention.spec import AttentionSpec
 
 
 def init(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> dict:
+  """Empty K/V slots [B, R, K, H] of ``dtype``; int8 adds fp32 scales [B, R, K] (one per
+  token and kv head: absmax / 127 over head_dim, ``write``)."""
   shape = (batch, slots, kv_heads, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if jnp.dtype(dtype) == jnp.int8:
+    cache.update(k_scale=jnp.zeros(shape[:3], jnp.float32),
+                 v_scale=jnp.zeros(shape[:3], jnp.float32))
+  return cache
+
+
+def _int8(x_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric per-(token, head) int8: (values, scale = absmax / 127)."""
+  x = x_BTKH.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def read(cache: dict, dtype) -> tuple[jax.Array, jax.Array]:
+  """The cached (k, v) in ``dtype`` (int8 caches dequantized)."""
+  if "k_scale" not in cache:
+    return cache["k"], cache["v"]
+  deq = lambda x, s: (x.astype(jnp.float32) * s[..., None]).astype(dtype)
+  return deq(cache["k"], cache["k_scale"]), deq(cache["v"], cache["v_scale"])
 
 
 def slot_positions(last_B: jax.Array, slots: int) -> jax.Array:
@@ -69,6 +91,10 @@ def write(cache: dict, k_BTKH: jax.Array, v_BTKH: jax.Array, start_B: jax.Array,
   slot = jnp.where(keep, jnp.mod(start_B[:, None] + i, R), R)  # R: out of range, dropped
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   put = lambda c, x: c.at[rows, slot].set(x.astype(c.dtype), mode="drop")
+  if "k_scale" in cache:
+    (kq, ks), (vq, vs) = _int8(k_BTKH), _int8(v_BTKH)
+    return {"k": put(cache["k"], kq), "v": put(cache["v"], vq),
+            "k_scale": put(cache["k_scale"], ks), "v_scale": put(cache["v_scale"], vs)}
   return {"k": put(cache["k"], k_BTKH), "v": put(cache["v"], v_BTKH)}
 
 

@@ -133,5 +133,6 @@ class Attention(nnx.Module):
     else:
       # A ring must have slack >= T - 1 (attention.cache); the decoder builds it so.
       kpos = kv_cache.slot_positions(start_B + n_B - 1, slots)
-      out_BTNH = kv_cache.attend_cached(q_BTNH, positions, new["k"], new["v"], kpos, self.spec)
+      k_BSKH, v_BSKH = kv_cache.read(new, q_BTNH.dtype)
+      out_BTNH = kv_cache.attend_cached(q_BTNH, positions, k_BSKH, v_BSKH, kpos, self.spec)
     return self._out(out_BTNH), new

@@ -397,11 +397,14 @@ class LinearAttention(nnx.Module):
 
   def init_cache(self, batch: int, slots: int = 0, dtype=None) -> dict:
     """Zero decode cache: the last width-1 pre-conv q/k/v inputs (``dtype``, default the
-    compute dtype) and the core state (fp32, whatever ``dtype``). ``slots`` is unused: the
-    cache does not grow with the context."""
+    compute dtype; an integer ``dtype``, meant for softmax K/V, gives the compute dtype)
+    and the core state (fp32, whatever ``dtype``). ``slots`` is unused: the cache does
+    not grow with the context."""
     del slots
     shape = (batch, self.cfg["width"] - 1, self.n_heads, self.head_dim)
-    cache = {f"conv_{n}": jnp.zeros(shape, dtype or self.dtype) for n in "qkv"}
+    if dtype is None or jnp.issubdtype(dtype, jnp.integer):
+      dtype = self.dtype
+    cache = {f"conv_{n}": jnp.zeros(shape, dtype) for n in "qkv"}
     cache["state"] = init_state(batch, self.n_heads, self.head_dim, self.head_dim, self.variant)
     return cache
 

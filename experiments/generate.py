@@ -32,7 +32,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop a row at this string (repeatable).")
 _DRAFT = flags.DEFINE_string("draft", "", "Speculative draft: layers:N, sparse[:P] or a workdir.")
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Draft proposals per round (gamma).")
-_CACHE_DTYPE = flags.DEFINE_string("cache_dtype", "bfloat16", "KV cache dtype.")
+_CACHE_DTYPE = flags.DEFINE_string("cache_dtype", "bfloat16", "KV cache dtype: bfloat16, float32 or int8 (a scale per token and kv head).")
 _DTR = flags.DEFINE_bool("dtr", False, "Add the Deep-Thinking Ratio of each continuation.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 

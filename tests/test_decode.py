@@ -226,3 +226,35 @@ def test_prefill_and_decode_compile_for_tpu():
   # (the lengths [B] int32 are split over data only: 16 bytes, 8 per chip)
   assert (r["cache_bytes_per_device"] - 8) * 4 == r["cache_bytes"] - 16
   assert r["decode"]["temp_bytes"] > 0 and r["prefill"]["flops"] > r["decode"]["flops"] > 0
+
+
+def test_int8_kv_cache():
+  """int8 K/V (a scale per token and kv head): what is read back is the hand-quantized
+  K/V; decoding with it stays within a stated error of the fp32 cache (measured ~0.3 %
+  relative on these logits; bound 2 %), through the sliding-window ring too; the
+  cache's K/V bytes are half bf16's."""
+  from attention import cache as kv_cache
+  k = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 2, 16)), np.float32)
+  c = kv_cache.init(2, 8, 2, 16, jnp.int8)
+  c = kv_cache.write(c, jnp.asarray(k), jnp.asarray(-k), jnp.array([0, 4]), jnp.array([3, 2]))
+  got_k, got_v = kv_cache.read(c, jnp.float32)
+  scale = np.abs(k).max(-1, keepdims=True) / 127.0
+  hand = np.clip(np.round(k / scale), -127, 127) * scale
+  assert_close(np.asarray(got_k)[0, :3], hand[0], 1e-6)
+  assert_close(np.asarray(got_v)[1, 4:6], -hand[1, :2], 1e-6)
+  assert not np.any(np.asarray(got_k)[1, 6:])  # row 1 wrote 2 tokens only
+  for mixer in ("softmax", "hybrid"):
+    cfg = model_cfg(**MIXERS[mixer])
+    _, model = decodable(cfg)
+    prompts = np.asarray(jax.random.randint(jax.random.key(2), (2, 12), 0, V))
+    out = {}
+    for dtype in ("float32", "int8"):
+      dec = decode.Decoder(model, max_len=16, cache_dtype=dtype)
+      logits, cache = dec.prefill(prompts, np.array([12, 9]), all_logits=True)
+      steps, cache = dec.step(cache, prompts[:, :2], np.array([2, 2]))
+      out[dtype] = np.concatenate([np.asarray(logits)[:, :9], np.asarray(steps)], axis=1)
+    err = np.linalg.norm(out["int8"] - out["float32"]) / np.linalg.norm(out["float32"])
+    assert 0 < err < 0.02, (mixer, err)
+  kv = kv_cache.init(1, 64, 2, 16, jnp.int8)
+  bf16 = kv_cache.init(1, 64, 2, 16, jnp.bfloat16)
+  assert kv["k"].nbytes + kv["v"].nbytes == (bf16["k"].nbytes + bf16["v"].nbytes) // 2

@@ -12,7 +12,7 @@ from lm.decode.sampling import Sampling
 
 
 @pytest.mark.parametrize("mixer,draft,expect", [
-    ("softmax", "layers:2", "all"), ("softmax", "sparse", None),
+    ("softmax", "layers:2", "all"), ("softmax", "sparse", None), ("softmax", "quant:int4g16", None),
     ("hybrid", "layers:1", None), ("sliding_window", "random", "few"), ("2mamba", "layers:2", "all"),
 ])
 def test_speculative_greedy_equals_plain_greedy(mixer, draft, expect):
@@ -86,5 +86,9 @@ def test_draft_errors():
   _, linear = decodable(model_cfg(**MIXERS["ssd"]))
   with pytest.raises(ConfigError, match="no softmax attention"):
     drafts.make("sparse", linear)
+  with pytest.raises(ConfigError, match=r"--draft='quant:int3': not a weight type"):
+    drafts.make("quant:int3", target)
+  with pytest.raises(ConfigError, match=r"--draft='quant:int4g48': .*does not divide"):
+    drafts.make("quant:int4g48", target)
 
 

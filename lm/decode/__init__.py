@@ -34,11 +34,15 @@ from lm.model import DTYPES, build_model
 
 CACHE_AXES = {  # logical axes of each cache leaf by name (lengths: [B])
     "k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None, "kv_heads", "head_dim"),
+    "k_scale": ("batch", None, "kv_heads"), "v_scale": ("batch", None, "kv_heads"),
     "conv_q": ("batch", None, "heads", "head_dim"), "conv_k": ("batch", None, "heads", "head_dim"),
     "conv_v": ("batch", None, "heads", "head_dim"),
     "S": ("batch", "heads", None, None), "z": ("batch", "heads", None),
     "lengths": ("batch",),
 }
+
+
+CACHE_DTYPES = {**DTYPES, "int8": jnp.int8}
 
 
 def decode_config(model_cfg):
@@ -107,7 +111,8 @@ class Decoder:
   Args:
     model: ``Model``.
     max_len: the longest prompt + continuation a row may reach.
-    cache_dtype: ``bfloat16`` (default) or ``float32``.
+    cache_dtype: ``bfloat16`` (default), ``float32``, or ``int8`` (softmax K/V as int8
+      with a scale per token and kv head, ``attention.cache``: half bf16's bytes).
     slack: tokens one call may add beyond one (speculative verification: gamma).
     mesh: trace under its placement and put the cache on it (the weights are placed
       by whoever made them, e.g. ``lm.runs.load_weights``); default: unplaced.
@@ -115,11 +120,11 @@ class Decoder:
 
   def __init__(self, model: Model, *, max_len: int, cache_dtype: str = "bfloat16",
                slack: int = 0, mesh=None):
-    if cache_dtype not in DTYPES:
+    if cache_dtype not in CACHE_DTYPES:
       raise ConfigError("--cache_dtype", cache_dtype, "unknown dtype",
-                        f"use one of {sorted(DTYPES)}")
+                        f"use one of {sorted(CACHE_DTYPES)}")
     self.model, self.max_len, self.slack, self.mesh = model, max_len, slack, mesh
-    self.cache_dtype = DTYPES[cache_dtype]
+    self.cache_dtype = CACHE_DTYPES[cache_dtype]
     self._jits = {}
 
   # ----------------------------------------------------------------- placement

@@ -5,11 +5,13 @@
 - ``sparse`` or ``sparse:P``: the target with block-sparse softmax attention decoded
   by the causal per-token rule (``attention.cache``): key blocks of ``SPARSE_BLOCK``
   tokens, top-p = P (default 0.5), the sink and previous block always kept.
+- ``quant:Q`` (Q = int8, int4, fp8, optionally ``gN`` for groups of N inputs, e.g.
+  ``quant:int4g128``): the target with its weights quantized by ``lm.quant`` (held
+  dequantized: this measures acceptance, not the memory a quantized kernel saves).
 - a workdir: another trained run; it must share the target's tokenizer and vocabulary.
 
-``DRAFTS`` is open: the compression work registers quantized drafts
-(``DRAFTS["int8"] = fn``) with the same signature
-``fn(target: Model, arg: str, ctx: dict) -> Model``.
+``DRAFTS`` is open: a new kind is one entry ``fn(target: Model, arg: str, ctx: dict)
+-> Model``.
 """
 import dataclasses
 
@@ -74,7 +76,30 @@ def other_run(target: Model, path: str, ctx: dict) -> Model:
   return Model.from_weights(w.config.model, w.params, w.model_state)
 
 
-DRAFTS = {"layers": first_layers, "sparse": sparse_attention}
+def quantized(target: Model, arg: str, ctx: dict) -> Model:
+  import jax
+  from lm import quant
+  from lm.model import build_model
+  weight, _, group = arg.partition("g")
+  try:
+    cfg = quant.QuantConfig(weight=weight, group_size=int(group or 0))
+  except (ConfigError, ValueError):
+    raise ConfigError("--draft", f"quant:{arg}", "not a weight type with an optional group",
+                      "use quant:int8, quant:int4, quant:int4g128 or quant:fp8") from None
+  if cfg.weight == "none":
+    raise ConfigError("--draft", f"quant:{arg}", "quantizes nothing",
+                      "use quant:int8, quant:int4, quant:int4g128 or quant:fp8")
+  axes = build_model(target.cfg, 0, abstract=True).axes["params"]
+  try:
+    quant.check_shapes(cfg, target.params, axes)
+  except ConfigError as e:
+    raise ConfigError("--draft", f"quant:{arg}", str(e).split(". Fix:")[0],
+                      "use a group size dividing every input dimension, or none") from None
+  params = jax.jit(lambda p: quant.quantize_params(p, axes, cfg))(target.params)
+  return Model.from_weights(target.cfg, params, target.state)
+
+
+DRAFTS = {"layers": first_layers, "sparse": sparse_attention, "quant": quantized}
 
 
 def make(spec: str, target: Model, ctx: dict | None = None) -> Model:
