@@ -20,6 +20,14 @@ that changes the weights' shapes is refused. The reported loss is the model's pl
 cross-entropy: loss terms that read inputs from outside the run (a distillation
 teacher, ``distill.teacher``) are turned off for evaluation.
 
+Quantization and sparsity: ``--config.quant.weight=int8|int4|fp8`` (with
+``quant.group_size``, ``quant.act=int8``, ``quant.targets``) evaluates the weights
+quantized after training (``lm.quant``); a quantized checkpoint (``experiments.quantize``)
+is read as it was stored. The result says how (``quant``), the weights' bytes as stored
+that way (``weight_bytes``) and the share of exact zeros of the weight matrices
+(``sparsity``, and per matrix in ``sparsity_per_matrix``: a pruned run's realised
+sparsity).
+
 ``--json`` prints one JSON object on stdout and nothing else (notes go to stderr).
 Bad input (missing workdir, no checkpoint, unknown field, a shape-changing
 override) stops with one line ``error: ...``, exit status 2.

@@ -36,3 +36,11 @@ def test_generate_notebook_runs(tmp_path, monkeypatch):
   assert "speculative output equals plain greedy: True" in outputs
   assert "fp32-cache output equals the uncached one: True" in outputs
   assert "tokens per target call" in outputs
+
+
+def test_compress_notebook_runs(tmp_path, monkeypatch):
+  outputs = _run("compress.ipynb", tmp_path, monkeypatch)
+  assert "stored int4 evaluates like PTQ int4: True" in outputs
+  assert "2:4 sparsity of the pruned matrices 0.5" in outputs
+  assert "still 2 of every 4: True" in outputs
+  assert "distilled student (d_model 32) eval loss" in outputs

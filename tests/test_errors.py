@@ -120,6 +120,26 @@ CASES = [
      ["--workdir={data}/nockpt", "--prompt=hi"], "has no checkpoints/ folder"),
     ("generate: not a run", "experiments.generate", ["--workdir={data}", "--prompt=hi"],
      "has no config.json (not a Kestrel run)"),
+    # compression (lm/quant.py, lm/prune.py, distillation between architectures)
+    ("evaluate: unknown weight type", "experiments.evaluate",
+     ["--workdir={finished}", "--config.quant.weight=int3"], "quant.weight='int3': unknown choice"),
+    ("evaluate: group not dividing the inputs", "experiments.evaluate",
+     ["--workdir={finished}", "--config.quant.weight=int4", "--config.quant.group_size=48"],
+     "quant.group_size=48: does not divide the input dimension 64 of block_0/attn/k"),
+    ("quantize: out exists", "experiments.quantize", ["--workdir={finished}", "--out={finished}"],
+     "exists and is not an empty folder"),
+    ("prune: n > m", "experiments.prune",
+     ["--workdir={finished}", "--out={data}/pruned", "--config.prune.method=nm",
+      "--config.prune.n=5"], "prune.n=5: exceeds m=4"),
+    ("train: sparsity outside [0, 1)", "experiments.train",
+     [BASE, "--config.prune.method=magnitude", "--config.prune.sparsity=1.5"],
+     "prune.sparsity=1.5: must be in [0, 1)"),
+    ("train: teacher with another vocabulary", "experiments.train",
+     [BASE, "--workdir={data}/student", "--config.distill.teacher={finished}",
+      "--config.model.vocab_size=512"], "the teacher's vocabulary is 384 tokens, the student's 512"),
+    ("train: init_from a folder without checkpoints", "experiments.train",
+     [BASE, "--workdir={data}/ft", "--config.train.init_from={data}"],
+     "has no checkpoints/ folder (not a trained run)"),
 ]
 
 
@@ -163,6 +183,7 @@ def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(finished, bad_da
     assert len(errors) == 1 and expected in errors[0], (case, err)
     assert "Fix:" in errors[0], (case, errors[0])
   assert _fingerprint(finished) == before
+  assert not any((bad_data / d).exists() for d in ("pruned", "student", "ft"))
   assert not (tmp_path / "ablation" / "runs").exists()
 
 
