@@ -96,18 +96,18 @@ def decode_rows(context: int = 512, steps: int = 32) -> list[dict]:
   def store(params):  # targeted matrices -> (int8 values, scales) of the merged shape
     out = params
     for path, m in mats.items():
-      w = quant._get(params, path)
-      shape, c = quant._merged(w.shape, m)
-      out = quant._set(out, path, cq.quantize(w.reshape(shape), "int8", c))
+      w = quant.get_path(params, path)
+      shape, c = quant.merged_shape(w.shape, m)
+      out = quant.set_path(out, path, cq.quantize(w.reshape(shape), "int8", c))
     return out
 
   def load_back(stored):
     out = stored
     for path, m in mats.items():
-      qa = quant._get(stored, path)
-      shape = quant._get(built.params, path).shape
+      qa = quant.get_path(stored, path)
+      shape = quant.get_path(built.params, path).shape
       import qwix
-      out = quant._set(out, path, qwix.dequantize(qa).reshape(shape).astype(jnp.bfloat16))
+      out = quant.set_path(out, path, qwix.dequantize(qa).reshape(shape).astype(jnp.bfloat16))
     return out
 
   stored = jax.jit(store)(built.params)

@@ -13,6 +13,7 @@ generate read it, and ``--config.train.init_from=P`` fine-tunes it (keep the sam
 ``P`` must not exist or be empty; nothing is written on a bad input.
 """
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -43,7 +44,8 @@ def prune(workdir: str, out: str, overrides: dict | None = None) -> dict:
                       "pass --config.prune.method=magnitude or nm")
   typed = config_lib.resolve(config)
   built = build_model(typed.model, typed.seed, abstract=True)
-  hook = prune_lib.Prune(dataclasses_replace_oneshot(typed.prune), built.axes["params"])
+  hook = prune_lib.Prune(dataclasses.replace(typed.prune, schedule="oneshot", begin=0),
+                        built.axes["params"])  # a gradual schedule is for training
   weights = runs.load_weights(workdir, overrides)
   params = jax.jit(lambda p: hook.init(p)[0])(weights.params)
   os.makedirs(out, exist_ok=True)
@@ -61,12 +63,6 @@ def prune(workdir: str, out: str, overrides: dict | None = None) -> dict:
     ckpt.close()
   report = prune_lib.sparsity_report(params, built.axes["params"], typed.prune.targets)
   return {"out": out, "step": int(weights.step), "sparsity": report}
-
-
-def dataclasses_replace_oneshot(cfg):
-  """The group as a one-shot prune now (begin 0): a gradual schedule is for training."""
-  import dataclasses
-  return dataclasses.replace(cfg, schedule="oneshot", begin=0)
 
 
 def _main() -> None:

@@ -11,6 +11,9 @@ config (``experiments/configs/base.py`` holds them all): nothing here repeats a
 default.
 """
 import dataclasses
+import json
+import os
+import sys
 import types
 import typing
 
@@ -200,6 +203,10 @@ class ExperimentConfig:
   quant: QuantConfig
   prune: PruneConfig
   losses: dict = dataclasses.field(default_factory=dict)
+  # Not a config field: the typed configs of other runs the loss terms read (a
+  # distillation teacher), by workdir, set by ``lm.experiment.build``
+  # (``Term.run_paths``).
+  runs: dict = dataclasses.field(default_factory=dict, metadata={"derived": True})
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -361,3 +368,80 @@ def resolve_vocab(vocab_size: int, tokenizer_vocab: int) -> int:
                       f"smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
                       f"use 0 (automatic) or a value >= {tokenizer_vocab}")
   return vocab_size
+
+
+# ----------------------------------------------------------------------------- runs read back
+
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments", "configs", "base.py")
+
+
+def _leaves(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict) and value and key != "mixture":
+      yield from _leaves(value, path + ".")
+    else:
+      yield path, value
+
+
+def _tokenizer_spec(spec: str, workdir: str) -> str:
+  """The run's tokenizer: named ones as they are; a file path if it still exists, else
+  the copy ``lm.loop`` keeps in the workdir."""
+  if spec in ("byte", "bpe") or not spec or os.path.exists(os.path.expanduser(spec)):
+    return spec
+  copy = os.path.join(workdir, "tokenizer" + os.path.splitext(spec)[1])
+  if os.path.exists(copy):
+    return copy
+  raise ConfigError("data.tokenizer", spec, f"the run's tokenizer file is gone and {workdir} "
+                    "holds no copy", "pass --config.data.tokenizer=<the tokenizer file>")
+
+
+def load_run_config(workdir: str, overrides: dict | None = None,
+                    flag: str = "--workdir") -> ml_collections.ConfigDict:
+  """The run's config (``config.json`` over the base defaults), then ``overrides``."""
+  from experiments import configs
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise ConfigError(flag, workdir, "no such directory", "pass the workdir of a trained run")
+  if not os.path.isfile(path):
+    raise ConfigError(flag, workdir, "has no config.json (not a Kestrel run)",
+                      "pass the workdir that experiments.train wrote")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(flag, workdir, f"config.json cannot be read ({e})",
+                      "pass the workdir of a finished run") from None
+  config = configs.load(BASE_CONFIG)
+  assignments = {}
+  for dotted, value in _leaves(saved):
+    if dotted.startswith("_"):
+      continue
+    if dotted == "data.mixture":
+      with config.unlocked():
+        config.data.mixture = ml_collections.ConfigDict(value)
+      continue
+    if isinstance(value, list):
+      value = _tuples(value)
+    assignments[dotted] = value
+  known, unknown = {}, []
+  for dotted, value in assignments.items():
+    try:
+      configs.override(config, {dotted: value})
+      known[dotted] = value
+    except ConfigError:
+      unknown.append(dotted)
+  config = configs.override(config, known)
+  if unknown:  # a field this version does not have (or of another type): keep the rest
+    print(f"note: {workdir}/config.json fields not applied: {', '.join(unknown[:5])}",
+          file=sys.stderr)
+  config.data.tokenizer = _tokenizer_spec(config.data.tokenizer, workdir)
+  config = configs.override(config, overrides or {})
+  if config.quant.weight != "none" or config.quant.act != "none":
+    config.quant.mode = "qat"  # read back: the forward quantizes (see the module doc)
+  return config
+
+
+def _tuples(value):
+  return tuple(_tuples(v) if isinstance(v, list) else v for v in value)

@@ -10,7 +10,6 @@ from jax.sharding import NamedSharding
 from core.errors import ConfigError, Unsupported
 from lm import config as config_lib
 from lm import data as data_lib
-from lm import hooks as hooks_lib
 from lm import losses, sharding
 from lm.prune import Prune
 from lm.quant import Quant
@@ -109,6 +108,10 @@ def build(config: ml_collections.ConfigDict | config_lib.ExperimentConfig, *,
   if isinstance(config, ml_collections.ConfigDict):
     with config.unlocked():
       config.model.vocab_size = vocab
+  paths = {p: field for t in losses.TERMS.values() for field, p in t.run_paths(typed).items()}
+  if paths:  # other runs the terms read (a teacher): their typed configs
+    typed = dataclasses.replace(typed, runs={p: config_lib.resolve(
+        config_lib.load_run_config(p, flag=field)) for p, field in paths.items()})
   model = build_model(typed.model, typed.seed, abstract=True)
   try:
     optimizer = build_optimizer(typed.optimizer, model.axes["params"], typed.train.steps)

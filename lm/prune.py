@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from core.errors import ConfigError, check_choice, check_int
 from lm import hooks
-from lm.quant import _get, _merged, _set, check_targets, matrices
+from lm.quant import check_targets, get_path, matrices, merged_shape, set_path
 
 METHODS = ("none", "magnitude", "nm")
 SCHEDULES = ("oneshot", "gradual")
@@ -104,7 +104,7 @@ def magnitude_mask(w: jax.Array, m, sparsity) -> jax.Array:
 def nm_mask(w: jax.Array, m, n_keep: int, group: int) -> jax.Array:
   """Bool mask keeping the ``n_keep`` largest |w| of every ``group`` consecutive
   inputs (the merged contraction axis)."""
-  shape, c = _merged(w.shape, m)
+  shape, c = merged_shape(w.shape, m)
   if shape[c] % group:
     raise ConfigError("prune.m", group, f"does not divide the input dimension {shape[c]}",
                       f"use an m dividing {shape[c]}")
@@ -136,7 +136,7 @@ class Prune(hooks.Hook):
     """{path: bool mask} of the schedule's target at ``step`` over ``params``."""
     out = {}
     for path, m in self.mats.items():
-      w = _get(params, path)
+      w = get_path(params, path)
       if self.cfg.method == "nm":
         out[path] = nm_mask(w, m, self.cfg.n, self.cfg.m)
       else:
@@ -145,8 +145,8 @@ class Prune(hooks.Hook):
 
   def _apply(self, params: dict, masks: dict) -> dict:
     for path, mask in masks.items():
-      w = _get(params, path)
-      params = _set(params, path, jnp.where(mask, w, jnp.zeros_like(w)))
+      w = get_path(params, path)
+      params = set_path(params, path, jnp.where(mask, w, jnp.zeros_like(w)))
     return params
 
   def _tree(self, masks: dict) -> dict:
@@ -159,11 +159,11 @@ class Prune(hooks.Hook):
     if self.cfg.begin == 0:
       masks = self.masks(params, 0)
       return self._apply(params, masks), self._tree(masks)
-    ones = {p: jnp.ones(_get(params, p).shape, bool) for p in self.mats}
+    ones = {p: jnp.ones(get_path(params, p).shape, bool) for p in self.mats}
     return params, self._tree(ones)
 
   def state_axes(self, param_axes):
-    return {"/".join(p): _get(param_axes, p) for p in self.mats}
+    return {"/".join(p): get_path(param_axes, p) for p in self.mats}
 
   def _event(self, step):
     c = self.cfg
@@ -183,7 +183,7 @@ def sparsity_report(params: dict, axes: dict, targets: tuple = ROLES) -> dict:
   ``"all"``: over them together."""
   report, zeros, total = {}, 0, 0
   for path, _ in sorted(matrices(axes, targets).items()):
-    w = jax.device_get(_get(params, path))
+    w = jax.device_get(get_path(params, path))
     z = int((w == 0).sum())
     report["/".join(path)] = z / w.size
     zeros, total = zeros + z, total + w.size

@@ -145,20 +145,20 @@ def matrices(axes: dict, targets: tuple = ROLES) -> dict:
   return out
 
 
-def _get(tree, path):
+def get_path(tree, path):
   for k in path:
     tree = tree[k]
   return tree
 
 
-def _set(tree: dict, path: tuple, value) -> dict:
+def set_path(tree: dict, path: tuple, value) -> dict:
   """A copy of nested dict ``tree`` with ``path`` replaced (other leaves shared)."""
   if not path:
     return value
-  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+  return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}
 
 
-def _merged(shape, m: Matrix):
+def merged_shape(shape, m: Matrix):
   """(shape with the contraction axes merged into one, that axis)."""
   c0, c1 = m.contract[0], m.contract[-1]
   return shape[:c0] + (math.prod(shape[c0:c1 + 1]),) + shape[c1 + 1:], c0
@@ -169,7 +169,7 @@ def check_shapes(cfg: QuantConfig, params: dict, axes: dict) -> None:
   if cfg.weight == "none" or not cfg.group_size:
     return
   for path, m in matrices(axes, cfg.targets).items():
-    shape, c = _merged(tuple(_get(params, path).shape), m)
+    shape, c = merged_shape(tuple(get_path(params, path).shape), m)
     if shape[c] % cfg.group_size:
       raise ConfigError("quant.group_size", cfg.group_size,
                         f"does not divide the input dimension {shape[c]} of "
@@ -179,7 +179,7 @@ def check_shapes(cfg: QuantConfig, params: dict, axes: dict) -> None:
 
 
 def fake_quant_matrix(w: jax.Array, m: Matrix, qtype: str, group: int) -> jax.Array:
-  shape, c = _merged(w.shape, m)
+  shape, c = merged_shape(w.shape, m)
   return q.fake_quant(w.reshape(shape), qtype, c, group).reshape(w.shape)
 
 
@@ -189,7 +189,7 @@ def quantize_params(params: dict, axes: dict, cfg: QuantConfig) -> dict:
   if cfg.weight == "none":
     return params
   for path, m in matrices(axes, cfg.targets).items():
-    params = _set(params, path, fake_quant_matrix(_get(params, path), m, cfg.weight,
+    params = set_path(params, path, fake_quant_matrix(get_path(params, path), m, cfg.weight,
                                                   cfg.group_size))
   return params
 
@@ -252,7 +252,7 @@ def store(params: dict, axes: dict, cfg: QuantConfig) -> tuple[dict, dict]:
         arrays[name] = np.asarray(jax.device_get(value))
         continue
       m = mats[p]
-      shape, c = _merged(tuple(value.shape), m)
+      shape, c = merged_shape(tuple(value.shape), m)
       qa = q.quantize(jnp.asarray(value).reshape(shape), cfg.weight, c, cfg.group_size)
       values = np.asarray(jax.device_get(qa.qvalue))
       if cfg.weight == "int4":
@@ -363,7 +363,7 @@ def weight_bytes(params: dict, axes: dict, cfg: QuantConfig | None = None,
       if isinstance(value, dict):
         walk(value, p)
       elif p in mats:
-        shape, c = _merged(tuple(value.shape), mats[p])
+        shape, c = merged_shape(tuple(value.shape), mats[p])
         n = math.prod(shape)
         groups = shape[c] // cfg.group_size if cfg.group_size else 1
         per = 0.5 if (cfg.weight == "int4" and packed) else 1

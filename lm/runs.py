@@ -17,9 +17,7 @@ to ``qat`` here). A quantized checkpoint (``experiments.quantize``: ``quantized.
 and ``quantized.json`` in place of ``checkpoints/``) is read back dequantized.
 """
 import dataclasses
-import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -28,79 +26,11 @@ from core.errors import ConfigError
 from lm import checkpoint
 from lm import config as config_lib
 
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments", "configs", "base.py")
-
-
-def _leaves(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict) and value and key != "mixture":
-      yield from _leaves(value, path + ".")
-    else:
-      yield path, value
-
-
-def _tokenizer_spec(spec: str, workdir: str) -> str:
-  """The run's tokenizer: named ones as they are; a file path if it still exists, else
-  the copy ``lm.loop`` keeps in the workdir."""
-  if spec in ("byte", "bpe") or not spec or os.path.exists(os.path.expanduser(spec)):
-    return spec
-  copy = os.path.join(workdir, "tokenizer" + os.path.splitext(spec)[1])
-  if os.path.exists(copy):
-    return copy
-  raise ConfigError("data.tokenizer", spec, f"the run's tokenizer file is gone and {workdir} "
-                    "holds no copy", "pass --config.data.tokenizer=<the tokenizer file>")
-
-
 def load_config(workdir: str, overrides: dict | None = None,
                 flag: str = "--workdir") -> ml_collections.ConfigDict:
-  """The run's config (``config.json`` over the base defaults), then ``overrides``."""
-  from experiments import configs
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
-    raise ConfigError(flag, workdir, "no such directory", "pass the workdir of a trained run")
-  if not os.path.isfile(path):
-    raise ConfigError(flag, workdir, "has no config.json (not a Kestrel run)",
-                      "pass the workdir that experiments.train wrote")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(flag, workdir, f"config.json cannot be read ({e})",
-                      "pass the workdir of a finished run") from None
-  config = configs.load(BASE_CONFIG)
-  assignments = {}
-  for dotted, value in _leaves(saved):
-    if dotted.startswith("_"):
-      continue
-    if dotted == "data.mixture":
-      with config.unlocked():
-        config.data.mixture = ml_collections.ConfigDict(value)
-      continue
-    if isinstance(value, list):
-      value = _tuples(value)
-    assignments[dotted] = value
-  known, unknown = {}, []
-  for dotted, value in assignments.items():
-    try:
-      configs.override(config, {dotted: value})
-      known[dotted] = value
-    except ConfigError:
-      unknown.append(dotted)
-  config = configs.override(config, known)
-  if unknown:  # a field this version does not have (or of another type): keep the rest
-    print(f"note: {workdir}/config.json fields not applied: {', '.join(unknown[:5])}",
-          file=sys.stderr)
-  config.data.tokenizer = _tokenizer_spec(config.data.tokenizer, workdir)
-  config = configs.override(config, overrides or {})
-  if config.quant.weight != "none" or config.quant.act != "none":
-    config.quant.mode = "qat"  # read back: the forward quantizes (see the module doc)
-  return config
-
-
-def _tuples(value):
-  return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+  """The run's config (``config.json`` over the base defaults), then ``overrides``
+  (``lm.config.load_run_config``)."""
+  return config_lib.load_run_config(workdir, overrides, flag)
 
 
 def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):

@@ -191,3 +191,13 @@ def placed(mesh: Mesh, rules=RULES):
     yield
 
 
+def abstract_like(tree, axes, reference):
+  """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs with logical ``axes``)
+  placed by the rules table on the mesh that ``reference``'s shardings use (e.g. a
+  teacher of another shape beside the student's train state)."""
+  mesh = jax.tree.leaves(reference)[0].sharding.mesh
+  specs = tree_specs(axes, tree, mesh)
+  return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                        sharding=NamedSharding(mesh, p)),
+                      tree, specs)
+

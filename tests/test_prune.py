@@ -39,9 +39,9 @@ def test_nm_mask_equals_loop_and_pattern_is_exact():
   mats = quant.matrices(built.axes["params"])
   for path in (("block_0", "attn", "q"), ("block_0", "attn", "o"), ("block_1", "mlp", "down")):
     m = mats[path]
-    w = np.asarray(quant._get(built.params, path))
+    w = np.asarray(quant.get_path(built.params, path))
     keep = np.asarray(prune.nm_mask(jnp.asarray(w), m, 2, 4))
-    shape, c = quant._merged(w.shape, m)
+    shape, c = quant.merged_shape(w.shape, m)
     w2 = np.moveaxis(w.reshape(shape), c, -1)
     k2 = np.moveaxis(keep.reshape(shape), c, -1)
     lead = w2.shape[:-1]
@@ -56,7 +56,7 @@ def test_magnitude_sparsity_is_exact(sparsity):
   built = _built(model__moe__num_experts=4, model__moe__top_k=2)
   mats = quant.matrices(built.axes["params"])
   for path, m in mats.items():
-    w = np.asarray(quant._get(built.params, path))
+    w = np.asarray(quant.get_path(built.params, path))
     keep = np.asarray(prune.magnitude_mask(jnp.asarray(w), m, sparsity))
     if m.batch:  # each expert on its own
       for e in range(w.shape[0]):

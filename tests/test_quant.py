@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, records, tiny
+from conftest import assert_close, tiny
 
 from core import quant as cq
 from core.errors import ConfigError
@@ -187,9 +187,9 @@ def test_qat_gradient_is_straight_through_at_the_quantized_weights():
   plain = make_objective(built.graphdef, [])
   hand = dict(built.params)
   for path, m in quant.matrices(built.axes["params"]).items():
-    w = np.asarray(quant._get(built.params, path))
-    shape, ax = quant._merged(w.shape, m)
-    hand = quant._set(hand, path, jnp.asarray(
+    w = np.asarray(quant.get_path(built.params, path))
+    shape, ax = quant.merged_shape(w.shape, m)
+    hand = quant.set_path(hand, path, jnp.asarray(
         hand_fake_quant(w.reshape(shape), "int4", ax, 16).reshape(w.shape), jnp.float32))
   g_qat = jax.jit(jax.grad(lambda p: qat(p, built.state, batch, {})[0]))(built.params)
   g_ref = jax.jit(jax.grad(lambda p: plain(p, built.state, batch, {})[0]))(hand)

@@ -40,6 +40,12 @@ class Term:
     ``lm.model.Built``), or None when it is off."""
     raise NotImplementedError
 
+  @classmethod
+  def run_paths(cls, config) -> dict:
+    """{config field: workdir} of other runs whose typed configs ``build`` reads from
+    ``config.runs[workdir]`` (``lm.experiment.build`` reads them first)."""
+    return {}
+
   def loss(self, out: Forward, batch: dict, aux: Any) -> tuple[jax.Array, dict]:
     """(Its contribution to the objective, its metrics) for one batch; ``aux`` is
     what ``load_aux`` gave (None if nothing)."""

@@ -107,17 +107,22 @@ def restore_teacher(teacher: str, abstract_model: dict) -> tuple[dict, int, str]
   return model, step, directory
 
 
-def teacher_model(cfg: DistillConfig, student) -> object:
-  """The teacher's ``lm.config.ModelConfig``: its run's, computed in the student's
-  compute dtype (``model.dtype``, bf16 by default); the student's with ``model.sparse`` off when only a checkpoints/ folder is given. Its
-  vocabulary and tokenizer must be the student's (``student``: the typed config)."""
-  from lm import config as config_lib
-  from lm import runs
-  folder = cfg.teacher.rstrip("/")
+def _teacher_workdir(teacher: str) -> str | None:
+  """The teacher run's workdir when it has a ``config.json`` (else None)."""
+  folder = teacher.rstrip("/")
   workdir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
-  if not os.path.isfile(os.path.join(workdir, "config.json")):
+  return workdir if os.path.isfile(os.path.join(workdir, "config.json")) else None
+
+
+def teacher_model(cfg: DistillConfig, student) -> object:
+  """The teacher's ``lm.config.ModelConfig``: its run's (``student.runs``), computed in
+  the student's compute dtype (``model.dtype``, bf16 by default); the student's with
+  ``model.sparse`` off when only a checkpoints/ folder is given. Its vocabulary and
+  tokenizer must be the student's (``student``: the typed config)."""
+  workdir = _teacher_workdir(cfg.teacher)
+  if workdir is None:
     return dataclasses.replace(student.model, sparse=None)
-  typed = config_lib.resolve(runs.load_config(workdir, flag="distill.teacher"))
+  typed = student.runs[workdir]
   if typed.model.vocab_size != student.model.vocab_size:
     raise ConfigError("distill.teacher", cfg.teacher,
                       f"the teacher's vocabulary is {typed.model.vocab_size} tokens, the "
@@ -152,6 +157,11 @@ class Distill(Term):
     self.ce_weight = {"kl": 0.0, "kl+ce": cfg.ce_weight, "ce": 1.0}[cfg.loss]
 
   @classmethod
+  def run_paths(cls, config):
+    workdir = _teacher_workdir(config.losses[cls.group].teacher)
+    return {"distill.teacher": workdir} if config.losses[cls.group].teacher and workdir else {}
+
+  @classmethod
   def build(cls, config, model):
     cfg = config.losses[cls.group]
     if not cfg.teacher:
@@ -176,17 +186,10 @@ class Distill(Term):
     return self.cfg.temperature ** 2 * kl, {"kl": kl}
 
   def _abstract_teacher(self, abstract_model):
-    from jax.sharding import NamedSharding
     from lm import sharding
-    mesh = jax.tree.leaves(abstract_model)[0].sharding.mesh
     t = self.teacher
-    out = {}
-    for key, tree, axes in (("params", t.params, t.axes["params"]),
-                            ("model_state", t.state, t.axes["state"])):
-      specs = sharding.tree_specs(axes, tree, mesh)
-      out[key] = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(
-          s.shape, s.dtype, sharding=NamedSharding(mesh, p)), tree, specs)
-    return out
+    return {"params": sharding.abstract_like(t.params, t.axes["params"], abstract_model),
+            "model_state": sharding.abstract_like(t.state, t.axes["state"], abstract_model)}
 
   def abstract_aux(self, abstract_model):
     if not self.uses_teacher:

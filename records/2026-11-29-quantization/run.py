@@ -8,8 +8,8 @@ text), at one small size on a 2-core CPU:
 
 - dense ``D<s>``: ``base.py:default`` with d_model 128, 4 layers, 2 heads (head_dim
   64), d_ff 384, 300 steps (every input dimension is a multiple of 128, so int4 uses
-  the published group of 128); MoE ``M<s>``: the same with 8 experts of d_ff 192, top-2
-  (the dense model's active FFN width);
+  the published group of 128); MoE ``M<s>``: the same with 8 experts of d_ff 256, top-2
+  (512 active FFN width; 192 would match the dense 384 but is no multiple of 128);
 - quantization: each trained model evaluated fp32, bf16 (as trained), int8 per channel,
   int8 w8a8, int4 per channel, int4 g128 (PTQ, ``--config.quant.*`` on read-back); then
   60 more steps from it two ways: QAT int4 g128 (``quant.mode=qat``) and plain (the
@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 BASE = "experiments/configs/base.py:default"
 SMALL = {"model.d_model": 128, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 384,
          "train.steps": 300}
-MOE = {"model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.d_ff": 192}
+MOE = {"model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.d_ff": 256}
 TEACHER = {"model.d_model": 256, "model.n_heads": 4, "model.n_kv_heads": 2,
            "model.d_ff": 768, "train.steps": 300}
 FINETUNE = {"train.steps": 60, "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 0,
