@@ -165,10 +165,15 @@ def merged_shape(shape, m: Matrix):
 
 
 def check_shapes(cfg: QuantConfig, params: dict, axes: dict) -> None:
-  """``quant.group_size`` divides every targeted matrix's input dimension."""
-  if cfg.weight == "none" or not cfg.group_size:
+  """``quant.targets`` names a matrix of the model, and ``quant.group_size`` divides
+  every targeted matrix's input dimension."""
+  if cfg.weight == "none":
     return
-  for path, m in matrices(axes, cfg.targets).items():
+  mats = matrices(axes, cfg.targets)
+  if not mats:
+    raise ConfigError("quant.targets", cfg.targets, "names no weight matrix of this model",
+                      f"use some of {', '.join(ROLES)} that the model has")
+  for path, m in (mats.items() if cfg.group_size else ()):
     shape, c = merged_shape(tuple(get_path(params, path).shape), m)
     if shape[c] % cfg.group_size:
       raise ConfigError("quant.group_size", cfg.group_size,

@@ -208,3 +208,5 @@ def test_errors(trained):
     evaluate.evaluate(trained, {"quant.weight": "int4", "quant.group_size": 48})
   with pytest.raises(ConfigError, match=r"quant.targets=.*'attn' is not a role"):
     loop.run(tiny(quant__targets=("attn",)), "/nonexistent/never")
+  with pytest.raises(ConfigError, match=r"quant.targets=\('linear',\): names no weight matrix"):
+    evaluate.evaluate(trained, {"quant.weight": "int8", "quant.targets": ("linear",)})
