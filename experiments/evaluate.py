@@ -144,7 +144,9 @@ def _weights(exp, run) -> dict:
       stored = json.load(f)
     how.update(weight=stored["weight"], group_size=stored["group_size"], stored=True)
     nbytes = stored["bytes"]["after"]
-  report = prune.sparsity_report(run.params, axes)
+  from lm import hooks
+  seen = jax.jit(lambda p: hooks.forward(exp.hooks, p))(run.params)  # as the forward sees them
+  report = prune.sparsity_report(seen, axes)
   return {"quant": how, "weight_bytes": nbytes, "sparsity": report["all"],
           "sparsity_per_matrix": {k: v for k, v in report.items() if k != "all"}}
 
@@ -175,7 +177,9 @@ def report(result: dict) -> str:
   if result["sparsity"]:
     per = result["sparsity_per_matrix"].values()
     lines.append(f"sparsity        {result['sparsity']:.4f} of the matrices' weights are zero "
-                 f"(per matrix {min(per):.4f} to {max(per):.4f})")
+                 f"(per matrix {min(per):.4f} to {max(per):.4f})"
+                 + ("; quantization rounds small weights to zero too"
+                    if q["weight"] != "none" else ""))
   for key, value in result.items():  # the layers' statistics
     if key.startswith("eval_") and key not in ("eval_loss", "eval_bpb", "eval_batches") \
         and not key.startswith(("eval_loss/", "eval_bpb/")) and value is not None:
