@@ -103,11 +103,14 @@ def test_pruned_weights_stay_zero_through_qat_training_and_resume(tmp_path):
   assert strip(records(tmp_path / "full")) == strip(records(tmp_path / "split"))
   losses = [r["loss"] for r in records(tmp_path / "full") if "loss" in r]
   assert losses[-1] < losses[0]
-  result = evaluate.evaluate(str(tmp_path / "split"), eval_batches=1)
-  per = result["sparsity_per_matrix"]
-  assert per["block_0/attn/q"] == pytest.approx(0.6, abs=1e-3) and per["head"] == 0.0
-  a = runs.load_weights(str(tmp_path / "full")).params
-  b = runs.load_weights(str(tmp_path / "split")).params
+  # evaluate reports the weights as the forward sees them (int8: a few more round to 0)
+  per = evaluate.evaluate(str(tmp_path / "split"), eval_batches=1)["sparsity_per_matrix"]
+  assert per["block_0/attn/q"] >= np.floor(0.6 * 4096) / 4096
+  raw = {"quant.weight": "none", "quant.act": "none"}
+  a = runs.load_weights(str(tmp_path / "full"), raw).params
+  b = runs.load_weights(str(tmp_path / "split"), raw).params
+  assert int((np.asarray(b["block_0"]["attn"]["q"]) == 0).sum()) == int(np.floor(0.6 * 4096))
+  assert not np.any(np.asarray(b["head"]) == 0)  # not a target
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
