@@ -67,3 +67,53 @@ def run_workdir(main: Callable) -> None:
                         "used", "drop --config=; override fields with --config.a.b=value")
     return (assignments, None), rest
   _run(main, split)
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def check_new_folder(out: str, what: str) -> None:
+  """``--out`` is given and is a new (or empty) folder: exports never write over a run."""
+  import os
+  if not out:
+    raise ConfigError("--out", out, "missing", "pass --out=<a new folder>")
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ConfigError("--out", out, "exists and is not an empty folder",
+                      f"pass a new folder ({what} never writes over a run)")
+
+
+def start_run_folder(workdir: str, out: str, config) -> None:
+  """``out`` made a run folder: ``config`` as its ``config.json`` (written atomically) and
+  the tokenizer copy of ``workdir``."""
+  import os
+  import shutil
+  os.makedirs(out, exist_ok=True)
+  tmp = os.path.join(out, "config.json.tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, os.path.join(out, "config.json"))
+  for name in os.listdir(workdir):
+    if name.startswith("tokenizer."):
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
+
+
+def run_export(export: Callable, describe: Callable, what: str) -> None:
+  """The command line of an export from a trained run: ``--workdir``, ``--out``,
+  ``--json`` and ``--config.a.b=v`` overrides; prints ``describe(export(workdir, out,
+  overrides))`` (or the JSON)."""
+  import contextlib
+  import json
+  workdir = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
+  out = flags.DEFINE_string("out", None, f"The new folder for the {what} run.")
+  as_json = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
+
+  def main(overrides, spec):
+    del spec
+    if not workdir.value:
+      raise ConfigError("--workdir", None, "missing", "pass --workdir=<a trained run>")
+    with contextlib.redirect_stdout(sys.stderr) if as_json.value else contextlib.nullcontext():
+      result = export(workdir.value, out.value, overrides)
+    print(json.dumps(result) if as_json.value else describe(result))
+
+  run_workdir(main)
+

@@ -12,12 +12,9 @@ generate read it, and ``--config.train.init_from=P`` fine-tunes it (keep the sam
 ``prune`` group so the masks hold during the fine-tune). Prints the realised sparsity.
 ``P`` must not exist or be empty; nothing is written on a bad input.
 """
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import sys
 
 import jax
 
@@ -33,11 +30,7 @@ def prune(workdir: str, out: str, overrides: dict | None = None) -> dict:
   from lm import runs
   from lm.checkpoint import Checkpointer
   from lm.model import build_model
-  if not out:
-    raise ConfigError("--out", out, "missing", "pass --out=<a new folder>")
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConfigError("--out", out, "exists and is not an empty folder",
-                      "pass a new folder (prune never writes over a run)")
+  cli.check_new_folder(out, "prune")
   config = runs.load_config(workdir, overrides)
   if config.prune.method == "none":
     raise ConfigError("prune.method", "none", "nothing to prune",
@@ -48,13 +41,7 @@ def prune(workdir: str, out: str, overrides: dict | None = None) -> dict:
                         built.axes["params"])  # a gradual schedule is for training
   weights = runs.load_weights(workdir, overrides)
   params = jax.jit(lambda p: hook.init(p)[0])(weights.params)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.json.tmp"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
-  for name in os.listdir(workdir):
-    if name.startswith("tokenizer."):
-      shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
+  cli.start_run_folder(workdir, out, config)
   ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=1)
   try:
     ckpt.save_model(weights.step, {"params": params, "model_state": weights.model_state},
@@ -65,26 +52,10 @@ def prune(workdir: str, out: str, overrides: dict | None = None) -> dict:
   return {"out": out, "step": int(weights.step), "sparsity": report}
 
 
-def _main() -> None:
-  from absl import flags
-  workdir = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
-  out = flags.DEFINE_string("out", None, "The new folder for the pruned run.")
-  as_json = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
-
-  def main(overrides, spec):
-    del spec
-    if not workdir.value:
-      raise ConfigError("--workdir", None, "missing", "pass --workdir=<a trained run>")
-    with contextlib.redirect_stdout(sys.stderr) if as_json.value else contextlib.nullcontext():
-      r = prune(workdir.value, out.value, overrides)
-    if as_json.value:
-      print(json.dumps(r))
-    else:
-      print(f"{r['out']}: step {r['step']}, sparsity {r['sparsity']['all']:.4f} over the "
-            "pruned matrices")
-
-  cli.run_workdir(main)
+def describe(r: dict) -> str:
+  return (f"{r['out']}: step {r['step']}, sparsity {r['sparsity']['all']:.4f} over the "
+          "pruned matrices")
 
 
 if __name__ == "__main__":
-  _main()
+  cli.run_export(prune, describe, "pruned")

@@ -14,16 +14,11 @@ and of int4 as qwix holds it in memory (one byte per value, qwix issue 328).
 Evaluating ``Q`` gives what evaluating ``W`` with the same ``--config.quant.*`` gives.
 ``Q`` must not exist or be empty; nothing is written on a bad input.
 """
-import contextlib
 import copy
-import json
 import os
-import shutil
-import sys
 
 import jax
 
-from core.errors import ConfigError
 from experiments import cli
 
 
@@ -33,11 +28,7 @@ def quantize(workdir: str, out: str, overrides: dict | None = None) -> dict:
   "bytes_unpacked"}."""
   from lm import quant, runs
   overrides = dict(overrides or {})
-  if not out:
-    raise ConfigError("--out", out, "missing", "pass --out=<a new folder>")
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConfigError("--out", out, "exists and is not an empty folder",
-                      "pass a new folder (quantize never writes over a run)")
+  cli.check_new_folder(out, "quantize")
   config = runs.load_config(workdir, overrides)
   if config.quant.weight == "none":
     config.quant.weight = "int8"
@@ -55,45 +46,22 @@ def quantize(workdir: str, out: str, overrides: dict | None = None) -> dict:
   after = quant.weight_bytes(weights.params, axes, typed.quant)
   unpacked = quant.weight_bytes(weights.params, axes, typed.quant, packed=False)
   manifest["bytes"] = {"before": before, "after": after, "unpacked": unpacked}
-  os.makedirs(out, exist_ok=True)
   saved = copy.deepcopy(config)
   saved.quant.weight, saved.quant.mode = "none", "ptq"  # stored quantized: read back as is
-  tmp = os.path.join(out, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(saved.to_json_best_effort(indent=2))
-  os.replace(tmp, os.path.join(out, "config.json"))
-  for name in os.listdir(workdir):
-    if name.startswith("tokenizer."):
-      shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
+  cli.start_run_folder(workdir, out, saved)
   quant.write_stored(out, arrays, manifest, jax.device_get(weights.model_state))
   return {"out": out, "step": int(weights.step), "weight": typed.quant.weight,
           "group_size": typed.quant.group_size, "bytes_before": before, "bytes_after": after,
           "bytes_unpacked": unpacked}
 
 
-def _main() -> None:
-  from absl import flags
-  workdir = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
-  out = flags.DEFINE_string("out", None, "The new folder for the quantized run.")
-  as_json = flags.DEFINE_bool("json", False, "Print one JSON object on stdout.")
-
-  def main(overrides, spec):
-    del spec
-    if not workdir.value:
-      raise ConfigError("--workdir", None, "missing", "pass --workdir=<a trained run>")
-    with contextlib.redirect_stdout(sys.stderr) if as_json.value else contextlib.nullcontext():
-      r = quantize(workdir.value, out.value, overrides)
-    if as_json.value:
-      print(json.dumps(r))
-    else:
-      how = f"group {r['group_size']}" if r["group_size"] else "per channel"
-      print(f"{r['out']}: step {r['step']}, weights {r['weight']} {how}: "
-            f"{r['bytes_before'] / 1e6:.3f} MB -> {r['bytes_after'] / 1e6:.3f} MB "
-            f"({r['bytes_before'] / r['bytes_after']:.2f}x smaller; int4 held one byte "
-            f"per value in memory: {r['bytes_unpacked'] / 1e6:.3f} MB)")
-
-  cli.run_workdir(main)
+def describe(r: dict) -> str:
+  how = f"group {r['group_size']}" if r["group_size"] else "per channel"
+  return (f"{r['out']}: step {r['step']}, weights {r['weight']} {how}: "
+          f"{r['bytes_before'] / 1e6:.3f} MB -> {r['bytes_after'] / 1e6:.3f} MB "
+          f"({r['bytes_before'] / r['bytes_after']:.2f}x smaller; int4 held one byte "
+          f"per value in memory: {r['bytes_unpacked'] / 1e6:.3f} MB)")
 
 
 if __name__ == "__main__":
-  _main()
+  cli.run_export(quantize, describe, "quantized")

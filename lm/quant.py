@@ -119,29 +119,30 @@ def _role(path: tuple, siblings: dict) -> str | None:
   return None
 
 
+def leaves(tree: dict, path: tuple = ()):
+  """(path tuple, leaf, the dict holding it) of every leaf of nested dict ``tree``."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from leaves(value, path + (key,))
+    else:
+      yield path + (key,), value, tree
+
+
 def matrices(axes: dict, targets: tuple = ROLES) -> dict:
   """{path tuple: Matrix} of the parameters (given by their logical ``axes`` tree,
   ``lm.model.Built.axes["params"]``) whose role is in ``targets``."""
   out = {}
-
-  def walk(node, path):
-    for key, value in node.items():
-      p = path + (key,)
-      if isinstance(value, dict):
-        walk(value, p)
-        continue
-      role = _role(p, node)
-      if role is None or role not in targets:
-        continue
-      names = tuple(value)
-      batch = tuple(i for i, n in enumerate(names) if n == "expert")
-      if names[-1] == "embed":  # a projection back into the residual: all inputs
-        contract = tuple(i for i in range(len(names) - 1) if i not in batch)
-      else:
-        contract = (names.index("embed"),)
-      out[p] = Matrix(role, contract, batch)
-
-  walk(axes, ())
+  for p, names, parent in leaves(axes):
+    role = _role(p, parent)
+    if role is None or role not in targets:
+      continue
+    names = tuple(names)
+    batch = tuple(i for i, n in enumerate(names) if n == "expert")
+    if names[-1] == "embed":  # a projection back into the residual: all inputs
+      contract = tuple(i for i in range(len(names) - 1) if i not in batch)
+    else:
+      contract = (names.index("embed"),)
+    out[p] = Matrix(role, contract, batch)
   return out
 
 
@@ -245,31 +246,22 @@ def store(params: dict, axes: dict, cfg: QuantConfig) -> tuple[dict, dict]:
   int4 packed) and ``<path>.scale``; the manifest records how."""
   mats = matrices(axes, cfg.targets)
   arrays, entries = {}, {}
-
-  def walk(node, path):
-    for key, value in node.items():
-      p = path + (key,)
-      if isinstance(value, dict):
-        walk(value, p)
-        continue
-      name = "/".join(p)
-      if p not in mats:
-        arrays[name] = np.asarray(jax.device_get(value))
-        continue
-      m = mats[p]
-      shape, c = merged_shape(tuple(value.shape), m)
-      qa = q.quantize(jnp.asarray(value).reshape(shape), cfg.weight, c, cfg.group_size)
-      values = np.asarray(jax.device_get(qa.qvalue))
-      if cfg.weight == "int4":
-        values = pack_int4(values.astype(np.int8))
-      elif cfg.weight == "fp8":
-        values = values.view(np.uint8)
-      arrays[name + ".q"] = values
-      arrays[name + ".scale"] = np.asarray(jax.device_get(qa.scale), np.float32)
-      entries[name] = {"shape": list(value.shape), "dtype": str(value.dtype),
-                       "merged": list(shape), "axis": c}
-
-  walk(params, ())
+  for p, value, _ in leaves(params):
+    name = "/".join(p)
+    if p not in mats:
+      arrays[name] = np.asarray(jax.device_get(value))
+      continue
+    shape, c = merged_shape(tuple(value.shape), mats[p])
+    qa = q.quantize(jnp.asarray(value).reshape(shape), cfg.weight, c, cfg.group_size)
+    values = np.asarray(jax.device_get(qa.qvalue))
+    if cfg.weight == "int4":
+      values = pack_int4(values.astype(np.int8))
+    elif cfg.weight == "fp8":
+      values = values.view(np.uint8)
+    arrays[name + ".q"] = values
+    arrays[name + ".scale"] = np.asarray(jax.device_get(qa.scale), np.float32)
+    entries[name] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                     "merged": list(shape), "axis": c}
   manifest = {"weight": cfg.weight, "group_size": cfg.group_size,
               "targets": list(cfg.targets), "matrices": entries}
   return arrays, manifest
@@ -288,22 +280,25 @@ def _dequantize(values: np.ndarray, scale: np.ndarray, entry: dict, qtype: str) 
   return w.reshape(entry["shape"]).astype(entry["dtype"])
 
 
-def load_stored(arrays, manifest: dict) -> dict:
-  """The parameters (nested dict of jax arrays, dequantized) of a stored checkpoint."""
-  params = {}
-  names = {k.rsplit(".", 1)[0] if k.endswith((".q", ".scale")) else k for k in arrays}
-  for name in sorted(names):
-    if name in manifest["matrices"]:
-      value = _dequantize(arrays[name + ".q"], arrays[name + ".scale"],
-                          manifest["matrices"][name], manifest["weight"])
-    else:
-      value = jnp.asarray(arrays[name])
-    node = params
+def _nested(flat: dict) -> dict:
+  """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+  out = {}
+  for name, value in flat.items():
+    node = out
     *parents, leaf = name.split("/")
     for p in parents:
       node = node.setdefault(p, {})
     node[leaf] = value
-  return params
+  return out
+
+
+def load_stored(arrays, manifest: dict) -> dict:
+  """The parameters (nested dict of jax arrays, dequantized) of a stored checkpoint."""
+  names = {k.rsplit(".", 1)[0] if k.endswith((".q", ".scale")) else k for k in arrays}
+  return _nested({name: _dequantize(arrays[name + ".q"], arrays[name + ".scale"],
+                                    manifest["matrices"][name], manifest["weight"])
+                  if name in manifest["matrices"] else jnp.asarray(arrays[name])
+                  for name in sorted(names)})
 
 
 STORED = "quantized.npz"
@@ -314,15 +309,8 @@ def write_stored(out: str, arrays: dict, manifest: dict, model_state: dict) -> N
   """Writes ``out/quantized.npz`` and ``out/quantized.json`` atomically (temporary
   files renamed into place)."""
   flat = {f"params/{k}": v for k, v in arrays.items()}
-
-  def walk(node, path):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(value, path + (key,))
-      else:
-        flat["state/" + "/".join(path + (key,))] = np.asarray(jax.device_get(value))
-
-  walk(model_state, ())
+  flat.update({"state/" + "/".join(p): np.asarray(jax.device_get(v))
+               for p, v, _ in leaves(model_state)})
   tmp = os.path.join(out, STORED + ".tmp.npz")
   np.savez(tmp, **flat)
   os.replace(tmp, os.path.join(out, STORED))
@@ -338,14 +326,8 @@ def read_stored(workdir: str) -> tuple[dict, dict, dict]:
     manifest = json.load(f)
   with np.load(os.path.join(workdir, STORED)) as data:
     arrays = {k[len("params/"):]: data[k] for k in data.files if k.startswith("params/")}
-    state = {}
-    for k in data.files:
-      if k.startswith("state/"):
-        node = state
-        *parents, leaf = k[len("state/"):].split("/")
-        for p in parents:
-          node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(data[k])
+    state = _nested({k[len("state/"):]: jnp.asarray(data[k]) for k in data.files
+                     if k.startswith("state/")})
   return load_stored(arrays, manifest), state, manifest
 
 
@@ -360,6 +342,16 @@ def weight_bytes(params: dict, axes: dict, cfg: QuantConfig | None = None,
   memory) plus their fp32 scales; everything else at its own dtype."""
   mats = matrices(axes, cfg.targets) if cfg is not None and cfg.weight != "none" else {}
   total = 0
+  for p, value, _ in leaves(params):
+    if p in mats:
+      shape, c = merged_shape(tuple(value.shape), mats[p])
+      n = math.prod(shape)
+      groups = shape[c] // cfg.group_size if cfg.group_size else 1
+      per = 0.5 if (cfg.weight == "int4" and packed) else 1
+      total += int(math.ceil(n * per)) + 4 * (n // shape[c]) * groups
+    else:
+      total += math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
+  return total
 
   def walk(node, path):
     nonlocal total

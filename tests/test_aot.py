@@ -67,11 +67,10 @@ def test_remat_trades_memory_for_flops():
 
 
 def test_compression_step_compiles_for_tpu():
-  """QAT (int4 g32 weights, int8 activations) with 2:4 pruning masks in the state, on an
-  MoE model: the TPU compiler takes the step."""
+  """QAT (int4 g32 weights, int8 activations) with 2:4 pruning masks in the state: the
+  TPU compiler takes the step."""
   c = base.get_config("tiny")
   c.mesh.data, c.mesh.fsdp = 2, -1
-  c.model.moe.num_experts, c.model.moe.top_k = 4, 2
   c.quant.weight, c.quant.group_size, c.quant.act, c.quant.mode = "int4", 32, "int8", "qat"
   c.prune.method = "nm"
   r = aot.compile_train_step(c, "v5e:2x2")

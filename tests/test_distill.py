@@ -180,7 +180,7 @@ def test_a_teacher_of_another_architecture(teacher, tmp_path):
 
 
 def test_ce_from_a_teacher_of_another_shape_is_plain_training(teacher, tmp_path):
-  kw = dict(train__steps=3, train__log_every=1, train__eval_every=3, model__d_ff=96)
+  kw = dict(train__steps=2, train__log_every=1, train__eval_every=2, model__d_ff=96)
   loop.run(tiny(distill__teacher=teacher, distill__loss="ce", **kw), str(tmp_path / "ce"))
   loop.run(tiny(**kw), str(tmp_path / "plain"))
   drop = lambda rs: [{k: v for k, v in r.items() if "elapsed" not in k and "per_sec" not in k
