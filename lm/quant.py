@@ -352,21 +352,3 @@ def weight_bytes(params: dict, axes: dict, cfg: QuantConfig | None = None,
     else:
       total += math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
   return total
-
-  def walk(node, path):
-    nonlocal total
-    for key, value in node.items():
-      p = path + (key,)
-      if isinstance(value, dict):
-        walk(value, p)
-      elif p in mats:
-        shape, c = merged_shape(tuple(value.shape), mats[p])
-        n = math.prod(shape)
-        groups = shape[c] // cfg.group_size if cfg.group_size else 1
-        per = 0.5 if (cfg.weight == "int4" and packed) else 1
-        total += int(math.ceil(n * per)) + 4 * (n // shape[c]) * groups
-      else:
-        total += math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
-
-  walk(params, ())
-  return total
