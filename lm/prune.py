@@ -26,11 +26,10 @@ import jax.numpy as jnp
 
 from core.errors import ConfigError, check_choice, check_int
 from lm import hooks
-from lm.quant import check_targets, get_path, matrices, merged_shape, set_path
+from lm.quant import ROLES, check_targets, get_path, matrices, merged_shape, set_path
 
 METHODS = ("none", "magnitude", "nm")
 SCHEDULES = ("oneshot", "gradual")
-ROLES = ("attention", "mlp", "experts", "linear", "head")
 
 
 @dataclasses.dataclass(frozen=True)
