@@ -25,6 +25,7 @@ from attention.ops import REGISTRY as ATTENTION
 from attention.spec import BlockSparse, Hierarchical
 from core.errors import ConfigError, check_choice, check_int, check_range
 from lm import data as data_lib
+from lm.lora import LoraConfig
 from lm.prune import PruneConfig
 from lm.quant import QuantConfig
 from moe.config import MoEConfig
@@ -202,6 +203,7 @@ class ExperimentConfig:
   optimizer: OptimizerConfig
   quant: QuantConfig
   prune: PruneConfig
+  lora: LoraConfig
   losses: dict = dataclasses.field(default_factory=dict)
   # Not a config field: the typed configs of other runs the loss terms read (a
   # distillation teacher), by workdir, set by ``lm.experiment.build``
@@ -326,8 +328,10 @@ def resolve(config: ml_collections.ConfigDict) -> ExperimentConfig:
 
 
 def check(cfg: ExperimentConfig) -> None:
-  """What crosses groups: mesh x model and data x model; and the data group's sources."""
+  """What crosses groups: mesh x model, data x model, adapters x the rest; and the data
+  group's sources."""
   data_lib.check(cfg.data)
+  _check_lora(cfg)
   m, mesh, T = cfg.model, cfg.mesh, cfg.data.seq_len
   if m.moe.enabled and mesh.expert > 1 and m.moe.num_experts % mesh.expert:
     raise ConfigError("model.moe.num_experts", m.moe.num_experts,
@@ -357,6 +361,28 @@ def check(cfg: ExperimentConfig) -> None:
       if T % b:
         raise ConfigError(f"model.sparse.{name}", b, f"does not divide data.seq_len={T}",
                           f"choose a block size dividing {T}, or a seq_len multiple of {b}")
+
+
+def _check_lora(cfg: ExperimentConfig) -> None:
+  lora = cfg.lora
+  if not lora.on:
+    if lora.base_quant != "none":
+      raise ConfigError("lora.base_quant", lora.base_quant, "quantizes LoRA's base, but "
+                        "lora.init_from is empty", "set lora.init_from to the base run's "
+                        "workdir (QLoRA), or lora.base_quant=none")
+    return
+  if cfg.train.init_from:
+    raise ConfigError("train.init_from", cfg.train.init_from, "is set beside "
+                      "lora.init_from (the base of the adapters)",
+                      "leave train.init_from empty when training adapters")
+  if cfg.prune.method != "none":
+    raise ConfigError("prune.method", cfg.prune.method, "cannot prune LoRA's frozen base "
+                      "or its adapters", "prune the merged run (experiments.export, then "
+                      "experiments.prune), or set prune.method=none")
+  if cfg.quant.mode == "qat" and cfg.quant.on:
+    raise ConfigError("quant.mode", "qat", "quantization-aware training of LoRA's merged "
+                      "weights is not supported", "quantize the base with "
+                      "lora.base_quant (QLoRA), or use quant.mode=ptq")
 
 
 def resolve_vocab(vocab_size: int, tokenizer_vocab: int) -> int:
@@ -398,8 +424,10 @@ def _tokenizer_spec(spec: str, workdir: str) -> str:
 
 
 def load_run_config(workdir: str, overrides: dict | None = None,
-                    flag: str = "--workdir") -> ml_collections.ConfigDict:
-  """The run's config (``config.json`` over the base defaults), then ``overrides``."""
+                    flag: str = "--workdir", merged: bool = True) -> ml_collections.ConfigDict:
+  """The run's config (``config.json`` over the base defaults), then ``overrides``.
+  ``merged``: a LoRA run reads back as its merged model (``lora.init_from`` cleared;
+  ``lm.runs.latest_model`` merges its weights)."""
   from experiments import configs
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):
@@ -440,6 +468,9 @@ def load_run_config(workdir: str, overrides: dict | None = None,
   config = configs.override(config, overrides or {})
   if config.quant.weight != "none" or config.quant.act != "none":
     config.quant.mode = "qat"  # read back: the forward quantizes (see the module doc)
+  if merged and config.lora.init_from:
+    config.lora.init_from = ""
+    config.lora.base_quant = "none"
   return config
 
 

@@ -11,6 +11,8 @@ from core.errors import ConfigError, Unsupported
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import losses, sharding
+from lm import hooks as hooks_lib
+from lm.lora import Lora
 from lm.prune import Prune
 from lm.quant import Quant
 from lm.model import Built, build_model
@@ -19,9 +21,9 @@ from lm.step import make_steps, weighted_sums
 from optim.chain import build_optimizer
 
 
-# The update hooks (lm.hooks), in the order they act: the forward sees fake-quantized
-# weights; after an update, pruning masks apply.
-HOOKS = (Quant, Prune)
+# The update hooks (lm.hooks), in the order they act: the forward sees the base plus
+# LoRA's adapters, then fake-quantized weights; after an update, pruning masks apply.
+HOOKS = (Lora, Quant, Prune)
 
 # The config field that picks each registry's implementation.
 _IMPLEMENTATION_FIELDS = {"attention": "model.attention_impl", "grouped-matmul": "model.moe.gmm_impl"}
@@ -88,10 +90,38 @@ class Experiment:
                         "change the shapes it refuses") from None
 
   def abstract_aux(self) -> dict:
-    """The step's ``aux``: term name -> ShapeDtypeStructs (only terms that take one)."""
+    """The step's ``aux``: hook or term name -> ShapeDtypeStructs (only those that take
+    one; a term with ``aux_from`` gets that hook's or term's, the same arrays)."""
     model = {"params": self.state.abstract["params"],
              "model_state": self.state.abstract["model_state"]}
-    return {t.name: a for t in self.terms if (a := t.abstract_aux(model)) is not None}
+    out = {t.name: a for t in (*self.hooks, *self.terms)
+           if (a := t.abstract_aux(model)) is not None}
+    out.update({t.name: out[t.aux_from] for t in self.terms
+                if t.aux_from in out})
+    return out
+
+  def load_aux(self) -> tuple[dict, list]:
+    """(the step's ``aux``, notes for the log): each hook's and term's frozen inputs,
+    loaded once."""
+    model = {"params": self.state.abstract["params"],
+             "model_state": self.state.abstract["model_state"]}
+    loaded, notes = {}, []
+    for t in (*self.hooks, *self.terms):
+      value, note = t.load_aux(model)
+      if value is not None:
+        loaded[t.name] = value
+      if note:
+        notes.append(note)
+    for t in self.terms:
+      if t.aux_from in loaded:
+        loaded[t.name] = loaded[t.aux_from]
+    return loaded, notes
+
+  def initial_model(self, loaded: dict) -> dict | None:
+    """What a new run starts from: a hook's or term's initial model (LoRA: the base's
+    model state; distillation: the teacher's weights), else None."""
+    return next((m for t in (*self.hooks, *self.terms)
+                 if (m := t.initial_model(loaded.get(t.name))) is not None), None)
 
 
 def build(config: ml_collections.ConfigDict | config_lib.ExperimentConfig, *,
@@ -113,12 +143,13 @@ def build(config: ml_collections.ConfigDict | config_lib.ExperimentConfig, *,
     typed = dataclasses.replace(typed, runs={p: config_lib.resolve(
         config_lib.load_run_config(p, flag=field)) for p, field in paths.items()})
   model = build_model(typed.model, typed.seed, abstract=True)
+  hooks = [h for h in (cls.build(typed, model) for cls in HOOKS) if h is not None]
+  _, trained_axes = hooks_lib.trainable(hooks, model.params, model.axes["params"])
   try:
-    optimizer = build_optimizer(typed.optimizer, model.axes["params"], typed.train.steps)
+    optimizer = build_optimizer(typed.optimizer, trained_axes, typed.train.steps)
   except ConfigError as e:
     raise e.within("optimizer") from None
   terms = losses.build_terms(typed, model)
-  hooks = [h for h in (cls.build(typed, model) for cls in HOOKS) if h is not None]
   state = make_state(typed.model, typed.seed, model, optimizer.tx, mesh, hooks)
   train_step, eval_step = make_steps(model.graphdef, terms, optimizer.tx, mesh, hooks)
   exp = Experiment(typed, mesh, model, optimizer, data, terms, hooks, state, None, None)

@@ -184,13 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   say = print if lead else (lambda *a, **k: None)
   model = {"params": exp.state.abstract["params"],
            "model_state": exp.state.abstract["model_state"]}
-  loaded, notes = {}, []
-  for term in exp.terms:
-    value, note = term.load_aux(model)
-    if value is not None:
-      loaded[term.name] = value
-    if note:
-      notes.append(note)
+  loaded, notes = exp.load_aux()
   step_aux = {name: loaded[name] for name in exp.abstract_aux()}
   exp.check_step()
   if tc.init_from and not os.path.isdir(os.path.join(tc.init_from, "checkpoints")):
@@ -210,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       state, resumed_from = restored
     else:
       resumed_from = None
-      start = next((m for t in exp.terms if (m := t.initial_model(loaded.get(t.name)))), None)
+      start = exp.initial_model(loaded)
       if start is None and tc.init_from:
         from lm import runs
         start, from_step = runs.latest_model(tc.init_from, model, flag="train.init_from")

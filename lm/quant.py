@@ -215,7 +215,7 @@ class Quant(hooks.Hook):
     check_shapes(cfg, model.params, model.axes["params"])
     return cls(cfg, model.axes["params"])
 
-  def forward(self, params):
+  def forward(self, params, aux=None, rng=None):
     return quantize_params(params, self.axes, self.cfg)
 
 

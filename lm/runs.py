@@ -40,6 +40,10 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
   from lm import quant
   if quant.is_stored(workdir):
     return _stored_model(workdir, abstract_model, flag)
+  lora_run = _lora_config(workdir, flag)
+  if lora_run is not None:  # adapters only: merged onto their base (lm.lora)
+    from lm import lora
+    return lora.read_merged(workdir, lora_run, abstract_model, flag)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
@@ -54,6 +58,22 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
     raise ConfigError(flag, workdir, f"its checkpoint (step {step}) does not fit the "
                       f"config: {diff}", "override only fields that keep the weights' "
                       "shapes (attention_impl, sparse, dtype, ...)") from None
+
+
+def _lora_config(workdir: str, flag: str):
+  """The typed config of ``workdir`` when it is a LoRA run (adapters on a base), else None."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  import json
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not (saved.get("lora") or {}).get("init_from"):
+    return None
+  return config_lib.resolve(config_lib.load_run_config(workdir, flag=flag, merged=False))
 
 
 def _stored_model(workdir: str, abstract_model: dict, flag: str):

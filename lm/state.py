@@ -2,7 +2,8 @@
 update hooks' state, e.g. pruning masks, when a hook keeps any), its shardings and
 its initialisation.
 
-``params`` are what the optimizer updates; ``model_state`` the model's other
+``params`` are what the optimizer updates (the model's parameters, or what a hook
+trains instead: LoRA's adapters, ``lm.hooks``); ``model_state`` the model's other
 variables (updated by the forward pass, e.g. the MoE balancing bias); both carry
 logical axes (``lm.model.build_model``) that ``lm.sharding``'s rules place on the
 mesh. The optimizer state is sharded like the parameters it belongs to.
@@ -38,6 +39,7 @@ def make_state(model_cfg, seed: int, model: Built, tx, mesh, hooks=()) -> StateS
     if start is None:
       built = build_model(model_cfg, seed)
       start = {"params": built.params, "model_state": built.state}
+    # ``start["params"]`` None: a hook makes the parameters (LoRA's adapters)
     params, hook_states = hooks_lib.init(hooks, start["params"])
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "model_state": start["model_state"], "opt_state": tx.init(params),
@@ -47,13 +49,14 @@ def make_state(model_cfg, seed: int, model: Built, tx, mesh, hooks=()) -> StateS
     return state
 
   shapes = jax.eval_shape(init_fn)
-  param_specs = sharding.tree_specs(model.axes["params"], model.params, mesh)
+  trained, trained_axes = hooks_lib.trainable(hooks, model.params, model.axes["params"])
+  param_specs = sharding.tree_specs(trained_axes, trained, mesh)
   specs = {"step": P(), "rng": P(), "params": param_specs,
            "model_state": sharding.tree_specs(model.axes["state"], model.state, mesh),
-           "opt_state": sharding.like_params_specs(shapes["opt_state"], model.params,
+           "opt_state": sharding.like_params_specs(shapes["opt_state"], trained,
                                                    param_specs)}
   if "hooks" in shapes:
-    specs["hooks"] = {h.name: sharding.tree_specs(h.state_axes(model.axes["params"]),
+    specs["hooks"] = {h.name: sharding.tree_specs(h.state_axes(trained_axes),
                                                   shapes["hooks"][h.name], mesh)
                       for h in hooks if h.name in shapes["hooks"]}
   shardings = sharding.named(mesh, specs)

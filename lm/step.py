@@ -20,14 +20,14 @@ from lm.model import apply
 
 
 def make_objective(graphdef, terms: list[losses.Term], hooks=()):
-  """``objective(params, model_state, batch, aux) -> (total, (Forward, new model
-  state, the terms' metrics))``; the forward sees the parameters as the hooks give them
-  (``lm.hooks.forward``)."""
+  """``objective(params, model_state, batch, aux, rng=None) -> (total, (Forward, new
+  model state, the terms' metrics))``; the forward sees the parameters as the hooks give
+  them (``lm.hooks.forward``; ``rng``: this train step's key, None in eval)."""
   w_ce = losses.ce_weight(terms)
   exits = tuple(sorted({n for t in terms for n in t.exits}))
 
-  def objective(params, model_state, batch, aux):
-    params = hooks_lib.forward(hooks, params)
+  def objective(params, model_state, batch, aux, rng=None):
+    params = hooks_lib.forward(hooks, params, aux, rng)
     lens = {}
     if exits:
       logits_BTV, stats, new_state, lens = apply(graphdef, params, model_state,
@@ -62,9 +62,10 @@ def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformat
   objective = make_objective(graphdef, terms, hooks)
 
   def train_step(state, batch, aux):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     with sharding.placed(mesh):
       (total, (out, model_state, term_metrics)), grads = jax.value_and_grad(
-          objective, has_aux=True)(state["params"], state["model_state"], batch, aux)
+          objective, has_aux=True)(state["params"], state["model_state"], batch, aux, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"] + 1

@@ -21,6 +21,7 @@ from attention.linear import LinearConfig
 from attention.spec import BlockSparse, Hierarchical
 from experiments.configs import group, unknown_arg
 from lm import losses
+from lm.lora import LoraConfig
 from lm.prune import PruneConfig
 from lm.quant import QuantConfig
 from moe.config import MoEConfig
@@ -91,6 +92,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # Sources (lm/data): embedded | files | jsonl | parquet | arrayrecord | mixture | synthetic
+  # | preference (DPO pairs: a JSONL of prompt/chosen/rejected, or synthetic:reverse)
   c.data.source = "embedded"
   c.data.path = ""  # a file, a folder or a glob of shards (files, jsonl, parquet, arrayrecord)
   c.data.field = "text"  # jsonl: the field holding each document's text
@@ -138,6 +140,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # run is read back quantized; qat: trained quantized) and pruning masks.
   c.quant = group(QuantConfig())
   c.prune = group(PruneConfig())
+  # Low-rank adapters on a frozen base run (lm/lora.py): set lora.init_from to its
+  # workdir; lora.base_quant=int4|nf4 is QLoRA.
+  c.lora = group(LoraConfig())
 
   # One group per loss term that has settings (lm/losses/): e.g. distill (distillation
   # fine-tuning from a teacher run: set distill.teacher to its workdir).

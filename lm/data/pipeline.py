@@ -20,6 +20,9 @@ same for any process count. Process ``p`` of ``P`` builds only rows
 those rows overlap. Held-out rows are the held-out documents packed in order (last row
 padded, weight 0), cycled when more batches are asked for than they fill.
 
+Preference pairs (``preference``: a JSONL file of prompt / chosen / rejected, or the
+synthetic ``synthetic:reverse`` task) for DPO: ``lm.data.preference``.
+
 Synthetic sources (``synthetic``): ``mqar`` and ``copy`` examples generated
 from ``np.random.default_rng([seed, stream, example_index])`` (stream 0 train,
 1 eval), so a global batch is the same for any ``process_count``. Token ids:
@@ -36,12 +39,13 @@ import numpy as np
 
 from core.errors import ConfigError
 from lm.data import mixture as mixture_lib
+from lm.data import preference as preference_lib
 from lm.data import sources as sources_lib
 from lm.data import tokenizers as tokenizers_lib
 from lm.data.packing import HeldOut, PackedStream
 
 SYNTHETIC_TASKS = ("mqar", "copy")
-SOURCES = (*sources_lib.TEXT, *sources_lib.PRETOKENIZED, "mixture", "synthetic")
+SOURCES = (*sources_lib.TEXT, *sources_lib.PRETOKENIZED, "mixture", "synthetic", "preference")
 PAD_ID, SEP_ID, FIRST_SYMBOL = 0, 1, 2  # synthetic tasks
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 # Single-threaded reads: deterministic and cheap; rows are built by index.
@@ -170,6 +174,8 @@ def check(data_cfg) -> None:
     if data_cfg.stages:
       raise ConfigError("data.stages", data_cfg.stages, "needs data.source='mixture'",
                         "remove it, or mix sources with data.mixture")
+  if data_cfg.source == "preference":
+    preference_lib.check(data_cfg)
   if data_cfg.shuffle_window < 0:
     raise ConfigError("data.shuffle_window", data_cfg.shuffle_window, "must be >= 0",
                       "use 0 (rows in stream order) or e.g. 1024")
@@ -378,6 +384,10 @@ def make_data(data_cfg, *, seed: int, process_index: int = 0,
     return _synthetic(data_cfg, seed, rows, first_row)
 
   tokenizer = tokenizers_lib.load(data_cfg.tokenizer)
+  if data_cfg.source == "preference":
+    train_at, held_at = preference_lib.batches(data_cfg, tokenizer, seed, rows, first_row)
+    return Data(tokenizer.vocab_size, rows, seq_len, _steps(train_at, data_cfg.workers),
+                {"": held_at}, tokenizer, tokenizer.token_bytes)
   bos = tokenizer.bos_id if data_cfg.bos else None
   eos = tokenizer.eos_id if data_cfg.eos else None
   named = named_sources(data_cfg)

@@ -33,6 +33,7 @@ class Term:
   Config: ClassVar[type | None] = None  # that group's dataclass
   ce_weight: float | None = None        # set: the cross-entropy's weight in the objective
   exits: tuple = ()                     # layers whose logit lens the term reads (Forward.exits)
+  aux_from: str | None = None           # a hook's name: the step gives the term that hook's aux
 
   @classmethod
   def build(cls, config, model) -> "Term | None":
