@@ -136,6 +136,13 @@ CASES = [
     ("train: init_from a folder without checkpoints", "experiments.train",
      [BASE, "--workdir={data}/ft", "--config.train.init_from={data}"],
      "has no checkpoints/ folder (not a trained run)"),
+    ("train: LoRA rank 0", "experiments.train",
+     [BASE, "--workdir={data}/ft", "--config.lora.init_from={finished}", "--config.lora.rank=0"],
+     "lora.rank=0: must be an integer >= 1"),
+    ("train: DPO pair without a rejected completion", "experiments.train",
+     [BASE, "--workdir={data}/ft", "--config.train.init_from={finished}",
+      "--config.data.source=preference", "--config.data.path={data}/prefs.jsonl",
+      "--config.dpo.loss=sigmoid"], "the row has no 'rejected' field"),
 ]
 
 
@@ -153,6 +160,7 @@ def bad_data(tmp_path_factory):
   (folder / "pre").mkdir()
   (folder / "pre" / "index.json").write_text(json_lib.dumps(
       {"format": "kestrel-pretokenized-1", "splits": {"train": {"shards": []}}}))
+  (folder / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
   (folder / "nockpt").mkdir()
   (folder / "nockpt" / "config.json").write_text("{}")
   return folder

@@ -92,7 +92,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # Sources (lm/data): embedded | files | jsonl | parquet | arrayrecord | mixture | synthetic
-  # | preference (DPO pairs: a JSONL of prompt/chosen/rejected, or synthetic:reverse)
+  # | preference (DPO pairs: a JSONL of prompt/chosen/rejected, or synthetic:reverse|upper)
   c.data.source = "embedded"
   c.data.path = ""  # a file, a folder or a glob of shards (files, jsonl, parquet, arrayrecord)
   c.data.field = "text"  # jsonl: the field holding each document's text

@@ -4,12 +4,18 @@ rejected completions -> batches of (chosen, rejected) row pairs.
 ``data.path`` is a JSONL file (or folder / glob of them) with ``prompt``, ``chosen`` and
 ``rejected`` text fields per line, split into train and held-out pairs by
 ``data.val_fraction`` and ``data.shuffle_seed`` (``eval_path`` replaces the split); or
-``synthetic:reverse``, the shipped synthetic task: the prompt lists k words
-(``reverse: w1 w2 w3 w4 =``), the chosen completion is the words reversed and the
-rejected one the words copied in order, which a language model trained on text
-prefers (copying is what induction heads do); pairs are drawn from
-``np.random.default_rng([seed, stream, index])`` (stream 0 train, 1 held out) over a
-fixed list of words from the shipped corpus, like the MQAR task.
+one of the shipped synthetic tasks, whose prompt lists k = 4 words (``reverse: w1 w2 w3
+w4 =``) and whose rejected completion copies them in order (what a language model
+trained on text prefers: copying is what induction heads do), while the chosen one
+follows a rule the base model does not know:
+
+- ``synthetic:reverse``: the words in reverse order (relational: the policy must learn
+  to read the prompt backwards);
+- ``synthetic:upper``: the words in capitals, in order (a surface rule a small model
+  learns in tens of steps: the tests' and the notebook's task).
+
+Pairs are drawn from ``np.random.default_rng([seed, stream, index])`` (stream 0 train,
+1 held out) over a fixed list of words from the shipped corpus, like the MQAR task.
 
 Each completion is tokenized on its own after its prompt (``[bos] prompt completion
 eos``); a row holds one sequence, right-padded with the tokenizer's pad id. ``weights``
@@ -30,9 +36,9 @@ import numpy as np
 from core.errors import ConfigError
 from lm.data import sources as sources_lib
 
-SYNTHETIC = ("synthetic:reverse",)
+SYNTHETIC = ("synthetic:reverse", "synthetic:upper")
 FIELDS = ("prompt", "chosen", "rejected")
-REVERSE_WORDS = 4
+TASK_WORDS = 4
 _VOCAB_WORDS = 64
 
 
@@ -44,8 +50,8 @@ def check(data_cfg) -> None:
                       "(rows 2i, 2i+1 are a pair)", f"use {b + 1}")
   if not path:
     raise ConfigError("data.path", path, "is empty (data.source='preference')",
-                      "give a JSONL file of prompt/chosen/rejected rows, or "
-                      "'synthetic:reverse' (the shipped task)")
+                      "give a JSONL file of prompt/chosen/rejected rows, or a shipped "
+                      f"task: {', '.join(SYNTHETIC)}")
   if path.startswith("synthetic:") and path not in SYNTHETIC:
     raise ConfigError("data.path", path, "is not a synthetic preference task",
                       f"use one of {', '.join(SYNTHETIC)}")
@@ -79,7 +85,7 @@ def read_pairs(path: str, field: str = "data.path") -> list[tuple[str, str, str]
   return pairs
 
 
-def reverse_words() -> list[str]:
+def task_words() -> list[str]:
   """The synthetic task's words: the first distinct lower-case words of 3-7 letters of
   the shipped ``python_docs`` corpus."""
   words, seen = [], set()
@@ -93,10 +99,13 @@ def reverse_words() -> list[str]:
   return words
 
 
-def reverse_pair(words: list[str], seed: int, stream: int, index: int) -> tuple[str, str, str]:
+def synthetic_pair(task: str, words: list[str], seed: int, stream: int,
+                   index: int) -> tuple[str, str, str]:
+  """(prompt, chosen, rejected) of pair ``index`` of a synthetic task's stream."""
   rng = np.random.default_rng([seed, stream, index])
-  pick = [words[i] for i in rng.choice(len(words), REVERSE_WORDS, replace=False)]
-  return ("reverse: " + " ".join(pick) + " =", " " + " ".join(pick[::-1]),
+  pick = [words[i] for i in rng.choice(len(words), TASK_WORDS, replace=False)]
+  chosen = pick[::-1] if task == "synthetic:reverse" else [w.upper() for w in pick]
+  return (f"{task.split(':')[1]}: " + " ".join(pick) + " =", " " + " ".join(chosen),
           " " + " ".join(pick))
 
 
@@ -119,8 +128,8 @@ class Pairs:
 
   def __init__(self, data_cfg, seed: int):
     self.path, self.seed = data_cfg.path, seed
-    if self.path == "synthetic:reverse":
-      self.words = reverse_words()
+    if self.path in SYNTHETIC:
+      self.words = task_words()
       self.train = self.held = None
       return
     pairs = read_pairs(self.path)
@@ -134,7 +143,7 @@ class Pairs:
 
   def train_pair(self, index: int):
     if self.train is None:
-      return reverse_pair(self.words, self.seed, 0, index)
+      return synthetic_pair(self.path, self.words, self.seed, 0, index)
     n = len(self.train)
     epoch, i = divmod(index, n)
     order = np.random.default_rng([self.order_seed, epoch]).permutation(n)
@@ -142,7 +151,7 @@ class Pairs:
 
   def held_pair(self, index: int):
     if self.held is None:
-      return reverse_pair(self.words, self.seed, 1, index)
+      return synthetic_pair(self.path, self.words, self.seed, 1, index)
     return self.held[index % len(self.held)]
 
 

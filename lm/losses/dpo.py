@@ -134,7 +134,7 @@ class Dpo(Term):
     if config.data.source != "preference":
       raise ConfigError("dpo.loss", cfg.loss, f"needs preference pairs, but data.source="
                         f"{config.data.source!r}", "set data.source=preference and data.path "
-                        "to a JSONL of prompt/chosen/rejected (or synthetic:reverse)")
+                        "to a JSONL of prompt/chosen/rejected (or synthetic:reverse|upper)")
     path = reference_path(config)
     if not path:
       raise ConfigError("dpo.reference", "", "no reference run (and neither "
