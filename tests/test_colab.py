@@ -44,3 +44,11 @@ def test_compress_notebook_runs(tmp_path, monkeypatch):
   assert "2:4 sparsity of the pruned matrices 0.5" in outputs
   assert "still 2 of every 4: True" in outputs
   assert "distilled student (d_model 32) eval loss" in outputs
+
+
+def test_finetune_notebook_runs(tmp_path, monkeypatch):
+  outputs = _run("finetune.ipynb", tmp_path, monkeypatch)
+  assert "merged run evaluates like the adapters: True" in outputs
+  assert "DPO step 1: reward accuracy 0.00" in outputs
+  acc = float(outputs.split("held-out pairs: reward accuracy ")[1].split(",")[0])
+  assert acc >= 0.9, outputs
