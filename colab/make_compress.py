@@ -1,15 +1,6 @@
 """Writes colab/compress.ipynb (run: python colab/make_compress.py). The notebook is
 executed top to bottom by tests/test_colab.py."""
-import json
-import os
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def install_cell() -> str:
-  with open(os.path.join(HERE, "generate.ipynb")) as f:
-    return "".join(json.load(f)["cells"][1]["source"])  # the notebooks' shared install cell
-
+from cells import write
 
 CELLS = [
     ("markdown", """# Kestrel compression: quantization, pruning, distillation
@@ -82,21 +73,5 @@ print("distilled student (d_model 32) eval loss", round(student["eval_loss"], 4)
 ]
 
 
-def main():
-  cells = []
-  for kind, source in CELLS:
-    source = install_cell() if source is None else source
-    cell = {"cell_type": kind, "metadata": {}, "source": source.splitlines(keepends=True)}
-    if kind == "code":
-      cell.update(execution_count=None, outputs=[])
-    cells.append(cell)
-  nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3",
-                                                    "language": "python", "name": "python3"}},
-        "nbformat": 4, "nbformat_minor": 5}
-  with open(os.path.join(HERE, "compress.ipynb"), "w") as f:
-    json.dump(nb, f, indent=1)
-    f.write("\n")
-
-
 if __name__ == "__main__":
-  main()
+  write("compress.ipynb", CELLS)

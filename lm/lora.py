@@ -45,7 +45,6 @@ import qwix
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from core import quant as q
 from core.errors import ConfigError, check_choice, check_int, check_range
 from lm import hooks
 from lm.quant import ROLES, check_targets, get_path, matrices, merged_shape, set_path

@@ -28,7 +28,6 @@ then completion tokens from the right.
 Train pairs are visited in a random order per epoch (``data.shuffle_seed`` and the
 experiment seed), a pure function of the step like every Kestrel stream.
 """
-import json
 import re
 
 import numpy as np
@@ -60,26 +59,17 @@ def check(data_cfg) -> None:
 def read_pairs(path: str, field: str = "data.path") -> list[tuple[str, str, str]]:
   """(prompt, chosen, rejected) of every line of the JSONL file(s) at ``path``."""
   pairs = []
-  for f in sources_lib.match_files(path, sources_lib.SUFFIXES["jsonl"], field):
-    with sources_lib._open_text(f) as lines:
-      for n, line in enumerate(lines, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ConfigError(field, f"{f}:{n}", f"is not JSON ({e.msg})",
-                            "give one JSON object per line") from None
-        missing = [k for k in FIELDS if not isinstance(row, dict) or k not in row]
-        if missing:
-          raise ConfigError(field, f"{f}:{n}", f"the row has no {missing[0]!r} field",
-                            "give every row prompt, chosen and rejected (text)")
-        bad = [k for k in FIELDS if not isinstance(row[k], str)]
-        if bad:
-          raise ConfigError(field, f"{f}:{n}", f"{bad[0]!r} holds a "
-                            f"{type(row[bad[0]]).__name__}, not text",
-                            "give prompt, chosen and rejected as strings")
-        pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+  for f, n, row in sources_lib.jsonl_rows(path, field):
+    missing = [k for k in FIELDS if not isinstance(row, dict) or k not in row]
+    if missing:
+      raise ConfigError(field, f"{f}:{n}", f"the row has no {missing[0]!r} field",
+                        "give every row prompt, chosen and rejected (text)")
+    bad = [k for k in FIELDS if not isinstance(row[k], str)]
+    if bad:
+      raise ConfigError(field, f"{f}:{n}", f"{bad[0]!r} holds a "
+                        f"{type(row[bad[0]]).__name__}, not text",
+                        "give prompt, chosen and rejected as strings")
+    pairs.append((row["prompt"], row["chosen"], row["rejected"]))
   if not pairs:
     raise ConfigError(field, path, "holds no preference rows", "give at least two rows")
   return pairs

@@ -105,8 +105,9 @@ def _open_text(f: pathlib.Path):
       f, encoding="utf-8")
 
 
-def _jsonl(path: str, key: str, field: str, prefix: str) -> list[str]:
-  docs = []
+def jsonl_rows(path: str, field: str):
+  """(file, line number, parsed row) of every non-blank line of the JSONL file(s) at
+  ``path``; ConfigError naming ``field`` for a line that is not JSON."""
   for f in match_files(path, SUFFIXES["jsonl"], field):
     with _open_text(f) as lines:
       for n, line in enumerate(lines, 1):
@@ -117,16 +118,22 @@ def _jsonl(path: str, key: str, field: str, prefix: str) -> list[str]:
         except json.JSONDecodeError as e:
           raise ConfigError(field, f"{f}:{n}", f"is not JSON ({e.msg})",
                             "give one JSON object per line") from None
-        if not isinstance(row, dict) or key not in row:
-          have = sorted(row) if isinstance(row, dict) else type(row).__name__
-          raise ConfigError(f"{prefix}.field", key, f"is not a field of {f}:{n} (it has "
-                            f"{have})", f"set --config.{prefix}.field to the text's field")
-        if not isinstance(row[key], str):
-          raise ConfigError(f"{prefix}.field", key, f"{f}:{n} holds a "
-                            f"{type(row[key]).__name__} there, not text",
-                            "name a field that holds strings")
-        if row[key].strip():
-          docs.append(row[key])
+        yield f, n, row
+
+
+def _jsonl(path: str, key: str, field: str, prefix: str) -> list[str]:
+  docs = []
+  for f, n, row in jsonl_rows(path, field):
+    if not isinstance(row, dict) or key not in row:
+      have = sorted(row) if isinstance(row, dict) else type(row).__name__
+      raise ConfigError(f"{prefix}.field", key, f"is not a field of {f}:{n} (it has "
+                        f"{have})", f"set --config.{prefix}.field to the text's field")
+    if not isinstance(row[key], str):
+      raise ConfigError(f"{prefix}.field", key, f"{f}:{n} holds a "
+                        f"{type(row[key]).__name__} there, not text",
+                        "name a field that holds strings")
+    if row[key].strip():
+      docs.append(row[key])
   return docs
 
 
@@ -235,7 +242,7 @@ def read_index(folder: str, field: str) -> dict:
   """The ``index.json`` of a pretokenized folder; ConfigError naming ``field``."""
   fix = "pass a folder written by 'python -m experiments.pretokenize --config=... --out=DIR'"
   if not folder:
-    raise ConfigError(field, shown, "is empty", fix)
+    raise ConfigError(field, folder, "is empty", fix)
   shown, folder = folder, os.path.expanduser(folder)
   path = os.path.join(folder, INDEX)
   try:

@@ -14,7 +14,9 @@ At pi = pi_ref the sigmoid loss is log 2.
 Metrics (``dpo/...``, and ``eval_dpo/...`` on the held-out pairs): ``loss``, ``chosen_reward`` and
 ``rejected_reward`` (the implicit rewards beta (log pi - log pi_ref), pair means),
 ``margin`` (their difference), ``reward_accuracy`` (share of pairs whose chosen reward
-is the larger) and ``kl``: KL(pi || pi_ref) of the next-token distributions, the mean
+is the larger), ``policy_accuracy`` (share of pairs whose chosen completion the policy
+itself finds more likely: at the start, whether the base already knows the rule) and
+``kl``: KL(pi || pi_ref) of the next-token distributions, the mean
 over completion tokens.
 
 The reference, ``dpo.reference``, is a run's workdir (default: the run the policy
@@ -83,7 +85,9 @@ def dpo_loss(policy_B: jax.Array, reference_B: jax.Array, cfg: DpoConfig):
   cr, rr = cfg.beta * chosen, cfg.beta * rejected
   return loss, {"loss": loss, "chosen_reward": jnp.mean(cr), "rejected_reward": jnp.mean(rr),
                 "margin": jnp.mean(cr - rr),
-                "reward_accuracy": jnp.mean((cr > rr).astype(jnp.float32))}
+                "reward_accuracy": jnp.mean((cr > rr).astype(jnp.float32)),
+                "policy_accuracy": jnp.mean((policy_B[0::2] > policy_B[1::2]).astype(
+                    jnp.float32))}
 
 
 def token_kl(policy_BTV, reference_BTV, weights_BT) -> jax.Array:
