@@ -41,8 +41,8 @@ qlora = finetune("qlora", "lora", 10, **{"lora.rank": 8, "lora.base_quant": "nf4
                                           "lora.base_group_size": 32})
 print(f"eval loss on code: base {before:.3f}, LoRA r=8 {lora['eval_loss']:.3f}, "
       f"QLoRA nf4 {qlora['eval_loss']:.3f}")
-print(f"trainable: {lora['params'] / 1e3:.1f}k adapter parameters "
-      f"(the base: {summary['params'] / 1e3:.1f}k, frozen)")"""),
+print(f"trainable: {lora['trained_params'] / 1e3:.1f}k adapter parameters "
+      f"(the base: {lora['params'] / 1e3:.1f}k, frozen)")"""),
     ("code", """from experiments import export
 from lm import decode, runs
 

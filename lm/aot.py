@@ -121,9 +121,9 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   from lm.model import active_param_count
   # MoE: a token meets only its top-k experts; the FLOPs estimate counts those.
-  abstract = exp.state.abstract
-  params = active_param_count(c.model, abstract["params"])
-  embed = math.prod(abstract["params"]["embedding"].shape)
+  abstract = exp.state.abstract  # its params: what trains (LoRA: the adapters)
+  params = active_param_count(c.model, exp.model.params)
+  embed = math.prod(exp.model.params["embedding"].shape)
   n = len(devices)
   return CompileReport(
       topology=topology, num_slices=num_slices, devices=n, mesh=dict(exp.mesh.shape),

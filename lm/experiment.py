@@ -100,14 +100,15 @@ class Experiment:
                 if t.aux_from in out})
     return out
 
-  def load_aux(self) -> tuple[dict, list]:
+  def load_aux(self, read) -> tuple[dict, list]:
     """(the step's ``aux``, notes for the log): each hook's and term's frozen inputs,
-    loaded once."""
+    loaded once; ``read`` reads a run's newest weights (``lm.runs.load_aux`` passes
+    ``lm.runs.latest_model``)."""
     model = {"params": self.state.abstract["params"],
              "model_state": self.state.abstract["model_state"]}
     loaded, notes = {}, []
     for t in (*self.hooks, *self.terms):
-      value, note = t.load_aux(model)
+      value, note = t.load_aux(model, read)
       if value is not None:
         loaded[t.name] = value
       if note:

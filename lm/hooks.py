@@ -61,8 +61,10 @@ class Hook:
     """ShapeDtypeStructs (with shardings) of the step's ``aux[name]``; None: nothing."""
     return None
 
-  def load_aux(self, abstract_model: dict) -> tuple[Any, str]:
-    """(aux, a note for the log), loaded once before training."""
+  def load_aux(self, abstract_model: dict, read) -> tuple[Any, str]:
+    """(aux, a note for the log), loaded once before training; ``read(workdir,
+    abstract_model, flag) -> ({"params", "model_state"}, step)`` reads any run's newest
+    weights (``lm.runs.latest_model``, passed in: this layer does not import the runs)."""
     return None, ""
 
   def initial_model(self, aux) -> dict | None:

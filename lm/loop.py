@@ -20,6 +20,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from lm import experiment as experiment_lib
+from lm import runs
 from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger, rounded, summarize
 from lm.model import active_param_count, count_params
@@ -184,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   say = print if lead else (lambda *a, **k: None)
   model = {"params": exp.state.abstract["params"],
            "model_state": exp.state.abstract["model_state"]}
-  loaded, notes = exp.load_aux()
+  loaded, notes = runs.load_aux(exp)
   step_aux = {name: loaded[name] for name in exp.abstract_aux()}
   exp.check_step()
   if tc.init_from and not os.path.isdir(os.path.join(tc.init_from, "checkpoints")):
@@ -206,7 +207,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       resumed_from = None
       start = exp.initial_model(loaded)
       if start is None and tc.init_from:
-        from lm import runs
         start, from_step = runs.latest_model(tc.init_from, model, flag="train.init_from")
         notes.append(f"started from {tc.init_from} (step {from_step})")
       state = exp.state.init(start) if start is not None else exp.state.init()
@@ -233,10 +233,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
 
 def _train(exp, state, step, end, data_iter, aux, ckpt, logger, config, resumed_from, notes):
   tc = exp.config.train
-  n_params = count_params(state["params"])
-  n_active = active_param_count(exp.config.model, state["params"])
+  n_params = count_params(exp.model.params)
+  n_active = active_param_count(exp.config.model, exp.model.params)
+  n_trained = count_params(state["params"])
   mesh_desc = " x ".join(f"{a}={s}" for a, s in exp.mesh.shape.items() if s > 1) or "1 device"
   active = f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else ""
+  if n_trained != n_params:  # a hook trains something else (LoRA's adapters)
+    active += f", {n_trained / 1e6:.3f}M trained"
   logger.info(f"{exp.config.name}: {n_params / 1e6:.2f}M parameters{active}, mesh {mesh_desc}, "
               f"steps {step} -> {end}"
               + (f" (resumed from step {resumed_from})" if resumed_from is not None else "")
@@ -281,4 +284,4 @@ def _train(exp, state, step, end, data_iter, aux, ckpt, logger, config, resumed_
         logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting")
         break
   return {"step": step, "loss": last_loss, "eval_loss": eval_loss, "params": n_params,
-          "active_params": n_active, "state": state}
+          "active_params": n_active, "trained_params": n_trained, "state": state}

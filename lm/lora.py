@@ -31,7 +31,7 @@ loaded; the aux holds their codes (int4 / uint4 for nf4 / int8) and fp32 scales,
 forward dequantizes them before adding the adapters.
 
 A LoRA run read back (``lm.runs.latest_model``: evaluate, generate, export,
-``train.init_from``) is its merged model; ``experiments.export`` writes it as a plain
+``train.init_from``) is its merged model (``lm.runs.read_merged``); ``experiments.export`` writes it as a plain
 run. DPO's reference with LoRA is the base with the adapters off (``Lora.base``).
 """
 import dataclasses
@@ -288,11 +288,10 @@ class Lora(hooks.Hook):
     return {"params": self.stored_abstract(base["params"]),
             "model_state": base["model_state"]}
 
-  def load_aux(self, abstract_model):
-    from lm import runs
+  def load_aux(self, abstract_model, read):
     base = self._abstract_base(abstract_model)
     try:
-      model, step = runs.latest_model(self.cfg.init_from, base, flag="lora.init_from")
+      model, step = read(self.cfg.init_from, base, "lora.init_from")
     except ConfigError as e:
       if "does not fit" not in e.problem:
         raise
@@ -315,33 +314,3 @@ class Lora(hooks.Hook):
 
 def adapter_bytes(adapters: dict) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters))
-
-
-def read_merged(workdir: str, typed, abstract_model: dict, flag: str):
-  """({"params", "model_state"}, step) of LoRA run ``workdir`` (typed config ``typed``,
-  ``lora`` on) merged: its adapters (newest checkpoint) onto its base (read the same
-  way, so a LoRA run on a LoRA run merges both). ``abstract_model`` is the full model's."""
-  from lm import checkpoint, runs, sharding
-  from lm.model import build_model
-  built = build_model(typed.model, typed.seed, abstract=True)
-  hook = Lora(typed.lora, built, typed.seed)
-  adapters = sharding.abstract_like(hook.adapter_abstract, hook.adapter_axes, abstract_model)
-  directory = os.path.join(workdir, "checkpoints")
-  try:
-    saved, step = checkpoint.restore_model(directory, {"params": adapters, "model_state":
-                                                       abstract_model["model_state"]})
-  except checkpoint.NoCheckpoint:
-    raise ConfigError(flag, workdir, "holds no checkpoint",
-                      "train it first (experiments.train), or pass another workdir") from None
-  except checkpoint.OtherTree as e:
-    raise ConfigError(flag, workdir, f"its adapters (step {e.args[0]}) do not fit its "
-                      f"config: {e.args[1]}", "pass the LoRA run as it was trained") from None
-  base, _ = runs.latest_model(typed.lora.init_from, abstract_model, flag=f"{flag} (lora.init_from)")
-  shardings = jax.tree.map(lambda s: s.sharding, abstract_model["params"])
-
-  def merged(base_params, adapter_params):
-    if typed.lora.base_quant != "none":  # the forward training saw: a quantized base
-      base_params = hook.base({"params": hook.quantize(base_params)})
-    return hook.merge(base_params, adapter_params)
-  params = jax.jit(merged, out_shardings=shardings)(base["params"], saved["params"])
-  return {"params": params, "model_state": saved["model_state"]}, step

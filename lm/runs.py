@@ -42,8 +42,7 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
     return _stored_model(workdir, abstract_model, flag)
   lora_run = _lora_config(workdir, flag)
   if lora_run is not None:  # adapters only: merged onto their base (lm.lora)
-    from lm import lora
-    return lora.read_merged(workdir, lora_run, abstract_model, flag)
+    return read_merged(workdir, lora_run, abstract_model, flag)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",
@@ -58,6 +57,43 @@ def latest_model(workdir: str, abstract_model: dict, flag: str = "--workdir"):
     raise ConfigError(flag, workdir, f"its checkpoint (step {step}) does not fit the "
                       f"config: {diff}", "override only fields that keep the weights' "
                       "shapes (attention_impl, sparse, dtype, ...)") from None
+
+
+def read_merged(workdir: str, typed, abstract_model: dict, flag: str):
+  """({"params", "model_state"}, step) of LoRA run ``workdir`` (typed config ``typed``,
+  ``lora`` on) merged: its adapters (newest checkpoint) onto its base (read by
+  ``latest_model``, so a LoRA run on a LoRA run merges both; QLoRA: the quantized base
+  the adapters were trained on). ``abstract_model`` is the full model's."""
+  from lm import lora, sharding
+  from lm.model import build_model
+  built = build_model(typed.model, typed.seed, abstract=True)
+  hook = lora.Lora(typed.lora, built, typed.seed)
+  adapters = sharding.abstract_like(hook.adapter_abstract, hook.adapter_axes, abstract_model)
+  directory = os.path.join(workdir, "checkpoints")
+  try:
+    saved, step = checkpoint.restore_model(directory, {"params": adapters, "model_state":
+                                                       abstract_model["model_state"]})
+  except checkpoint.NoCheckpoint:
+    raise ConfigError(flag, workdir, "holds no checkpoint",
+                      "train it first (experiments.train), or pass another workdir") from None
+  except checkpoint.OtherTree as e:
+    raise ConfigError(flag, workdir, f"its adapters (step {e.args[0]}) do not fit its "
+                      f"config: {e.args[1]}", "pass the LoRA run as it was trained") from None
+  base, _ = latest_model(typed.lora.init_from, abstract_model, flag=f"{flag} (lora.init_from)")
+  shardings = jax.tree.map(lambda s: s.sharding, abstract_model["params"])
+
+  def merged(base_params, adapter_params):
+    if typed.lora.base_quant != "none":
+      base_params = hook.base({"params": hook.quantize(base_params)})
+    return hook.merge(base_params, adapter_params)
+  params = jax.jit(merged, out_shardings=shardings)(base["params"], saved["params"])
+  return {"params": params, "model_state": saved["model_state"]}, step
+
+
+def load_aux(exp) -> tuple[dict, list]:
+  """(aux, notes) of experiment ``exp``'s hooks and terms (a LoRA base, a DPO reference),
+  with ``latest_model`` as their reader of other runs."""
+  return exp.load_aux(lambda workdir, abstract, flag: latest_model(workdir, abstract, flag))
 
 
 def _lora_config(workdir: str, flag: str):

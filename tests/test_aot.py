@@ -75,3 +75,15 @@ def test_compression_step_compiles_for_tpu():
   c.prune.method = "nm"
   r = aot.compile_train_step(c, "v5e:2x2")
   assert r.fits and r.argument_bytes > r.param_bytes + r.opt_bytes
+
+
+def test_qlora_dpo_step_compiles_for_tpu(tmp_path):
+  """QLoRA (nf4 base codes and scales in the step's inputs, adapters trained) with DPO
+  against the base with the adapters off: the TPU compiler takes the step, and the
+  trained state (adapters, their AdamW moments) is a small part of its inputs."""
+  c = base.get_config("tiny")
+  c.mesh.data, c.mesh.fsdp = 2, -1
+  c.lora.init_from, c.lora.base_quant, c.lora.base_group_size = str(tmp_path), "nf4", 32
+  c.data.source, c.data.path, c.dpo.loss = "preference", "synthetic:upper", "sigmoid"
+  r = aot.compile_train_step(c, "v5e:2x2")
+  assert r.fits and 3 * r.param_bytes < r.argument_bytes - r.opt_bytes, aot.format_report(r)

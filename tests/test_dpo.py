@@ -14,7 +14,7 @@ import pytest
 from conftest import records, tiny
 
 from core.errors import ConfigError
-from lm import experiment, loop
+from lm import experiment, loop, runs
 from lm.config import resolve
 from lm.data import make_data, preference
 from lm.data.tokenizers import ByteTokenizer
@@ -24,7 +24,7 @@ from lm.losses import dpo
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("base"))
-  loop.run(tiny(train__steps=2), workdir)
+  loop.run(tiny(train__steps=2, train__eval_batches=1), workdir)
   return workdir
 
 
@@ -135,11 +135,11 @@ def test_batches_interleave_pairs_from_jsonl_and_tasks(tmp_path):
 def test_at_the_reference_the_loss_is_log_2_and_the_margin_zero(base):
   for mode in ("dpo-full", "dpo"):
     exp = experiment.build(_dpo(base, mode))
-    loaded, _ = exp.load_aux()
+    loaded, _ = runs.load_aux(exp)
     aux = {n: loaded[n] for n in exp.abstract_aux()}
     start = exp.initial_model(loaded)
     if start is None:
-      from lm import runs
+
       start, _ = runs.latest_model(base, {"params": exp.state.abstract["params"],
                                           "model_state": exp.state.abstract["model_state"]})
     state = exp.state.init(start)
@@ -157,9 +157,9 @@ def test_at_the_reference_the_loss_is_log_2_and_the_margin_zero(base):
 
 def test_padding_in_the_batch_does_not_leak(base):
   exp = experiment.build(_dpo(base))
-  loaded, _ = exp.load_aux()
+  loaded, _ = runs.load_aux(exp)
   aux = {n: loaded[n] for n in exp.abstract_aux()}
-  from lm import runs
+
   start, _ = runs.latest_model(base, {"params": exp.state.abstract["params"],
                                       "model_state": exp.state.abstract["model_state"]})
   batch = next(exp.data.train_iterator(0))

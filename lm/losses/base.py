@@ -58,9 +58,10 @@ class Term:
     state's ``{"params", "model_state"}``."""
     return None
 
-  def load_aux(self, abstract_model: dict) -> tuple[Any, str]:
+  def load_aux(self, abstract_model: dict, read=None) -> tuple[Any, str]:
     """(aux, a note for the log), loaded once before training onto
-    ``abstract_model``'s shardings."""
+    ``abstract_model``'s shardings; ``read`` reads a run's newest weights
+    (``lm.hooks.Hook.load_aux``)."""
     return None, ""
 
   def initial_model(self, aux) -> dict | None:

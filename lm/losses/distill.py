@@ -196,7 +196,7 @@ class Distill(Term):
       return None
     return self._abstract_teacher(abstract_model)
 
-  def load_aux(self, abstract_model):
+  def load_aux(self, abstract_model, read=None):
     if not self.uses_teacher and not self.same_shapes:
       return None, f"distill.loss=ce: training from scratch ({self.cfg.teacher} unused)"
     model, step, directory = restore_teacher(self.cfg.teacher,

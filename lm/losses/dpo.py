@@ -181,10 +181,8 @@ class Dpo(Term):
   def abstract_aux(self, abstract_model):
     return None if self.lora is not None else self._abstract(abstract_model)
 
-  def load_aux(self, abstract_model):
+  def load_aux(self, abstract_model, read=None):
     if self.lora is not None:
       return None, f"DPO reference: the LoRA base {self.path} (adapters off)"
-    from lm import runs
-    model, step = runs.latest_model(self.path, self._abstract(abstract_model),
-                                    flag="dpo.reference")
+    model, step = read(self.path, self._abstract(abstract_model), "dpo.reference")
     return model, f"DPO reference: {self.path} (step {step})"

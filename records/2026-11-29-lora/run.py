@@ -65,7 +65,7 @@ def finetune(base: str, mode: str, workdir: str, fields: dict) -> dict:
   summary = loop.run(config, workdir)
   state = summary["state"]
   size = lambda t: int(sum(x.size * x.dtype.itemsize for x in __import__("jax").tree.leaves(t)))
-  return {"trainable": int(summary["params"]), "opt_bytes": size(state["opt_state"]),
+  return {"trainable": int(summary["trained_params"]), "opt_bytes": size(state["opt_state"]),
           "ckpt_bytes": _folder_bytes(os.path.join(workdir, "checkpoints"))}
 
 
