@@ -10,8 +10,9 @@ the shipped BPE; ``records/2026-11-29-quantization/run.py``), trained here when
 
 - ``lora``: from ``D<s>``, 150 steps on the held-out domain (the shipped ``python_code``
   corpus), batch 16 x 128: LoRA ranks 4 / 16 / 64 (alpha = 2 x rank, learning rate
-  2e-3, every attention and MLP matrix), QLoRA (nf4 base, group 64, rank 16) and full
-  fine-tuning (learning rate 1e-3), AdamW without weight decay, cosine; each evaluated
+  2e-3, every attention and MLP matrix), QLoRA (nf4 base, group 64, rank 16), rank 16 at
+  learning rate 1e-2 (LoRA is often run at a higher rate than full fine-tuning) and
+  full fine-tuning (learning rate 1e-3), AdamW without weight decay, cosine; each evaluated
   on 16 held-out batches of code (the new domain) and of docs (what the base knew),
   with its trainable parameters, optimizer-state and checkpoint bytes.
 - ``dpo``: from ``D<s>``, 100 steps of DPO (sigmoid loss) on the shipped synthetic
@@ -103,6 +104,8 @@ def main():
       variants = [(name, "lora", {**over, "lora.targets": ("attention", "mlp"),
                                   "optimizer.learning_rate": 2e-3})
                   for name, over in LORA.items()]
+      variants.append(("r16_lr1e-2", "lora", {**LORA["r16"], "lora.targets": ("attention", "mlp"),
+                                              "optimizer.learning_rate": 1e-2}))
       variants.append(("full", "full", {"optimizer.learning_rate": 1e-3}))
       for name, mode, over in variants:
         work = run(f"D{s}_{name}")
