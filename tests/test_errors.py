@@ -166,12 +166,50 @@ def bad_data(tmp_path_factory):
   return folder
 
 
+# The training command's config errors are raised by experiments.configs (parsing) and
+# lm.loop.run (everything else) and printed by experiments.cli like any other: these
+# four run as commands (the config file, the workdir, absl's flags); the rest of its
+# cases run in process (``test_training_config_errors_in_process``), which is the same
+# code without a Python start-up each.
+TRAIN_AS_COMMAND = ("unknown config argument", "missing config file", "unwritable workdir",
+                    "bad flag value")
+
+
+def _in_process(case: str, module: str) -> bool:
+  return module == "experiments.train" and case not in TRAIN_AS_COMMAND
+
+
+def _fill(args, finished, bad_data):
+  return [a.replace("{data}", str(bad_data)).replace("{finished}", str(finished)) for a in args]
+
+
+def test_training_config_errors_in_process(finished, bad_data):
+  from core.errors import ConfigError
+  from experiments.configs import from_argv
+  before = _fingerprint(finished)
+  for case, module, args, expected in CASES:
+    if not _in_process(case, module):
+      continue
+    args = _fill(args, finished, bad_data)
+    expected = expected.replace("{data}", str(bad_data))
+    with pytest.raises(ConfigError) as e:
+      config, _, rest = from_argv(args)
+      workdir = next((a.split("=", 1)[1] for a in rest if a.startswith("--workdir=")),
+                     str(finished))
+      loop.run(config, workdir)
+    line = str(e.value)
+    assert expected in line and "Fix:" in line and "\n" not in line, (case, line)
+  assert _fingerprint(finished) == before
+  assert not any((bad_data / d).exists() for d in ("student", "ft"))
+
+
 def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(finished, bad_data, tmp_path):
   before = _fingerprint(finished)
   procs = []
   for case, module, args, expected in CASES:
-    args = [a.replace("{data}", str(bad_data)).replace("{finished}", str(finished))
-            for a in args]
+    if _in_process(case, module):
+      continue
+    args = _fill(args, finished, bad_data)
     expected = expected.replace("{data}", str(bad_data))
     extra = []
     if module == "experiments.train" and not any(a.startswith("--workdir") for a in args):
