@@ -133,26 +133,27 @@ def test_batches_interleave_pairs_from_jsonl_and_tasks(tmp_path):
 
 
 def test_at_the_reference_the_loss_is_log_2_and_the_margin_zero(base):
-  for mode in ("dpo-full", "dpo"):
-    exp = experiment.build(_dpo(base, mode))
-    loaded, _ = runs.load_aux(exp)
-    aux = {n: loaded[n] for n in exp.abstract_aux()}
-    start = exp.initial_model(loaded)
-    if start is None:
-
-      start, _ = runs.latest_model(base, {"params": exp.state.abstract["params"],
-                                          "model_state": exp.state.abstract["model_state"]})
-    state = exp.state.init(start)
-    with jax.set_mesh(exp.mesh):
-      batch = exp.put_batch(next(exp.data.train_iterator(0)))
-      _, metrics = exp.train_step(state, batch, aux)
-    m = jax.device_get(metrics["dpo"])
-    assert abs(float(m["loss"]) - math.log(2)) < 1e-6, (mode, m)
-    # two programs (policy with gradients, reference without) round differently: ~1e-7
-    assert abs(float(m["margin"])) < 1e-5 and abs(float(m["chosen_reward"])) < 1e-5, (mode, m)
-    assert abs(float(m["kl"])) < 1e-6
-    if mode == "dpo":  # the reference is the LoRA base itself: one copy of the weights
-      assert aux["dpo"] is aux["lora"]
+  """A frozen copy as the reference (full DPO) here; the LoRA base with adapters off in
+  ``test_reward_accuracy_rises_on_the_synthetic_task`` (its first step)."""
+  exp = experiment.build(_dpo(base, "dpo-full"))
+  loaded, _ = runs.load_aux(exp)
+  aux = {n: loaded[n] for n in exp.abstract_aux()}
+  start, _ = runs.latest_model(base, {"params": exp.state.abstract["params"],
+                                      "model_state": exp.state.abstract["model_state"]})
+  state = exp.state.init(start)
+  with jax.set_mesh(exp.mesh):
+    batch = exp.put_batch(next(exp.data.train_iterator(0)))
+    _, metrics = exp.train_step(state, batch, aux)
+  m = jax.device_get(metrics["dpo"])
+  assert abs(float(m["loss"]) - math.log(2)) < 1e-6, m
+  # two programs (policy with gradients, reference without) round differently: ~1e-7
+  assert abs(float(m["margin"])) < 1e-5 and abs(float(m["chosen_reward"])) < 1e-5, m
+  assert abs(float(m["kl"])) < 1e-6
+  # with LoRA the reference is the base itself: one copy of the weights, no second load
+  exp = experiment.build(_dpo(base, "dpo"))
+  loaded, notes = runs.load_aux(exp)
+  aux = {n: loaded[n] for n in exp.abstract_aux()}
+  assert aux["dpo"] is aux["lora"] and any("adapters off" in n for n in notes)
 
 
 def test_padding_in_the_batch_does_not_leak(base):
@@ -184,7 +185,8 @@ def test_reward_accuracy_rises_on_the_synthetic_task(base, tmp_path):
   loop.run(_dpo(base, "dpo", train__steps=8, train__eval_every=8, train__eval_batches=2,
                 optimizer__learning_rate=1e-2), work)
   recs = records(work)
-  assert recs[0]["dpo/reward_accuracy"] == 0.0  # policy = reference: every margin is 0
+  first = recs[0]  # step 1's metrics: before any update, the policy is the reference
+  assert abs(first["dpo/loss"] - math.log(2)) < 1e-6 and abs(first["dpo/margin"]) < 1e-5
   final = [r for r in recs if "eval_dpo/reward_accuracy" in r][-1]
   assert final["eval_dpo/reward_accuracy"] >= 0.9, final
   assert final["eval_dpo/margin"] > 0 and final["eval_dpo/kl"] > 0
