@@ -2,21 +2,18 @@
 import dataclasses
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, topology_or_skip
+from conftest import topology_or_skip
 from conftest import tiny as base_tiny
 
 from core.errors import ConfigError
 from lm import config as config_lib
-from lm import experiment, sharding
+from lm import experiment, loop, sharding
 from lm.model import build_model
 from optim.chain import OptimizerConfig, build_optimizer, muon_dimension_tree, param_labels
 
@@ -207,18 +204,16 @@ def test_experts_not_divisible_by_expert_axis():
 def test_cli_picks_the_dispatch_strategy(tmp_path):
   """The flag reaches the layer: a tight capacity drops assignments with ``dropping`` and
   never with ``dropless`` (same config otherwise)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = {d: subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/moe.py:tiny",
-       f"--workdir={tmp_path / d}", "--config.train.steps=2", "--config.train.log_every=1",
-       "--config.train.plot=False", "--config.train.tensorboard=False",
-       "--config.model.moe.capacity_factor=0.25", f"--config.model.moe.dispatch={d}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for d in ("dropping", "dropless")}
+  from experiments.configs import from_argv
   dropped = {}
-  for d, p in procs.items():
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out
+  for d in ("dropping", "dropless"):  # the command's own parsing, then its loop
+    config, _, _ = from_argv(["--config=experiments/configs/moe.py:tiny",
+                              "--config.train.steps=2", "--config.train.log_every=1",
+                              "--config.train.plot=False", "--config.train.tensorboard=False",
+                              "--config.train.eval_batches=1",
+                              "--config.model.moe.capacity_factor=0.25",
+                              f"--config.model.moe.dispatch={d}"])
+    loop.run(config, str(tmp_path / d))
     assert json.load(open(tmp_path / d / "config.json"))["model"]["moe"]["dispatch"] == d
     last = [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl") if '"loss"' in l][-1]
     dropped[d] = last["moe/dropped"]
@@ -232,7 +227,6 @@ def test_cli_picks_the_dispatch_strategy(tmp_path):
 ])
 def test_moe_train_step_compiles_for_tpu(dispatch, exchange, gmm_impl, mesh):
   """The real MoE train step, with the TPU compiler for a v5e topology, from this host."""
-  import jax.numpy as jnp
   from lm import aot
   c = tiny(dispatch=dispatch, expert_parallel=exchange, gmm_impl=gmm_impl, num_experts=8)
   c.data.batch_size, c.data.seq_len = 8, 256  # 512 tokens per device: full 128-row tiles
