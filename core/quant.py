@@ -3,7 +3,8 @@ straight through (Jacob et al. 2018; Bengio et al. 2013's straight-through estim
 
 The numerics are qwix's (``qwix.quantize`` / ``qwix.dequantize``) with symmetric
 absmax scales: int8 scale = absmax / 127 (values rounded to [-127, 127]), int4 absmax
-/ 7 ([-7, 7]), fp8 as float8_e4m3fn (absmax / 448). (qwix's default integer scale is
+/ 7 ([-7, 7]), fp8 as float8_e4m3fn (absmax / 448), nf4 (QLoRA's NormalFloat levels
+scaled by absmax; stored LoRA bases, ``lm.lora``). (qwix's default integer scale is
 absmax / (qmax + 0.5), which puts each group's largest value exactly on a rounding
 boundary, so which of two levels it gets depends on how the division rounds; its
 ``absmax,<factor>`` calibration restores the classic absmax / qmax used here.) One
@@ -18,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
+# nf4: QLoRA's 4-bit NormalFloat (non-uniform levels; codes are uint4)
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn, "nf4": "nf4"}
 # absmax x factor / (qmax + 0.5) = absmax / qmax for the integer types
 _CALIBRATION = {"int8": f"absmax,{127.5 / 127!r}", "int4": f"absmax,{7.5 / 7!r}",
-                "fp8": "absmax"}
+                "fp8": "absmax", "nf4": "absmax"}
 
 
 def quantize(x: jax.Array, qtype: str, axis: int, group: int = 0):

@@ -45,14 +45,12 @@ import qwix
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from core import quant as q
 from core.errors import ConfigError, check_choice, check_int, check_range
 from lm import hooks
 from lm.quant import ROLES, check_targets, get_path, matrices, merged_shape, set_path
 
 BASE_QUANT = ("none", "int8", "int4", "nf4")
-_QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
-_CALIBRATION = {"int8": f"absmax,{127.5 / 127!r}", "int4": f"absmax,{7.5 / 7!r}",
-                "nf4": "absmax"}
 DEFAULT_TARGETS = ("attention", "mlp", "experts", "linear")
 
 
@@ -162,19 +160,15 @@ def quantize_base(w: jax.Array, m, cfg: LoraConfig) -> dict:
   """QLoRA's stored form of one base matrix: {"q": codes in the weight's shape,
   "scale": fp32 scales over groups of the flattened contraction}."""
   shape, c = merged_shape(tuple(w.shape), m)
-  x = w.reshape(shape).astype(jnp.float32)
-  g = cfg.base_group_size
-  tiled = {c: g} if g and g < shape[c] else {}
-  others = tuple(i for i in range(len(shape)) if i != c)
-  qa = qwix.quantize(x, _QTYPES[cfg.base_quant], channelwise_axes=others, tiled_axes=tiled,
-                     calibration_method=_CALIBRATION[cfg.base_quant])
+  qa = q.quantize(w.reshape(shape), cfg.base_quant, c, cfg.base_group_size)
   return {"q": qa.qvalue.reshape(w.shape), "scale": qa.scale}
 
 
 def dequantize_base(stored: dict, m, cfg: LoraConfig, dtype) -> jax.Array:
   w_shape = stored["q"].shape
   shape, _ = merged_shape(tuple(w_shape), m)
-  qa = qwix.QArray(stored["q"].reshape(shape), stored["scale"], None, _QTYPES[cfg.base_quant])
+  qa = qwix.QArray(stored["q"].reshape(shape), stored["scale"], None,
+                   q.QTYPES[cfg.base_quant])
   return qwix.dequantize(qa).reshape(w_shape).astype(dtype)
 
 
