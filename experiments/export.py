@@ -18,7 +18,6 @@ from experiments import cli
 
 def export(workdir: str, out: str, overrides: dict | None = None) -> dict:
   """Writes the merged run ``out``; returns {"out", "step", "adapter_bytes", "bytes"}."""
-  import jax
 
   from lm import config as config_lib
   from lm import lora, runs
@@ -43,9 +42,8 @@ def export(workdir: str, out: str, overrides: dict | None = None) -> dict:
   from lm.model import build_model
   built = build_model(typed.model, typed.seed, abstract=True)
   adapters, _ = lora.adapter_shapes(built.params, built.axes["params"], typed.lora)
-  size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
-  return {"out": out, "step": int(weights.step), "adapter_bytes": size(adapters),
-          "bytes": size(weights.params)}
+  return {"out": out, "step": int(weights.step), "adapter_bytes": lora.tree_bytes(adapters),
+          "bytes": lora.tree_bytes(weights.params)}
 
 
 def describe(r: dict) -> str:

@@ -48,7 +48,8 @@ from jax.sharding import PartitionSpec as P
 from core import quant as q
 from core.errors import ConfigError, check_choice, check_int, check_range
 from lm import hooks
-from lm.quant import ROLES, check_targets, get_path, matrices, merged_shape, set_path
+from lm.quant import (ROLES, check_matrices, check_targets, get_path, matrices, merged_shape,
+                      set_path)
 
 BASE_QUANT = ("none", "int8", "int4", "nf4")
 DEFAULT_TARGETS = ("attention", "mlp", "experts", "linear")
@@ -172,22 +173,6 @@ def dequantize_base(stored: dict, m, cfg: LoraConfig, dtype) -> jax.Array:
   return qwix.dequantize(qa).reshape(w_shape).astype(dtype)
 
 
-def check_group(cfg: LoraConfig, params: dict, axes: dict) -> None:
-  """``lora.targets`` names a matrix; QLoRA's group size divides every input dimension."""
-  mats = matrices(axes, cfg.targets)
-  if not mats:
-    raise ConfigError("lora.targets", cfg.targets, "names no weight matrix of this model",
-                      f"use some of {', '.join(ROLES)} that the model has")
-  if cfg.base_quant == "none" or not cfg.base_group_size:
-    return
-  for path, m in mats.items():
-    shape, c = merged_shape(tuple(get_path(params, path).shape), m)
-    if shape[c] % cfg.base_group_size:
-      raise ConfigError("lora.base_group_size", cfg.base_group_size,
-                        f"does not divide the input dimension {shape[c]} of {'/'.join(path)}",
-                        f"use a divisor of {shape[c]}, or 0 (one scale per output channel)")
-
-
 class Lora(hooks.Hook):
   """``lora.init_from`` set: the train state's parameters are the adapters; the forward
   sees the base (the step's ``aux["lora"]``) plus the adapters' low-rank updates."""
@@ -207,7 +192,9 @@ class Lora(hooks.Hook):
     if not os.path.isdir(cfg.init_from):
       raise ConfigError("lora.init_from", cfg.init_from, "no such directory",
                         "pass the workdir of the trained run to adapt")
-    check_group(cfg, model.params, model.axes["params"])
+    check_matrices(model.params, model.axes["params"], cfg.targets,
+                   cfg.base_group_size if cfg.base_quant != "none" else 0,
+                   "lora.targets", "lora.base_group_size")
     return cls(cfg, model, config.seed)
 
   # -- the train state holds the adapters
@@ -274,7 +261,7 @@ class Lora(hooks.Hook):
 
   def _abstract_base(self, abstract_model):
     from lm import sharding
-    return {"params": sharding.abstract_like(self.model.params, self.axes, abstract_model),
+    return {"params": sharding.abstract_model(self.model, abstract_model)["params"],
             "model_state": abstract_model["model_state"]}
 
   def abstract_aux(self, abstract_model):
@@ -306,5 +293,6 @@ class Lora(hooks.Hook):
     return {"params": None, "model_state": aux["model_state"]}
 
 
-def adapter_bytes(adapters: dict) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters))
+def tree_bytes(tree) -> int:
+  """Bytes of a tree of arrays (or ShapeDtypeStructs): adapters, weights, optimizer state."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -165,23 +165,30 @@ def merged_shape(shape, m: Matrix):
   return shape[:c0] + (math.prod(shape[c0:c1 + 1]),) + shape[c1 + 1:], c0
 
 
-def check_shapes(cfg: QuantConfig, params: dict, axes: dict) -> None:
-  """``quant.targets`` names a matrix of the model, and ``quant.group_size`` divides
-  every targeted matrix's input dimension."""
-  if cfg.weight == "none":
-    return
-  mats = matrices(axes, cfg.targets)
+def check_matrices(params: dict, axes: dict, targets: tuple, group_size: int,
+                   targets_field: str, group_field: str) -> None:
+  """``targets`` names a matrix of the model, and ``group_size`` (0: none) divides every
+  targeted matrix's input dimension; errors name ``targets_field`` / ``group_field``."""
+  mats = matrices(axes, targets)
   if not mats:
-    raise ConfigError("quant.targets", cfg.targets, "names no weight matrix of this model",
+    raise ConfigError(targets_field, targets, "names no weight matrix of this model",
                       f"use some of {', '.join(ROLES)} that the model has")
-  for path, m in (mats.items() if cfg.group_size else ()):
+  for path, m in (mats.items() if group_size else ()):
     shape, c = merged_shape(tuple(get_path(params, path).shape), m)
-    if shape[c] % cfg.group_size:
-      raise ConfigError("quant.group_size", cfg.group_size,
+    if shape[c] % group_size:
+      raise ConfigError(group_field, group_size,
                         f"does not divide the input dimension {shape[c]} of "
                         f"{'/'.join(path)}",
                         f"use a divisor of {shape[c]} (or 0: per output channel), or drop "
-                        f"{m.role!r} from quant.targets")
+                        f"{m.role!r} from {targets_field}")
+
+
+def check_shapes(cfg: QuantConfig, params: dict, axes: dict) -> None:
+  """``quant.targets`` names a matrix of the model, and ``quant.group_size`` divides
+  every targeted matrix's input dimension."""
+  if cfg.weight != "none":
+    check_matrices(params, axes, cfg.targets, cfg.group_size, "quant.targets",
+                   "quant.group_size")
 
 
 def fake_quant_matrix(w: jax.Array, m: Matrix, qtype: str, group: int) -> jax.Array:

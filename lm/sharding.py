@@ -191,6 +191,14 @@ def placed(mesh: Mesh, rules=RULES):
     yield
 
 
+def abstract_model(built, reference) -> dict:
+  """``{"params", "model_state"}`` ShapeDtypeStructs of model ``built``
+  (``lm.model.Built``) placed by the rules table on ``reference``'s mesh: another run's
+  model (a teacher, a reference, a frozen base) beside the train state."""
+  return {"params": abstract_like(built.params, built.axes["params"], reference),
+          "model_state": abstract_like(built.state, built.axes["state"], reference)}
+
+
 def abstract_like(tree, axes, reference):
   """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs with logical ``axes``)
   placed by the rules table on the mesh that ``reference``'s shardings use (e.g. a

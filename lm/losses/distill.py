@@ -128,7 +128,7 @@ def teacher_model(cfg: DistillConfig, student) -> object:
                       f"the teacher's vocabulary is {typed.model.vocab_size} tokens, the "
                       f"student's {student.model.vocab_size}",
                       "distil from a run with the student's tokenizer and model.vocab_size")
-  if _tokenizer_id(typed.data) != _tokenizer_id(student.data):
+  if tokenizer_id(typed.data) != tokenizer_id(student.data):
     raise ConfigError("distill.teacher", cfg.teacher,
                       f"the teacher was trained with another tokenizer "
                       f"({typed.data.tokenizer!r}, the student's {student.data.tokenizer!r})",
@@ -136,7 +136,9 @@ def teacher_model(cfg: DistillConfig, student) -> object:
   return dataclasses.replace(typed.model, dtype=student.model.dtype)
 
 
-def _tokenizer_id(data) -> str:
+def tokenizer_id(data) -> str:
+  """What identifies a run's tokens: the synthetic task and vocabulary, the tokenizer's
+  name, or its file's hash."""
   if data.source == "synthetic":
     return f"synthetic:{data.synthetic.task}:{data.synthetic.vocab}"
   spec = data.tokenizer
@@ -187,9 +189,7 @@ class Distill(Term):
 
   def _abstract_teacher(self, abstract_model):
     from lm import sharding
-    t = self.teacher
-    return {"params": sharding.abstract_like(t.params, t.axes["params"], abstract_model),
-            "model_state": sharding.abstract_like(t.state, t.axes["state"], abstract_model)}
+    return sharding.abstract_model(self.teacher, abstract_model)
 
   def abstract_aux(self, abstract_model):
     if not self.uses_teacher:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from core.errors import ConfigError, check_choice, check_positive, check_range
 from lm.losses.base import Forward, Term
-from lm.losses.distill import _tokenizer_id
+from lm.losses.distill import tokenizer_id
 from lm.model import apply, build_model
 
 LOSSES = ("none", "sigmoid", "ipo")
@@ -150,7 +150,7 @@ class Dpo(Term):
       return cls(cfg, model, Lora(config.lora, model, config.seed), path)
     ref = config.runs[path]
     if ref.model.vocab_size != config.model.vocab_size or \
-        _tokenizer_id(ref.data) != _tokenizer_id(config.data):
+        tokenizer_id(ref.data) != tokenizer_id(config.data):
       raise ConfigError("dpo.reference", path, f"was trained with another tokenizer or "
                         f"vocabulary ({ref.data.tokenizer!r}, {ref.model.vocab_size} tokens; "
                         f"the policy: {config.data.tokenizer!r}, {config.model.vocab_size})",
@@ -174,9 +174,7 @@ class Dpo(Term):
 
   def _abstract(self, abstract_model):
     from lm import sharding
-    r = self.reference
-    return {"params": sharding.abstract_like(r.params, r.axes["params"], abstract_model),
-            "model_state": sharding.abstract_like(r.state, r.axes["state"], abstract_model)}
+    return sharding.abstract_model(self.reference, abstract_model)
 
   def abstract_aux(self, abstract_model):
     return None if self.lora is not None else self._abstract(abstract_model)

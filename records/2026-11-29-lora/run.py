@@ -64,9 +64,9 @@ def finetune(base: str, mode: str, workdir: str, fields: dict) -> dict:
                             {"train.progress": "log", "train.plot": False,
                              "train.tensorboard": False, **fields})
   summary = loop.run(config, workdir)
-  state = summary["state"]
-  size = lambda t: int(sum(x.size * x.dtype.itemsize for x in __import__("jax").tree.leaves(t)))
-  return {"trainable": int(summary["trained_params"]), "opt_bytes": size(state["opt_state"]),
+  from lm.lora import tree_bytes
+  return {"trainable": int(summary["trained_params"]),
+          "opt_bytes": tree_bytes(summary["state"]["opt_state"]),
           "ckpt_bytes": _folder_bytes(os.path.join(workdir, "checkpoints"))}
 
 
