@@ -4,7 +4,9 @@
 
 Each row lowers and compiles the full train step (lm/aot.py) for a topology and
 prints parameter / optimizer / temporary memory per device against HBM, and the
-compiler's FLOPs per step beside the 6N + attention model estimate.
+compiler's FLOPs per step beside the model count (lm/flops.py: every matmul, causal
+attention counted by half, MoE by its active experts; recorded tables before 2026-11-29
+used 6N + full-square attention).
 """
 import argparse
 import os

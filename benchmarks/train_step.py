@@ -5,8 +5,10 @@
 
 For each implementation: build the experiment on all local devices, run warm-up
 steps (compilation), then time ``--steps`` steps (each blocked on), and print
-median step time, tokens/s, model TFLOP/s (6N + attention estimate, see
-lm/aot.py) and the ratio of step time to the first implementation's.
+median step time, tokens/s, model TFLOP/s per device (lm/flops.py: every matmul, causal
+attention by half; tables before 2026-11-29 used 6N + full-square attention), MFU
+against the device's peak (lm.flops.PEAK_TFLOPS) and the ratio of step time to the first
+implementation's.
 """
 import argparse
 import math
@@ -24,7 +26,7 @@ def measure(config, impl: str, steps: int, warmup: int) -> dict:
   import jax
   from experiments.configs import override
   from lm import experiment
-  from lm.aot import model_flops_per_step
+  from lm.flops import device_peak_tflops, train_flops
   exp = experiment.build(override(config, {"model.attention_impl": impl}))
   c = exp.config
   it = exp.data.train_iterator()
@@ -41,13 +43,16 @@ def measure(config, impl: str, steps: int, warmup: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
-  embed = math.prod(state["params"]["embedding"].shape)
   step = statistics.median(times)
   tokens = c.data.batch_size * c.data.seq_len
-  flops = model_flops_per_step(c.model, params, embed, c.data.batch_size, c.data.seq_len)
+  density = m["attention"]["density"] if "attention" in m else None
+  density = float(jax.numpy.mean(jax.numpy.stack(jax.tree.leaves(density)))) if density else None
+  flops = train_flops(c.model, c.data.batch_size, c.data.seq_len, density=density)
+  per_device = flops / step / 1e12 / exp.mesh.size
+  peak = device_peak_tflops(0.0, list(exp.mesh.devices.flat))
   return {"impl": impl, "step_s": step, "tokens_per_s": tokens / step,
-          "tflops": flops / step / 1e12, "params": params, "loss": float(m["loss"]),
-          "config": c}
+          "tflops": per_device, "mfu": per_device / peak if peak else None,
+          "params": params, "loss": float(m["loss"]), "config": c}
 
 
 def main():
@@ -73,10 +78,11 @@ def main():
       f"batch {c.data.batch_size} x {c.data.seq_len} tokens; optimizer "
       f"{c.optimizer.name}; median of {args.steps} steps after {args.warmup} warm-up",
       "",
-      "| attention impl | step ms | tokens/s | model TFLOP/s | step time / first |",
-      "| --- | ---: | ---: | ---: | ---: |"]
+      "| attention impl | step ms | tokens/s | model TFLOP/s/device | MFU | step time / first |",
+      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  mfu = lambda r: f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
   lines = header + [f"| {r['impl']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                    f"{r['tflops']:.1f} | {r['step_s'] / base:.2f} |" for r in rows]
+                    f"{r['tflops']:.3g} | {mfu(r)} | {r['step_s'] / base:.2f} |" for r in rows]
   emit(lines, args.out)
 
 

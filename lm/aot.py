@@ -62,7 +62,7 @@ class CompileReport:
   temp_bytes: int
   code_bytes: int
   compiler_flops: float  # per device per step, from cost analysis
-  model_flops: float  # per device per step, 6N + attention estimate
+  model_flops: float  # per device per step, lm.flops.train_flops
   params: int
 
   @property
@@ -82,17 +82,6 @@ def _per_device_bytes(tree) -> int:
     shard = x.sharding.shard_shape(x.shape)
     total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
   return total
-
-
-def model_flops_per_step(model_cfg, params: int, embed_params: int, batch: int,
-                         seq_len: int) -> float:
-  """6 x (non-embedding params) x tokens + 12 x layers x heads x head_dim x T x tokens
-  (Kaplan et al. 2020 / PaLM appendix B; causal masking not discounted)."""
-  head_dim = model_cfg.head_size
-  tokens = batch * seq_len
-  attention = 12 * model_cfg.n_layers * model_cfg.n_heads * head_dim * seq_len * tokens
-  # The output head is a matmul too; the embedding lookup is not.
-  return 6.0 * (params - embed_params) * tokens + attention
 
 
 def lower_train_step(config: ml_collections.ConfigDict, devices):
@@ -119,11 +108,10 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  from lm.flops import train_flops
   from lm.model import active_param_count
-  # MoE: a token meets only its top-k experts; the FLOPs estimate counts those.
   abstract = exp.state.abstract  # its params: what trains (LoRA: the adapters)
   params = active_param_count(c.model, exp.model.params)
-  embed = math.prod(exp.model.params["embedding"].shape)
   n = len(devices)
   return CompileReport(
       topology=topology, num_slices=num_slices, devices=n, mesh=dict(exp.mesh.shape),
@@ -134,8 +122,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes,
       compiler_flops=float(cost.get("flops", float("nan"))),
-      model_flops=model_flops_per_step(c.model, params, embed, c.data.batch_size,
-                                       c.data.seq_len) / n,
+      model_flops=train_flops(c.model, c.data.batch_size, c.data.seq_len) / n,
       params=params)
 
 

@@ -182,11 +182,18 @@ class TrainConfig:
   plot: bool
   tensorboard: bool
   init_from: str
+  peak_tflops: float
+  profile_steps: tuple[int, ...]
 
   def __post_init__(self):
     _positive(self, "steps", "log_every", "eval_every", "eval_batches",
               "checkpoint_every", "keep_checkpoints")
     check_choice("progress", self.progress, PROGRESS)
+    check_range("peak_tflops", self.peak_tflops, 0.0, float("inf"))
+    steps = self.profile_steps
+    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+      raise ConfigError("profile_steps", steps, "must be () or (first, last) with "
+                        "1 <= first <= last", "use e.g. (10, 12) to trace steps 10 to 12")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +252,12 @@ def _value(tp, value, path: str, metadata=None):
                         "see experiments/configs/mixture.py")
     return {k: _group(item, value[k], f"{path}.{k}") for k in value}
   if origin is tuple:
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    item = typing.get_args(tp)[0]
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, item) and not isinstance(v, bool) for v in value):
       return tuple(value)
+    if item is int:
+      raise ConfigError(path, value, "must be a tuple of integers", "use e.g. (10, 12)")
     raise ConfigError(path, value, "must be a tuple of names", "use e.g. ('vocab',)")
   if tp is bool:
     ok = isinstance(value, bool)

@@ -20,6 +20,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from lm import experiment as experiment_lib
+from lm import flops as flops_lib
 from lm import runs
 from lm.checkpoint import Checkpointer
 from lm.metrics import MetricsLogger, rounded, summarize
@@ -104,6 +105,38 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Profiler:
+  """Traces steps ``first..last`` (``train.profile_steps``) with ``jax.profiler`` into
+  ``logdir`` (TensorBoard's profile plugin reads it); each traced step is annotated
+  (``StepTraceAnnotation`` for xprof's step view, ``kestrel step <n>`` to search for)."""
+
+  def __init__(self, steps: tuple, logdir: str, enabled: bool = True):
+    self.first, self.last = steps if steps and enabled else (0, -1)
+    self.logdir, self.active = logdir, False
+
+  def annotate(self, step: int):
+    """Context of step ``step`` (1-based): starts the trace at ``first``."""
+    import contextlib
+    if not self.first <= step <= self.last:
+      return contextlib.nullcontext()
+    if not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.profiler.StepTraceAnnotation("train", step_num=step))
+    stack.enter_context(jax.profiler.TraceAnnotation(f"kestrel step {step}"))
+    return stack
+
+  def finish(self, step: int, result, force: bool = False) -> bool:
+    """Stops the trace after ``last`` (or when the loop ends); True when it stopped."""
+    if self.active and (step >= self.last or force):
+      jax.block_until_ready(result)
+      jax.profiler.stop_trace()
+      self.active = False
+      return True
+    return False
 
 
 def _writable_workdir(workdir: str) -> None:
@@ -248,40 +281,55 @@ def _train(exp, state, step, end, data_iter, aux, ckpt, logger, config, resumed_
   t_start = t_last = time.perf_counter()
   multi = jax.process_count() > 1
   groups = list(exp.optimizer.learning_rates)
+  c = exp.config
+  peak = flops_lib.device_peak_tflops(tc.peak_tflops, list(exp.mesh.devices.flat))
+  profiler = _Profiler(tc.profile_steps, os.path.join(logger.workdir, "tensorboard"),
+                       enabled=jax.process_index() == 0)
   with _Preemption(enabled=not multi) as preempt, jax.set_mesh(exp.mesh):
-    while step < end:
-      state, metrics = exp.train_step(state, exp.put_batch(next(data_iter)), aux)
-      step += 1
-      pending.append(metrics)
-      stop = preempt.requested or (multi and ckpt.manager.reached_preemption(step))
-      if step % tc.log_every == 0 or step == end or step == 1:
-        host = jax.device_get(pending)
-        now = time.perf_counter()
-        tokens = sum(float(m["tokens"]) for m in host)
-        last_loss = float(host[-1]["loss"])
-        mean = summarize(host)
-        record = {"step": step, "loss": last_loss, "loss_avg": mean.pop("loss"),
-                  "grad_norm": float(host[-1]["grad_norm"]),
-                  "tokens_per_sec": tokens / max(now - t_last, 1e-9),
-                  "elapsed_s": now - t_start}
-        record.update({k: v for k, v in mean.items() if k not in ("tokens", "grad_norm")})
-        for term in exp.terms:
-          record.update(term.summarize(record))
-        for group, schedule in exp.optimizer.learning_rates.items():
-          record[f"learning_rate/{group}"] = float(schedule(step - 1))
-        record["learning_rate"] = record[f"learning_rate/{groups[0]}"]
-        logger.log(rounded(record))
-        pending, t_last = [], time.perf_counter()
-      if step % tc.eval_every == 0 or step == tc.steps:
-        evals = evaluate(exp, state["params"], state["model_state"], aux=aux)
-        eval_loss = evals["eval_loss"]
-        logger.log({"step": step, **evals, "elapsed_s": time.perf_counter() - t_start})
-        t_last = time.perf_counter()
-      if step % tc.checkpoint_every == 0 or step == end or stop:
-        ckpt.save(step, state, data_iter, config)
-        t_last = time.perf_counter()
-      if stop:
-        logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting")
-        break
+    try:
+      while step < end:
+        with profiler.annotate(step + 1):
+          state, metrics = exp.train_step(state, exp.put_batch(next(data_iter)), aux)
+        step += 1
+        if profiler.finish(step, state):
+          logger.info(f"profiled steps {tc.profile_steps[0]}-{step} into "
+                      f"{profiler.logdir} (TensorBoard's profile tab)")
+        pending.append(metrics)
+        stop = preempt.requested or (multi and ckpt.manager.reached_preemption(step))
+        if step % tc.log_every == 0 or step == end or step == 1:
+          host = jax.device_get(pending)
+          now = time.perf_counter()
+          tokens = sum(float(m["tokens"]) for m in host)
+          last_loss = float(host[-1]["loss"])
+          mean = summarize(host)
+          record = {"step": step, "loss": last_loss, "loss_avg": mean.pop("loss"),
+                    "grad_norm": float(host[-1]["grad_norm"]),
+                    "tokens_per_sec": tokens / max(now - t_last, 1e-9),
+                    "elapsed_s": now - t_start}
+          record.update({k: v for k, v in mean.items() if k not in ("tokens", "grad_norm")})
+          step_flops = flops_lib.train_flops(c.model, c.data.batch_size, c.data.seq_len,
+                                             density=mean.get("attention/density"))
+          record.update(flops_lib.utilisation(step_flops * len(host), now - t_last,
+                                              exp.mesh.size, peak))
+          for term in exp.terms:
+            record.update(term.summarize(record))
+          for group, schedule in exp.optimizer.learning_rates.items():
+            record[f"learning_rate/{group}"] = float(schedule(step - 1))
+          record["learning_rate"] = record[f"learning_rate/{groups[0]}"]
+          logger.log(rounded(record))
+          pending, t_last = [], time.perf_counter()
+        if step % tc.eval_every == 0 or step == tc.steps:
+          evals = evaluate(exp, state["params"], state["model_state"], aux=aux)
+          eval_loss = evals["eval_loss"]
+          logger.log({"step": step, **evals, "elapsed_s": time.perf_counter() - t_start})
+          t_last = time.perf_counter()
+        if step % tc.checkpoint_every == 0 or step == end or stop:
+          ckpt.save(step, state, data_iter, config)
+          t_last = time.perf_counter()
+        if stop:
+          logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting")
+          break
+    finally:
+      profiler.finish(step, state, force=True)
   return {"step": step, "loss": last_loss, "eval_loss": eval_loss, "params": n_params,
           "active_params": n_active, "trained_params": n_trained, "state": state}

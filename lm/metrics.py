@@ -94,6 +94,10 @@ class MetricsLogger:
         self._tb.add_scalar(key, value, step)
     if "loss" in record:
       text = f"loss {record['loss']:.4f}  {record['tokens_per_sec']:,.0f} tok/s"
+      if "model_tflops_per_sec" in record:
+        text += f"  {record['model_tflops_per_sec']:,.3g} TFLOP/s/device"
+      if "mfu" in record:
+        text += f"  MFU {100 * record['mfu']:.1f}%"
       if self._bar is not None:
         self._bar.update(step - self._step)
         self._bar.set_postfix_str(text)

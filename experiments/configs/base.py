@@ -131,6 +131,12 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # A trained run's workdir to start from (its newest weights; same architecture) when
   # this workdir has no checkpoint: QAT, pruning or fine-tuning of a trained model.
   c.train.init_from = ""
+  # Model FLOP utilisation (lm/flops.py): the per-device dense bf16 peak in TFLOP/s;
+  # 0 looks the device up in lm.flops.PEAK_TFLOPS (no MFU on CPU or unknown devices).
+  c.train.peak_tflops = 0.0
+  # (first, last): trace steps first..last with jax.profiler into <workdir>/tensorboard
+  # (TensorBoard's profile tab, the xprof plugin); () traces nothing.
+  c.train.profile_steps = ()
 
   # AdamW, or Muon / NAMO / NAMO-D on the matrices with AdamW on the rest (optim/).
   c.optimizer = group(OptimizerConfig())
