@@ -65,6 +65,8 @@ def main():
   p.add_argument("--out", default="")
   args = p.parse_args()
   config = load_config(args.config, args.set)
+  from lm.loop import apply_xla_flags
+  apply_xla_flags(config.train.xla_flags)  # before JAX starts: the flags a run would use
   rows = [measure(config, impl, args.steps, args.warmup) for impl in args.impls.split(",")]
   base = rows[0]["step_s"]
   c = rows[0]["config"]
@@ -77,6 +79,7 @@ def main():
       f"{rows[0]['params'] / 1e6:.1f}M params, compute {m.dtype}, params {m.param_dtype}; "
       f"batch {c.data.batch_size} x {c.data.seq_len} tokens; optimizer "
       f"{c.optimizer.name}; median of {args.steps} steps after {args.warmup} warm-up",
+      f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`",
       "",
       "| attention impl | step ms | tokens/s | model TFLOP/s/device | MFU | step time / first |",
       "| --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -40,8 +40,9 @@ def initialize_distributed() -> None:
 
 def main(config, spec):
   del spec
-  initialize_distributed()
   from lm import loop
+  loop.apply_xla_flags(config.train.get("xla_flags", ""))  # before JAX starts its backend
+  initialize_distributed()
   summary = loop.run(config, _WORKDIR.value, stop_at=_STOP_AT.value)
   eval_loss = summary["eval_loss"]
   print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, "

@@ -184,12 +184,17 @@ class TrainConfig:
   init_from: str
   peak_tflops: float
   profile_steps: tuple[int, ...]
+  xla_flags: str
 
   def __post_init__(self):
     _positive(self, "steps", "log_every", "eval_every", "eval_batches",
               "checkpoint_every", "keep_checkpoints")
     check_choice("progress", self.progress, PROGRESS)
     check_range("peak_tflops", self.peak_tflops, 0.0, float("inf"))
+    bad = [f for f in self.xla_flags.split() if not f.startswith("--xla_")]
+    if bad:
+      raise ConfigError("xla_flags", self.xla_flags, f"{bad[0]!r} is not an XLA flag",
+                        "give space-separated flags like --xla_gpu_enable_triton_gemm=false")
     steps = self.profile_steps
     if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
       raise ConfigError("profile_steps", steps, "must be () or (first, last) with "

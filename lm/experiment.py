@@ -147,7 +147,8 @@ def build(config: ml_collections.ConfigDict | config_lib.ExperimentConfig, *,
   hooks = [h for h in (cls.build(typed, model) for cls in HOOKS) if h is not None]
   _, trained_axes = hooks_lib.trainable(hooks, model.params, model.axes["params"])
   try:
-    optimizer = build_optimizer(typed.optimizer, trained_axes, typed.train.steps)
+    optimizer = build_optimizer(typed.optimizer, trained_axes, typed.train.steps,
+                                spread=sharding.optimizer_spread(mesh))
   except ConfigError as e:
     raise e.within("optimizer") from None
   terms = losses.build_terms(typed, model)

@@ -139,6 +139,21 @@ class _Profiler:
     return False
 
 
+def apply_xla_flags(flags: str) -> str | None:
+  """Adds ``flags`` (``train.xla_flags``) to ``$XLA_FLAGS`` if JAX has not started its
+  backends yet; returns a note when they cannot apply any more (None when applied)."""
+  missing = [f for f in flags.split() if f.startswith("--xla_")  # the rest: a config error
+             and f not in os.environ.get("XLA_FLAGS", "").split()]
+  if not missing:
+    return None
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    return (f"train.xla_flags not applied ({' '.join(missing)}): JAX already started; set "
+            "XLA_FLAGS before the first JAX computation (or run experiments.train)")
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + missing).strip()
+  return None
+
+
 def _writable_workdir(workdir: str) -> None:
   """Creates ``workdir`` or stops with a config error saying why it cannot."""
   try:
@@ -212,6 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     A summary: final step, last train loss, last eval loss, parameter counts, state.
   """
   config = copy.deepcopy(config)  # ConfigDict(config) would share (and mutate) the caller's
+  flags_note = apply_xla_flags(config.train.get("xla_flags", ""))
   exp = experiment_lib.build(config, devices=devices)
   tc = exp.config.train
   lead = jax.process_index() == 0
@@ -219,6 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   model = {"params": exp.state.abstract["params"],
            "model_state": exp.state.abstract["model_state"]}
   loaded, notes = runs.load_aux(exp)
+  if flags_note:
+    notes.append(flags_note)
   step_aux = {name: loaded[name] for name in exp.abstract_aux()}
   exp.check_step()
   if tc.init_from and not os.path.isdir(os.path.join(tc.init_from, "checkpoints")):

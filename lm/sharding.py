@@ -105,6 +105,15 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def optimizer_spread(mesh: Mesh):
+  """The devices the matrix optimizers split their Newton-Schulz iterations over
+  (``optim.namo.Spread``): every mesh axis of size > 1 within a slice (not ``dcn``: the
+  gathered results would cross the data-center network); None on one device."""
+  from optim.namo import Spread
+  axes = tuple(a for a in MESH_AXES if a != "dcn" and mesh.shape[a] > 1)
+  return Spread(mesh, axes) if axes else None
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: dict[str, int],
                     *, what: str = "array", rules=RULES) -> P:
   """The PartitionSpec of one array from its logical axis names.

@@ -191,20 +191,21 @@ class MatrixOptimizer(NamedTuple):
   Attributes:
     group: the group's label (and its learning rate's name in the logs).
     config: the ``OptimizerConfig`` field holding its hyperparameters.
-    build: ``(config, schedule, dimension-number tree) -> GradientTransformation``.
+    build: ``(config, schedule, dimension-number tree, spread) ->
+      GradientTransformation`` (``spread``: ``optim.namo.Spread`` or None).
   """
   group: str
   config: str
-  build: Callable[[Any, Schedule, Any], optax.GradientTransformation]
+  build: Callable[[Any, Schedule, Any, Any], optax.GradientTransformation]
 
 
 # optimizer.name -> its matrix group; ``adamw`` has none (AdamW on everything).
 MATRIX_OPTIMIZERS = {
     "muon": MatrixOptimizer("muon", "muon", muon_lib.muon_group),
-    "namo": MatrixOptimizer("namo", "namo", lambda c, s, d: namo_lib.namo_group(
-        c, s, d, per_column=False)),
-    "namo_d": MatrixOptimizer("namo", "namo", lambda c, s, d: namo_lib.namo_group(
-        c, s, d, per_column=True)),
+    "namo": MatrixOptimizer("namo", "namo", lambda c, s, d, p: namo_lib.namo_group(
+        c, s, d, per_column=False, spread=p)),
+    "namo_d": MatrixOptimizer("namo", "namo", lambda c, s, d, p: namo_lib.namo_group(
+        c, s, d, per_column=True, spread=p)),
 }
 OPTIMIZERS = ("adamw",) + tuple(MATRIX_OPTIMIZERS)
 
@@ -271,7 +272,8 @@ class Built(NamedTuple):
   labels: Any
 
 
-def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int) -> Built:
+def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int,
+                    spread: namo_lib.Spread | None = None) -> Built:
   """Builds the optimizer named by ``cfg.name`` for params with these axes.
 
   Chain: ``clip_by_global_norm(clip_norm)`` on the whole gradient (skipped when
@@ -291,6 +293,8 @@ def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int) -
     cfg: ``OptimizerConfig``.
     logical_axes: pytree like the params with tuples of axis names as leaves.
     total_steps: number of training steps, for the schedules.
+    spread: the devices a matrix optimizer may split its Newton-Schulz iterations over
+      (``optim.namo.Spread``; used when its config's ``distribute`` is on).
 
   Returns:
     ``Built(tx, learning_rates, labels)``.
@@ -314,7 +318,7 @@ def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int) -
     # Frozen matrices are masked out of the matrix group like AdamW's leaves.
     dim_tree = jax.tree.map(lambda f, d: optax.MaskedNode() if f else d, frozen, dim_tree)
     labels = param_labels(logical_axes, gcfg.per_head, matrix.group)
-    groups = {matrix.group: matrix.build(gcfg, lr, dim_tree), "adam": adamw}
+    groups = {matrix.group: matrix.build(gcfg, lr, dim_tree, spread), "adam": adamw}
     rates = {matrix.group: lr, "adam": adam_lr}
   if any(jax.tree.leaves(frozen)):
     labels = jax.tree.map(lambda f, l: "frozen" if f else l, frozen, labels)

@@ -6,9 +6,12 @@ Scalable for LLM Training"), assembled from optax 0.2.8 pieces in the order of
 ``optax.contrib.scale_by_muon`` applies no shape scaling by itself (the width
 factor ``sqrt(max(1, fan_out / fan_in))`` lives in the private
 ``optax.contrib._muon.scale_by_shape``), so ``scale_by_shape`` below restates it.
-With ``ns_dtype="bfloat16"`` (the default) optax's momentum and normalisation run
-first and our Newton-Schulz (``optim.namo.orthogonalize``) follows in bf16;
-``float32`` keeps optax's own iteration.
+optax's momentum and normalisation run first and our Newton-Schulz
+(``optim.namo.orthogonalize``) follows in ``ns_dtype`` (bf16 by default; optax's own
+routine iterates in the update's dtype, one matrix at a time): all matrices of one
+shape iterate as one batched matmul, and on a mesh each device orthogonalises its share
+and the results are gathered (``distribute``). In float32 it equals optax's
+``scale_by_muon`` matrix by matrix (tests/test_optim_chain.py).
 """
 import dataclasses
 from typing import Any
@@ -38,8 +41,10 @@ class MuonConfig:
     weight_decay: decoupled weight decay of the matrices.
     consistent_rms: None: Jordan's ``sqrt(max(1, fan_out / fan_in))``; a number r:
       Moonlight's ``r * sqrt(max(fan_in, fan_out))`` (0.2 matches AdamW's update RMS).
-    ns_dtype: dtype of the Newton-Schulz iterations (``float32``: optax's own).
+    ns_dtype: dtype of the Newton-Schulz iterations.
     per_head: each attention head's projection is its own matrix.
+    distribute: on a mesh of several devices, each device orthogonalises its share of
+      the matrices and the results are gathered (``optim.namo.Spread``).
   """
   learning_rate: float = 0.02
   momentum: float = 0.95
@@ -49,6 +54,7 @@ class MuonConfig:
   consistent_rms: float | None = None
   ns_dtype: str = "bfloat16"
   per_head: bool = False
+  distribute: bool = True
 
   def __post_init__(self):
     check_positive("learning_rate", self.learning_rate)
@@ -58,7 +64,7 @@ class MuonConfig:
     if self.consistent_rms is not None:
       check_positive("consistent_rms", self.consistent_rms)
     check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
-    for name in ("nesterov", "per_head"):
+    for name in ("nesterov", "per_head", "distribute"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(name, getattr(self, name), "must be a bool", "use True or False")
 
@@ -110,17 +116,17 @@ def scale_by_shape(dimension_numbers: Any,
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def muon_group(cfg: MuonConfig, schedule, dim_tree: Any) -> optax.GradientTransformation:
-  """The muon group: momentum + Newton-Schulz, shape scale, decay, -lr."""
-  if cfg.ns_dtype == "float32":  # optax's own Newton-Schulz, in the update's dtype
-    orthogonalised = [optax_contrib.scale_by_muon(
-        ns_steps=cfg.ns_steps, beta=cfg.momentum, nesterov=cfg.nesterov,
-        weight_dimension_numbers=dim_tree)]
-  else:  # optax's momentum and normalisation, then our Newton-Schulz in bf16
-    orthogonalised = [
-        optax_contrib.scale_by_muon(ns_steps=0, beta=cfg.momentum, nesterov=cfg.nesterov,
-                                    weight_dimension_numbers=dim_tree),
-        namo_lib.orthogonalize(cfg.ns_steps, NS_DTYPES[cfg.ns_dtype], dim_tree)]
+def muon_group(cfg: MuonConfig, schedule, dim_tree: Any,
+               spread: namo_lib.Spread | None = None) -> optax.GradientTransformation:
+  """The muon group: momentum + Newton-Schulz (all matrices of a shape at once, split
+  over ``spread``'s devices when ``cfg.distribute``), shape scale, decay, -lr."""
+  # optax's momentum and normalisation, then our Newton-Schulz (batched per shape; in
+  # float32 it reproduces optax's per-matrix routine, tested).
+  orthogonalised = [
+      optax_contrib.scale_by_muon(ns_steps=0, beta=cfg.momentum, nesterov=cfg.nesterov,
+                                  weight_dimension_numbers=dim_tree),
+      namo_lib.orthogonalize(cfg.ns_steps, NS_DTYPES[cfg.ns_dtype], dim_tree,
+                             spread if cfg.distribute else None)]
   return optax.chain(
       *orthogonalised,
       scale_by_shape(dim_tree, consistent_rms=cfg.consistent_rms),

@@ -92,6 +92,7 @@ def newton_schulz(x_RO: jax.Array, ns_steps: int = 5,
   ``X = x / (||x||_F + 1e-7)`` in fp32, cast to ``dtype``; if ``X`` is tall it is
   transposed (``NS(X^T) = NS(X)^T``, so only the smaller Gram matrix is
   formed); then ``ns_steps`` times ``A = X X^T; X = a X + (b A + c A A) X``.
+  The per-matrix twin of ``newton_schulz_many``.
 
   Args:
     x_RO: a 2-D matrix.
@@ -107,13 +108,87 @@ def newton_schulz(x_RO: jax.Array, ns_steps: int = 5,
   tall = x.shape[0] > x.shape[1]
   if tall:
     x = x.T
-  x = x.astype(dtype)
+  x = _quintic(x[None].astype(dtype), ns_steps, coeffs)[0].astype(jnp.float32)
+  return x.T if tall else x
+
+
+def _quintic(x_BRO: jax.Array, ns_steps: int, coeffs) -> jax.Array:
+  """``ns_steps`` quintic iterations on a stack of wide matrices, in their dtype."""
   a, b, c = coeffs
   for _ in range(ns_steps):
-    gram = x @ x.T
-    x = a * x + (b * gram + c * (gram @ gram)) @ x
-  x = x.astype(jnp.float32)
-  return x.T if tall else x
+    gram = jnp.einsum("bro,bso->brs", x_BRO, x_BRO)
+    poly = b * gram + c * jnp.einsum("brs,bst->brt", gram, gram)
+    x_BRO = a * x_BRO + jnp.einsum("brs,bso->bro", poly, x_BRO)
+  return x_BRO
+
+
+class Spread(NamedTuple):
+  """Where the stacked Newton-Schulz iterations run: each stack's matrix axis split over
+  the mesh axes ``axes`` (every device orthogonalises its share of the matrices), the
+  results gathered back (as distributed Muon implementations do).
+
+  Attributes:
+    mesh: the device mesh.
+    axes: its axes to split over (within a slice: not the data-center network axis).
+  """
+  mesh: Any
+  axes: tuple[str, ...]
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.axes)
+
+  def place(self, x: jax.Array, split: bool) -> jax.Array:
+    """``x`` split along its first axis over ``axes`` (``split``), or replicated."""
+    spec = jax.sharding.PartitionSpec(self.axes if split else None, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+
+def newton_schulz_many(stacks: list[jax.Array], ns_steps: int = 5,
+                       dtype: Any = jnp.bfloat16, spread: Spread | None = None,
+                       coeffs: tuple[float, float, float] = NS_COEFFS) -> list[jax.Array]:
+  """``newton_schulz`` of every matrix of every stack ``[B, R, O]``, batched: matrices of
+  one shape (tall ones transposed first) are concatenated and iterate together, one
+  batched matmul per shape and step instead of one per matrix. With ``spread`` each
+  shape's stack of at least half as many matrices as devices is gathered, padded to a
+  multiple of the devices, split over them, and the results gathered (replicated)
+  before they are cut back into stacks.
+
+  Returns:
+    fp32 stacks shaped like ``stacks``.
+  """
+  prepared, groups = [], {}
+  for i, x in enumerate(stacks):
+    x = x.astype(jnp.float32)
+    x = x / (jnp.linalg.norm(x, axis=(1, 2), keepdims=True) + NS_EPS)
+    tall = x.shape[1] > x.shape[2]
+    prepared.append(x.swapaxes(1, 2) if tall else x)
+    groups.setdefault(prepared[-1].shape[1:], []).append(i)
+  out = [None] * len(stacks)
+  for indices in groups.values():
+    parts = [prepared[i].astype(dtype) for i in indices]
+    count = sum(stacks[i].shape[0] for i in indices)
+    # Split when at least half the devices get a matrix (padding at most doubles the work);
+    # fewer matrices stay where sharding propagation puts them (each matrix's products
+    # partitioned like its parameter).
+    split = spread is not None and spread.size > 1 and 2 * count >= spread.size
+    if split:  # gathered first (an all-gather), then cut: no resharding XLA cannot do
+      parts = [spread.place(p, split=False) for p in parts]
+    x = jnp.concatenate(parts, axis=0)
+    n = x.shape[0]
+    if split:
+      x = spread.place(jnp.pad(x, ((0, -n % spread.size), (0, 0), (0, 0))), split=True)
+      x = spread.place(_quintic(x, ns_steps, coeffs), split=False)[:n]
+    else:
+      x = _quintic(x, ns_steps, coeffs)
+    x = x.astype(jnp.float32)
+    start = 0
+    for i in indices:
+      size = stacks[i].shape[0]
+      y = x[start:start + size]
+      out[i] = y.swapaxes(1, 2) if stacks[i].shape[1] > stacks[i].shape[2] else y
+      start += size
+  return out
 
 
 class _Layout(NamedTuple):
@@ -180,22 +255,26 @@ def _layouts(tree: Any, dimension_numbers: Any) -> tuple[list[_Layout], Any]:
 
 
 def orthogonalize(ns_steps: int = 5, dtype: Any = jnp.bfloat16,
-                  weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
+                  weight_dimension_numbers: Any = None,
+                  spread: Spread | None = None) -> optax.GradientTransformation:
   """Stateless: each matrix of the update becomes ``newton_schulz(update)``.
 
   The per-leaf layout follows ``weight_dimension_numbers`` as in
-  ``optax.contrib.scale_by_muon`` (batch axes vmapped). Chained after
+  ``optax.contrib.scale_by_muon`` (batch axes are stacks of matrices). Chained after
   ``scale_by_muon(ns_steps=0)`` (momentum and Frobenius normalisation only) it
   gives Muon with its Newton-Schulz iterations in ``dtype`` (bf16, as Jordan's
   Muon), which optax's own routine does not offer (it iterates in the input dtype).
+  All matrices of one shape iterate together (``newton_schulz_many``), split over the
+  devices of ``spread`` when given.
   """
-  ns = jax.vmap(lambda x: newton_schulz(x, ns_steps, NS_COEFFS, dtype))
 
   def update_fn(updates, state, params=None):
     del params
     layouts, treedef = _layouts(updates, weight_dimension_numbers)
-    out = [lay.unflat(ns(lay.flat(u.astype(jnp.float32)))).astype(u.dtype)
-           for lay, u in zip(layouts, treedef.flatten_up_to(updates))]
+    leaves = treedef.flatten_up_to(updates)
+    done = newton_schulz_many([lay.flat(u.astype(jnp.float32)) for lay, u in zip(layouts, leaves)],
+                              ns_steps, dtype, spread)
+    out = [lay.unflat(o).astype(u.dtype) for lay, o, u in zip(layouts, done, leaves)]
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -204,8 +283,8 @@ def orthogonalize(ns_steps: int = 5, dtype: Any = jnp.bfloat16,
 def _namo(learning_rate: ScalarOrSchedule, *, per_column: bool, b1: float,
           b2: float, eps: float, weight_decay: float, weight_decay_mode: str,
           nesterov: bool, ns_steps: int, scale: float, clamp_c: float,
-          ns_dtype: Any, mu_dtype: Any, weight_dimension_numbers: Any
-          ) -> optax.GradientTransformation:
+          ns_dtype: Any, mu_dtype: Any, weight_dimension_numbers: Any,
+          spread: Spread | None = None) -> optax.GradientTransformation:
   """Shared builder of ``namo`` (``per_column=False``) and ``namo_d``."""
   for name, value in (("b1", b1), ("b2", b2)):
     if not 0.0 <= value < 1.0:
@@ -220,11 +299,13 @@ def _namo(learning_rate: ScalarOrSchedule, *, per_column: bool, b1: float,
                      f"ns_steps >= 1; got {eps}, {weight_decay}, {scale}, "
                      f"{ns_steps}.")
 
-  def matrix_step(g_RO, m_RO, v, w_RO, lr, bias):
-    """Eqs. 1-5 for one (R, O) matrix; returns (u_RO, m_RO, v) in fp32."""
-    m_RO = b1 * m_RO + (1 - b1) * g_RO  # Eq. 1.
-    n_RO = b1 * m_RO + (1 - b1) * g_RO if nesterov else m_RO
-    o_RO = newton_schulz(n_RO, ns_steps, dtype=ns_dtype)  # Eq. 3.
+  def moments(g_RO, m_RO):
+    """Eq. 1 for one (R, O) matrix: (M, N) in fp32."""
+    m_RO = b1 * m_RO + (1 - b1) * g_RO
+    return m_RO, (b1 * m_RO + (1 - b1) * g_RO if nesterov else m_RO)
+
+  def matrix_step(g_RO, n_RO, o_RO, v, w_RO, lr, bias):
+    """Eqs. 2, 4, 5 for one (R, O) matrix given O = NS(N) (eq. 3); returns (u_RO, v)."""
     s = scale * max(g_RO.shape) ** 0.5
     if per_column:  # Paper column j = our reduction row r.
       v = b2 * v + (1 - b2) * jnp.sum(jnp.square(g_RO), axis=1)  # Eq. 2 (D).
@@ -240,7 +321,7 @@ def _namo(learning_rate: ScalarOrSchedule, *, per_column: bool, b1: float,
     else:
       decay = lr * weight_decay
     step = jnp.minimum(alpha * s, 1.0) * o_RO  # Eq. 5, second half.
-    return -(decay * w_RO + step), m_RO, v
+    return -(decay * w_RO + step), v
 
   def init_fn(params):
     layouts, treedef = _layouts(params, weight_dimension_numbers)
@@ -254,20 +335,25 @@ def _namo(learning_rate: ScalarOrSchedule, *, per_column: bool, b1: float,
       raise ValueError("NAMO: update() needs params (eq. 5 decays W itself); "
                        "call tx.update(grads, state, params).")
     layouts, treedef = _layouts(updates, weight_dimension_numbers)
+    if not layouts:  # no matrix in this group
+      return updates, state._replace(count=optax.safe_increment(state.count))
     t = (state.count + 1).astype(jnp.float32)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     lr = jnp.asarray(lr, jnp.float32)
     bias = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)  # Eq. 4 bias corrections.
-    step = jax.vmap(matrix_step, in_axes=(0, 0, 0, 0, None, None))
+    step = jax.vmap(matrix_step, in_axes=(0, 0, 0, 0, 0, None, None))
+    flat = lambda lay, x: lay.flat(x.astype(jnp.float32))
+    grads, mus, nus, ws = (treedef.flatten_up_to(x) for x in (updates, state.mu, state.nu, params))
+    g_flat = [flat(lay, g) for lay, g in zip(layouts, grads)]
+    m_flat, n_flat = zip(*[jax.vmap(moments)(g, flat(lay, m))
+                           for lay, g, m in zip(layouts, g_flat, mus)])
+    o_flat = newton_schulz_many(list(n_flat), ns_steps, ns_dtype, spread)  # Eq. 3, batched.
     out_u, out_m, out_v = [], [], []
-    for lay, g, m, v, w in zip(layouts, treedef.flatten_up_to(updates),
-                               treedef.flatten_up_to(state.mu),
-                               treedef.flatten_up_to(state.nu),
-                               treedef.flatten_up_to(params)):
-      flat = lambda x: lay.flat(x.astype(jnp.float32))
+    for lay, grad, g, n, o, m_BRO, m, v, w in zip(layouts, grads, g_flat, n_flat, o_flat,
+                                                  m_flat, mus, nus, ws):
       v_B = v.reshape((math.prod(lay.batch),) + ((-1,) if per_column else ()))
-      u_BRO, m_BRO, v_B = step(flat(g), flat(m), v_B, flat(w), lr, bias)
-      out_u.append(lay.unflat(u_BRO).astype(g.dtype))
+      u_BRO, v_B = step(g, n, o, v_B, flat(lay, w), lr, bias)
+      out_u.append(lay.unflat(u_BRO).astype(grad.dtype))
       out_m.append(lay.unflat(m_BRO).astype(m.dtype))
       out_v.append(v_B.reshape(v.shape))
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
@@ -281,8 +367,8 @@ def namo(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
          eps: float = 1e-8, weight_decay: float = 0.1,
          weight_decay_mode: str = "adaptive", nesterov: bool = True,
          ns_steps: int = 5, scale: float = 0.2, ns_dtype: Any = jnp.bfloat16,
-         mu_dtype: Any = None, weight_dimension_numbers: Any = None
-         ) -> optax.GradientTransformation:
+         mu_dtype: Any = None, weight_dimension_numbers: Any = None,
+         spread: Spread | None = None) -> optax.GradientTransformation:
   """NAMO (Zhang, Liu, Schaeffer 2026, eqs. 1-5): one adaptive scale per matrix.
 
   The whole update, learning rate and weight decay included: apply with
@@ -304,6 +390,8 @@ def namo(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
     weight_dimension_numbers: ``None`` (2-D leaves), one
       ``MuonDimensionNumbers`` or a pytree of them like the params
       (``optax.MaskedNode()`` at leaves masked out by ``optax.partition``).
+    spread: split the Newton-Schulz iterations over devices (``Spread``); None: every
+      device orthogonalises every matrix.
 
   Returns:
     An ``optax.GradientTransformation`` with ``NamoState``; its ``update``
@@ -313,7 +401,7 @@ def namo(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
                weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
                nesterov=nesterov, ns_steps=ns_steps, scale=scale, clamp_c=1.0,
                ns_dtype=ns_dtype, mu_dtype=mu_dtype,
-               weight_dimension_numbers=weight_dimension_numbers)
+               weight_dimension_numbers=weight_dimension_numbers, spread=spread)
 
 
 def namo_d(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
@@ -321,7 +409,7 @@ def namo_d(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
            weight_decay_mode: str = "adaptive", nesterov: bool = True,
            ns_steps: int = 5, scale: float = 0.2, clamp_c: float = 0.5,
            ns_dtype: Any = jnp.bfloat16, mu_dtype: Any = None,
-           weight_dimension_numbers: Any = None
+           weight_dimension_numbers: Any = None, spread: Spread | None = None
            ) -> optax.GradientTransformation:
   """NAMO-D (Zhang, Liu, Schaeffer 2026): one adaptive scale per input feature.
 
@@ -350,6 +438,7 @@ def namo_d(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
     ns_dtype: dtype of the Newton-Schulz iterations.
     mu_dtype: dtype of M; None keeps the param dtype.
     weight_dimension_numbers: as in ``namo``.
+    spread: as in ``namo``.
 
   Returns:
     An ``optax.GradientTransformation`` with ``NamoState``; its ``update``
@@ -359,7 +448,7 @@ def namo_d(learning_rate: ScalarOrSchedule, b1: float = 0.95, b2: float = 0.99,
                weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
                nesterov=nesterov, ns_steps=ns_steps, scale=scale,
                clamp_c=clamp_c, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
-               weight_dimension_numbers=weight_dimension_numbers)
+               weight_dimension_numbers=weight_dimension_numbers, spread=spread)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +467,9 @@ class NamoConfig:
     scale: step scale s = scale * sqrt(max(m, n)).
     clamp_c: NAMO-D: per-column scales clamped to [c, 1/c] x mean.
     per_head: each attention head's projection is its own matrix.
+    distribute: on a mesh of several devices, each device orthogonalises its share of
+      the matrices and the results are gathered (``Spread``); False: every device
+      orthogonalises every matrix.
   """
   learning_rate: float = 1.2e-2
   b1: float = 0.95
@@ -391,6 +483,7 @@ class NamoConfig:
   scale: float = 0.2
   clamp_c: float = 0.5
   per_head: bool = False
+  distribute: bool = True
 
   def __post_init__(self):
     check_positive("learning_rate", self.learning_rate)
@@ -403,7 +496,7 @@ class NamoConfig:
     check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
     check_positive("scale", self.scale)
     check_range("clamp_c", self.clamp_c, 0.0, 1.0, lo_open=True)
-    for name in ("nesterov", "per_head"):
+    for name in ("nesterov", "per_head", "distribute"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(name, getattr(self, name), "must be a bool", "use True or False")
 
@@ -411,13 +504,15 @@ class NamoConfig:
 NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
-def namo_group(cfg: NamoConfig, schedule, dim_tree: Any, *,
-               per_column: bool) -> optax.GradientTransformation:
-  """The namo group: ``namo`` (``per_column=False``) or ``namo_d`` from ``cfg``."""
+def namo_group(cfg: NamoConfig, schedule, dim_tree: Any, *, per_column: bool,
+               spread: Spread | None = None) -> optax.GradientTransformation:
+  """The namo group: ``namo`` (``per_column=False``) or ``namo_d`` from ``cfg``
+  (``spread`` used when ``cfg.distribute``)."""
   kwargs = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                 weight_decay_mode=cfg.weight_decay_mode, nesterov=cfg.nesterov,
                 ns_steps=cfg.ns_steps, scale=cfg.scale, ns_dtype=NS_DTYPES[cfg.ns_dtype],
-                weight_dimension_numbers=dim_tree)
+                weight_dimension_numbers=dim_tree,
+                spread=spread if cfg.distribute else None)
   if per_column:
     return namo_d(schedule, clamp_c=cfg.clamp_c, **kwargs)
   return namo(schedule, **kwargs)

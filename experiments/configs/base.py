@@ -137,6 +137,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # (first, last): trace steps first..last with jax.profiler into <workdir>/tensorboard
   # (TensorBoard's profile tab, the xprof plugin); () traces nothing.
   c.train.profile_steps = ()
+  # XLA flags for this run (added to $XLA_FLAGS before JAX starts its backend; a process
+  # whose JAX already runs, e.g. a notebook, says they were not applied).
+  c.train.xla_flags = ""
 
   # AdamW, or Muon / NAMO / NAMO-D on the matrices with AdamW on the rest (optim/).
   c.optimizer = group(OptimizerConfig())
