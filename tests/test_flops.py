@@ -142,3 +142,27 @@ def test_run_logs_mfu_and_profiles_the_asked_steps(tmp_path):
 def test_profile_steps_errors(value):
   with pytest.raises(ConfigError, match="profile_steps"):
     experiment.build(tiny(train__profile_steps=value))
+
+
+def test_gpu_configs_resolve_and_the_moe_matches_the_dense_active_flops():
+  from experiments.configs import gpu, load
+  from lm import config as config_lib
+  dense, moe = (config_lib.resolve(load(f"experiments/configs/gpu.py:{s}")) for s in
+                ("125m", "moe"))
+  assert dense.model.attention_impl == "jax_nn" and dense.train.xla_flags == gpu.XLA_FLAGS
+  d, m = (flops.forward_flops(c.model, 1024) for c in (dense, moe))
+  router = 2 * 1024 * moe.model.d_model * 8 * moe.model.n_layers
+  assert m["ffn"] == pytest.approx(d["ffn"] + router)  # equal active FLOPs but the router
+  assert m["attention"] == d["attention"] and m["projections"] == d["projections"]
+
+
+def test_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])  # restored after the test
+  with pytest.raises(ConfigError, match=r"^train\.xla_flags='xla_gpu_x=1'.*Fix: "):
+    experiment.build(tiny(train__xla_flags="xla_gpu_x=1"))
+  # Once JAX runs, a new flag cannot apply any more, and says so.
+  jax.devices()
+  note = loop.apply_xla_flags("--xla_gpu_enable_triton_gemm=false")
+  assert "not applied" in note and "--xla_gpu_enable_triton_gemm=false" in note
+  present = os.environ["XLA_FLAGS"].split()[0]
+  assert loop.apply_xla_flags(present) is None
