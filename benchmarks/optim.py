@@ -101,6 +101,26 @@ def measure_ns(config, steps: int, warmup: int) -> tuple[list, dict]:
   return rows, {"shapes": shapes, "mesh": dict(exp.mesh.shape), "config": exp.config}
 
 
+def measure_aot(config, topology: str, names: list[str]) -> list[str]:
+  from experiments.configs import override
+  from lm import aot
+  rows, base = [], None
+  for name in names:
+    for dist in ([None] if name == "adamw" else [False, True]):
+      fields = {"optimizer.name": name}
+      if dist is not None:
+        fields[f"optimizer.{'muon' if name == 'muon' else 'namo'}.distribute"] = dist
+      r = aot.compile_train_step(override(config, fields), topology)
+      base = base or r.compiler_flops
+      label = name if dist is None else f"{name}, distribute={dist}"
+      rows.append(f"| {label} | {r.compiler_flops / 1e12:.2f} | "
+                  f"{100 * (r.compiler_flops / base - 1):+.1f}% | {r.temp_bytes / 2**30:.2f} | "
+                  f"{r.peak_bytes / 2**30:.2f} |")
+  return (["", f"TPU compiler ({topology}, per device, one train step):", "",
+           "| optimizer | compiler TFLOPs | vs first | temp GiB | peak GiB |",
+           "| --- | ---: | ---: | ---: | ---: |"] + rows)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--config", required=True)
@@ -111,6 +131,7 @@ def main():
   p.add_argument("--out", default="")
   p.add_argument("--ns", action="store_true", help="also time the orthogonalisation alone")
   p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
+  p.add_argument("--aot", default="", help="a TPU topology: compile there instead of timing")
   args = p.parse_args()
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -118,6 +139,14 @@ def main():
   config = load_config(args.config, args.set)
   from lm.loop import apply_xla_flags
   apply_xla_flags(config.train.xla_flags)
+  if args.aot:
+    m = config.model
+    emit([f"## optimizer cost on {args.aot}: `{args.config}` {' '.join(args.set)}", "",
+          *environment_lines(aot_topology=args.aot),
+          f"- model d={m.d_model} L={m.n_layers} d_ff={m.d_ff}; batch "
+          f"{config.data.batch_size} x {config.data.seq_len}"]
+         + measure_aot(config, args.aot, args.optimizers.split(",")), args.out)
+    return
   rows = [measure(config, n, args.steps, args.warmup) for n in args.optimizers.split(",")]
   c = rows[0]["config"]
   m = c.model

@@ -166,7 +166,7 @@ def utilisation(step_flops: float, seconds: float, n_devices: int,
 def jaxpr_dot_flops(jaxpr: Any) -> float:
   """FLOPs of every ``dot_general`` (and ``ragged_dot``) in a (closed) jaxpr, nested
   programs included; a scan's body counts ``length`` times. While loops count once (their
-  trip count is not in the program)."""
+  trip count is not in the program) and a ``cond`` counts every branch."""
   import numpy as np
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0.0

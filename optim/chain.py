@@ -29,7 +29,6 @@ import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
