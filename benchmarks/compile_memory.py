@@ -32,6 +32,8 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default="")
   p.add_argument("--only", default="", help="comma-separated case indices")
+  p.add_argument("--remat", default="", help="comma-separated model.remat policies: a row "
+                 "each (lm.config.REMAT_POLICIES); default: the config's own")
   args = p.parse_args()
   from experiments.configs import override, pod
   from lm import aot
@@ -41,21 +43,27 @@ def main():
   lines = ["## Pod configs compiled for TPU topologies", "",
            *environment_lines(aot_topology=topologies), "",
            "Per device. Peak = arguments + unaliased outputs + temporaries + code.", "",
-           "| config | topology | devices | mesh | params GiB | optimizer GiB | temp GiB | peak GiB |"
-           " HBM GiB | HBM used | compiler TFLOP/step | model TFLOP/step | ratio | compile s |",
-           "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| config | topology | remat | devices | mesh | params GiB | optimizer GiB | temp GiB |"
+           " peak GiB | HBM GiB | HBM used | compiler TFLOP/step | model TFLOP/step | ratio |"
+           " compile s |",
+           "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+           " ---: | ---: |"]
   print("\n".join(lines), flush=True)
-  for i in picked:
+  runs = [(i, remat) for i in picked for remat in (args.remat.split(",") if args.remat
+                                                    else [None])]
+  for i, remat in runs:
     name, topology, slices, overrides = CASES[i]
-    c = override(pod.get_config(name), overrides)
+    c = override(pod.get_config(name), overrides | ({"model.remat": remat} if remat else {}))
+    remat = c.model.remat
     t = time.perf_counter()
     try:
       r = aot.compile_train_step(c, topology, slices)
     except aot.DoesNotFit as e:
-      row = f"| {name} | {topology} x{slices} | | | | | | | | does not fit: {e} | | | | |"
+      row = f"| {name} | {topology} x{slices} | {remat} | | | | | | | | does not fit: {e} | | | | |"
     else:
       mesh = " x ".join(f"{a}={s}" for a, s in r.mesh.items() if s > 1)
-      row = (f"| {name} | {topology} x{slices} | {r.devices} | {mesh} | {gib(r.param_bytes)} | "
+      row = (f"| {name} | {topology} x{slices} | {remat} | {r.devices} | {mesh} | "
+             f"{gib(r.param_bytes)} | "
              f"{gib(r.opt_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | {gib(r.hbm_bytes)} | "
              f"{100 * r.peak_bytes / r.hbm_bytes:.0f}% | {r.compiler_flops / 1e12:.1f} | "
              f"{r.model_flops / 1e12:.1f} | {r.compiler_flops / r.model_flops:.2f} | "

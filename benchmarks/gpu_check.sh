@@ -15,7 +15,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 PY=${PY:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# cuda, not a silent CPU fallback (the tests' conftest defaults JAX_PLATFORMS to cpu).
+export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
 
@@ -27,8 +29,8 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a limit, logs to $OU
 }
 FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
 # 1. Our GPU kernels compiled for the GPU, against their references.
-step kernel_tests 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_attention_conformance.py \
-  tests/test_gmm_conformance.py -k "gpu"
+step kernel_tests 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_attention_conformance.py \
+  tests/test_gmm_conformance.py -k compiled_on_gpu
 # 2. The 125M dense step: before (base.py, no flags) and after (gpu.py), side by side.
 step train_125m_before 100 $PY benchmarks/train_step.py --config=experiments/configs/base.py:125m \
   --impls=xla,jax_nn --steps=10 --out="$OUT/train_step.md"

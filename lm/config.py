@@ -33,6 +33,13 @@ from optim.chain import OptimizerConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 PROGRESS = ("auto", "bar", "log")
+# model.remat: what a block saves for the backward pass (jax.checkpoint_policies, see
+# lm.model.remat_policy); the rest is recomputed there. none: everything (no
+# recomputation); full: only the block's input; dots: every matmul output;
+# dots_no_batch: the projections' and FFN's matmul outputs, not attention's batched
+# score / value products; offload: those outputs moved to host memory and back (TPU /
+# GPU; the CPU backend has no host memory space to offload to).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 MIXERS = "SL"  # S: softmax attention, L: linear attention
 
 
@@ -68,7 +75,7 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   attention_impl: str
-  remat: bool
+  remat: str
   layer_pattern: str
   linear: LinearConfig
   sliding_window: int
@@ -100,6 +107,7 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       check_choice(name, getattr(self, name), DTYPES)
     check_choice("attention_impl", self.attention_impl, ATTENTION.names())
+    check_choice("remat", self.remat, REMAT_POLICIES)
     if not self.layer_pattern or set(self.layer_pattern) - set(MIXERS):
       raise ConfigError("layer_pattern", self.layer_pattern,
                         "must be a non-empty string of S and L",

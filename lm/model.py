@@ -117,6 +117,18 @@ class Block(nnx.Module):
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache, h_BTD
 
 
+def remat_policy(name: str):
+  """The ``jax.checkpoint`` policy of ``model.remat=name`` (``lm.config.REMAT_POLICIES``;
+  None: save nothing but the block's input)."""
+  policies = jax.checkpoint_policies
+  return {
+      "full": None,
+      "dots": policies.dots_saveable,
+      "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+      "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+  }[name]
+
+
 class Transformer(nnx.Module):
   """The LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]`` in fp32."""
 
@@ -147,8 +159,10 @@ class Transformer(nnx.Module):
     residual = ("batch", "length", "embed")
     x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
     x_BTD = constrain(x_BTD, residual)
-    # remat: keep only each block's input for the backward pass, recompute the rest.
-    call = nnx.remat(lambda b, x, p: b(x, p)) if self.remat else (lambda b, x, p: b(x, p))
+    # remat: what each block keeps for the backward pass (REMAT_POLICIES), the rest is
+    # recomputed there.
+    block = lambda b, x, p: b(x, p)
+    call = block if self.remat == "none" else nnx.remat(block, policy=remat_policy(self.remat))
     lens = {}
     for i in range(self.n_layers):
       x_BTD = constrain(call(getattr(self, f"block_{i}"), x_BTD, positions_BT), residual)

@@ -111,7 +111,14 @@ def optimizer_spread(mesh: Mesh):
   gathered results would cross the data-center network); None on one device."""
   from optim.namo import Spread
   axes = tuple(a for a in MESH_AXES if a != "dcn" and mesh.shape[a] > 1)
-  return Spread(mesh, axes) if axes else None
+  if not axes:
+    return None
+
+  def place(x, split: bool):
+    spec = P(axes if split else None, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return Spread(math.prod(mesh.shape[a] for a in axes), place)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: dict[str, int],

@@ -123,25 +123,18 @@ def _quintic(x_BRO: jax.Array, ns_steps: int, coeffs) -> jax.Array:
 
 
 class Spread(NamedTuple):
-  """Where the stacked Newton-Schulz iterations run: each stack's matrix axis split over
-  the mesh axes ``axes`` (every device orthogonalises its share of the matrices), the
-  results gathered back (as distributed Muon implementations do).
+  """Where the stacked Newton-Schulz iterations run: split over ``size`` devices (every
+  device orthogonalises its share of the matrices), the results gathered back (as
+  distributed Muon implementations do). The caller says how (``lm.sharding``): this
+  library never sees the devices.
 
   Attributes:
-    mesh: the device mesh.
-    axes: its axes to split over (within a slice: not the data-center network axis).
+    size: the number of devices the first axis is split over.
+    place: ``place(x, split)``: ``x`` constrained to be split along its first axis over
+      those devices (``split=True``) or replicated on them (``False``).
   """
-  mesh: Any
-  axes: tuple[str, ...]
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.axes)
-
-  def place(self, x: jax.Array, split: bool) -> jax.Array:
-    """``x`` split along its first axis over ``axes`` (``split``), or replicated."""
-    spec = jax.sharding.PartitionSpec(self.axes if split else None, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+  size: int
+  place: Callable[[jax.Array, bool], jax.Array]
 
 
 def newton_schulz_many(stacks: list[jax.Array], ns_steps: int = 5,
@@ -173,12 +166,12 @@ def newton_schulz_many(stacks: list[jax.Array], ns_steps: int = 5,
     # partitioned like its parameter).
     split = spread is not None and spread.size > 1 and 2 * count >= spread.size
     if split:  # gathered first (an all-gather), then cut: no resharding XLA cannot do
-      parts = [spread.place(p, split=False) for p in parts]
+      parts = [spread.place(p, False) for p in parts]
     x = jnp.concatenate(parts, axis=0)
     n = x.shape[0]
     if split:
-      x = spread.place(jnp.pad(x, ((0, -n % spread.size), (0, 0), (0, 0))), split=True)
-      x = spread.place(_quintic(x, ns_steps, coeffs), split=False)[:n]
+      x = spread.place(jnp.pad(x, ((0, -n % spread.size), (0, 0), (0, 0))), True)
+      x = spread.place(_quintic(x, ns_steps, coeffs), False)[:n]
     else:
       x = _quintic(x, ns_steps, coeffs)
     x = x.astype(jnp.float32)

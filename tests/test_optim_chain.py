@@ -515,8 +515,15 @@ def test_muon_bf16_newton_schulz_path():
 
 
 def _mesh8():
+  """Kestrel's mesh axes, data 2 x fsdp 4, and the split ``lm.sharding`` makes of it."""
   from jax.sharding import AxisType
-  return jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+  from lm import sharding
+  shape = tuple({"data": 2, "fsdp": 4}.get(a, 1) for a in sharding.MESH_AXES)
+  mesh = jax.make_mesh(shape, sharding.MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+  spread = sharding.optimizer_spread(mesh)
+  assert spread.size == 8
+  return mesh, spread
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.1)])  # bf16: 2-6 %
@@ -525,7 +532,7 @@ def test_newton_schulz_many_equals_per_matrix(dtype, tol):
   together, plain and split over 8 devices; each matrix equals ``newton_schulz`` alone."""
   shapes = [(6, 16, 40), (5, 40, 16), (1, 24, 24), (3, 8, 12)]
   stacks = [_normal((40, i), s) for i, s in enumerate(shapes)]
-  spread = namo.Spread(_mesh8(), ("data", "fsdp"))
+  _, spread = _mesh8()
   for sp in (None, spread):
     got = jax.jit(lambda xs, sp=sp: namo.newton_schulz_many(xs, 5, dtype, sp))(stacks)
     for x, y in zip(stacks, got):
@@ -540,12 +547,12 @@ def test_spread_splits_the_work_over_the_devices():
   eighth of the matrices (20 of one shape padded to 24: 3 each), where without the split
   propagation leaves at least a quarter on every device."""
   stacks = [_normal((41, i), s) for i, s in enumerate([(16, 64, 128), (4, 128, 64)])]
-  mesh = _mesh8()
+  mesh, spread = _mesh8()
   placed = [jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(None, "fsdp", None)))
             for x in stacks]
   one = 5 * (2 * 2 * 64 * 64 * 128 + 2 * 64 ** 3)  # five quintic steps on one 64 x 128
   flops = {}
-  for name, sp in (("plain", None), ("spread", namo.Spread(mesh, ("data", "fsdp")))):
+  for name, sp in (("plain", None), ("spread", spread)):
     f = jax.jit(lambda xs, sp=sp: namo.newton_schulz_many(xs, 5, jnp.float32, sp))
     flops[name] = f.lower(placed).compile().cost_analysis()["flops"]
   assert flops["plain"] >= 20 * one / 4
@@ -560,8 +567,7 @@ def test_distributed_update_equals_per_matrix_on_8_devices():
   shapes = {k: s for k, (_, s) in MUON_LEAVES.items()}
   params = _random_tree(42, shapes)
   grads = [_random_tree((43, i), shapes) for i in range(2)]
-  mesh = _mesh8()
-  spread = namo.Spread(mesh, ("data", "fsdp"))
+  mesh, spread = _mesh8()
   put = lambda t: jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(
       mesh, jax.P(*([None] * (x.ndim - 1)), "fsdp"))), t)
   cfg = _muon_cfg()

@@ -1,4 +1,5 @@
 """The loop (lm/loop.py) and the CLI: learning, exact resume, outputs, preemption, errors."""
+import glob
 import json
 import os
 import signal
@@ -12,11 +13,14 @@ import pytest
 from conftest import ROOT, records, tiny
 
 from core.errors import ConfigError
-from lm import loop
+from lm import experiment, flops, loop
 
 
 def test_loss_decreases_and_outputs_written(tmp_path):
-  c = tiny(train__plot=True, train__tensorboard=True)
+  """... and, in the same run, MFU against a given peak and a profile of steps 2-3 only
+  (lm/flops.py's counts are tested in tests/test_flops.py)."""
+  c = tiny(train__plot=True, train__tensorboard=True, train__peak_tflops=2.0,
+           train__profile_steps=(2, 3))
   summary = loop.run(c, str(tmp_path))
   recs = records(tmp_path)
   losses = [r["loss"] for r in recs if "loss" in r]
@@ -32,6 +36,19 @@ def test_loss_decreases_and_outputs_written(tmp_path):
   assert os.path.isdir(tmp_path / "checkpoints" / str(c.train.steps))
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
   assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+  # Throughput: model FLOPs of the step over each logged interval (one step each here).
+  typed = experiment.build(c).config
+  step_flops = flops.train_flops(typed.model, typed.data.batch_size, typed.data.seq_len)
+  for r in (r for r in recs if "loss" in r):
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_sec"] / 2.0, rel=1e-3)
+    seconds = typed.data.batch_size * typed.data.seq_len / r["tokens_per_sec"]
+    assert r["model_tflops_per_sec"] == pytest.approx(
+        step_flops / seconds / jax.device_count() / 1e12, rel=1e-3)
+  traces = glob.glob(os.path.join(tmp_path, "tensorboard", "plugins", "profile", "*",
+                                  "*.xplane.pb"))
+  assert len(traces) == 1
+  data = open(traces[0], "rb").read()
+  assert [s for s in range(1, 6) if f"kestrel step {s}".encode() in data] == [2, 3]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -52,7 +69,7 @@ def test_resume_is_bitwise_exact(tmp_path, optimizer):
 def test_incompatible_checkpoint_is_refused(tmp_path):
   loop.run(tiny(train__steps=2), str(tmp_path))
   # How the same state is computed may change on resume; its shapes may not.
-  assert loop.run(tiny(train__steps=3, model__attention_impl="jax_nn", model__remat=True),
+  assert loop.run(tiny(train__steps=3, model__attention_impl="jax_nn", model__remat="full"),
                   str(tmp_path))["step"] == 3
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   config_json = (tmp_path / "config.json").read_text()

@@ -70,7 +70,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype of activations and matmuls
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"  # see attention.ops.available_implementations()
-  c.model.remat = False  # recompute each block in the backward pass (activation memory / FLOPs)
+  # What each block keeps for the backward pass (lm.config.REMAT_POLICIES): none | full
+  # (its input only) | dots | dots_no_batch | offload; the rest is recomputed there.
+  c.model.remat = "none"
   # Token mixer per layer, the pattern cycled over the layers: S = softmax attention,
   # L = linear attention (attention/linear.py). "LLLS": three linear layers per softmax one.
   c.model.layer_pattern = "S"

@@ -34,7 +34,7 @@ def get_config(size: str = "tiny"):
     c.train.steps = 20
   else:
     c.model.update(dict(d_model=4096, n_layers=4, n_heads=32, n_kv_heads=8, d_ff=11008,
-                        head_dim=128, remat=True))
+                        head_dim=128, remat="full"))
     c.data.seq_len, c.data.batch_size = 32768, 2
     c.mesh.data, c.mesh.sequence = 2, -1
   return c

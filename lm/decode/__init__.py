@@ -50,7 +50,7 @@ def decode_config(model_cfg):
   moe = model_cfg.moe
   if moe.enabled:
     moe = dataclasses.replace(moe, dispatch="dropless", bias_update_rate=0.0)
-  return dataclasses.replace(model_cfg, moe=moe, remat=False)
+  return dataclasses.replace(model_cfg, moe=moe, remat="none")
 
 
 @dataclasses.dataclass
