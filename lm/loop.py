@@ -146,8 +146,12 @@ def apply_xla_flags(flags: str) -> str | None:
              and f not in os.environ.get("XLA_FLAGS", "").split()]
   if not missing:
     return None
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
+  try:
+    from jax._src import xla_bridge
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # another JAX: do not guess, say so
+    started = True
+  if started:
     return (f"train.xla_flags not applied ({' '.join(missing)}): JAX already started; set "
             "XLA_FLAGS before the first JAX computation (or run experiments.train)")
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + missing).strip()
