@@ -37,8 +37,7 @@ PROGRESS = ("auto", "bar", "log")
 # lm.model.remat_policy); the rest is recomputed there. none: everything (no
 # recomputation); full: only the block's input; dots: every matmul output;
 # dots_no_batch: the projections' and FFN's matmul outputs, not attention's batched
-# score / value products; offload: those outputs moved to host memory and back (TPU /
-# GPU; the CPU backend has no host memory space to offload to).
+# score / value products; offload: those outputs moved to host memory and back.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 MIXERS = "SL"  # S: softmax attention, L: linear attention
 
