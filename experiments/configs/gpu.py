@@ -4,7 +4,9 @@
 
 - ``125m``: ``base.py:125m`` (GPT-2-small width and depth) with cuDNN's fused attention
   (``jax.nn.dot_product_attention``, ``attention_impl=jax_nn``), bf16 compute, fp32
-  master weights, and batch 64 x 1024 tokens (fills an H100's 80 GB with room).
+  master weights, and ``base.py:125m``'s batch of 64 x 1024 tokens (the recorded H100
+  step used 32; whether 64 fills the chip better is for ``benchmarks/gpu_check.sh`` to
+  measure: not yet run on a GPU).
 - ``moe``: the same model with 8 experts, top-2, of width d_ff / 2 in every layer: the
   active matmul FLOPs per token equal ``125m``'s (the router aside); dropless dispatch
   with the platform's grouped matmul.
