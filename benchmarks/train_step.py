@@ -45,8 +45,9 @@ def measure(config, impl: str, steps: int, warmup: int) -> dict:
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
   step = statistics.median(times)
   tokens = c.data.batch_size * c.data.seq_len
-  density = m["attention"]["density"] if "attention" in m else None
-  density = float(jax.numpy.mean(jax.numpy.stack(jax.tree.leaves(density)))) if density else None
+  # Block-sparse layers sow {"attention": {block: {"density": ...}}}: their mean.
+  sown = jax.tree.leaves(m.get("attention", {}))
+  density = float(sum(map(float, sown)) / len(sown)) if sown else None
   flops = train_flops(c.model, c.data.batch_size, c.data.seq_len, density=density)
   per_device = flops / step / 1e12 / exp.mesh.size
   peak = device_peak_tflops(0.0, list(exp.mesh.devices.flat))
