@@ -227,16 +227,49 @@ def restore_model(directory: str, abstract_model: dict) -> tuple[dict, int]:
       raise NoCheckpoint(directory)
     saved = ckpt.manager.item_metadata(step)["state"]
     saved = getattr(saved, "tree", saved)
-    diff = tree_difference({k: saved.get(k, {}) for k in abstract_model}, abstract_model)
+    saved = {k: saved.get(k, {}) for k in abstract_model}
+    target, convert = abstract_model, None
+    if tree_difference(saved, abstract_model) is not None:
+      target, convert = _other_layout(saved, abstract_model)
+    diff = tree_difference(saved, target)
     if diff is not None:
-      raise OtherTree(step, diff)
+      raise OtherTree(step, tree_difference(saved, abstract_model))
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_model,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model),
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
   finally:
     ckpt.close()
-  return restored["state"], step
+  model = restored["state"]
+  if convert is not None:
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_model)
+    model = jax.jit(convert, out_shardings=shardings)(model)
+  return model, step
+
+
+def _other_layout(saved: dict, abstract_model: dict):
+  """(the abstract model in the layer layout ``saved`` has, the conversion from that
+  layout to ``abstract_model``'s) when the two differ only in scanning over layers
+  (``lm.model.scan_tree``): a scanned run starts from an unrolled one and back.
+  Otherwise (``abstract_model``, None). The other layout is restored replicated over
+  the abstract model's mesh, then converted onto its shardings."""
+  from lm.model import is_scanned, scan_tree, unscan_tree
+  params = abstract_model.get("params", {})
+  saved_scanned = "blocks" in (saved.get("params") or {})
+  if is_scanned(params) == saved_scanned:
+    return abstract_model, None
+  if is_scanned(params):
+    p = len(params["blocks"])
+    to_saved, convert = (lambda t: unscan_tree(t, p)), (lambda t: scan_tree(t, p))
+  else:
+    p = len(saved["params"]["blocks"])
+    to_saved, convert = (lambda t: scan_tree(t, p)), (lambda t: unscan_tree(t, p))
+  shapes = jax.eval_shape(to_saved, abstract_model)
+  some = next((a.sharding for a in jax.tree.leaves(abstract_model)
+               if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding)), None)
+  place = (jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec()) if some
+           else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place), shapes)
+  return target, convert
 
 
 def read_only(directory: str) -> Checkpointer:

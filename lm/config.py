@@ -75,6 +75,7 @@ class ModelConfig:
   param_dtype: str
   attention_impl: str
   remat: str
+  scan_layers: bool
   layer_pattern: str
   linear: LinearConfig
   sliding_window: int

@@ -12,6 +12,17 @@ attention (``attention.layer``) or linear attention (``attention.linear``), by
 ``cfg.act_quant`` (set from the ``quant`` group, ``lm.quant``) names the roles whose
 matmul inputs are int8-fake-quantized per token.
 
+Scan over layers (``model.scan_layers``): the layers repeat with a period p (the
+smallest one that ``layer_pattern`` and the MoE layers' spacing agree on); p
+consecutive blocks form a unit, and the n_layers / p units' parameters are stacked
+on a leading ``layers`` axis (``params["blocks"]["block_<j>"]``, j < p) and run by one
+``jax.lax.scan``, so XLA compiles one unit whatever the depth. The units are
+initialised block by block from the same random stream as the unrolled model, so a
+seed gives the same weights in both layouts; ``scan_tree`` / ``unscan_tree`` convert
+any tree keyed like the parameters (weights, optimizer moments, logical axes)
+between the layouts. Sown statistics come back per block (``block_<i>``) either
+way. Decoding runs the unrolled layout (``lm.runs`` converts on read-back).
+
 The functional interface: ``build_model`` returns the graph definition, the
 parameters and the model's other state (variables that are not parameters, such
 as the MoE balancing bias) as pure dicts, with their logical axes; ``apply`` runs
@@ -19,6 +30,7 @@ the model and returns the logits, what the layers sowed and the new state.
 """
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +39,7 @@ from flax import nnx
 from attention.layer import Attention
 from attention.linear import LinearAttention
 from attention.spec import AttentionSpec
+from core.errors import ConfigError
 from core.params import logical_param
 from core.quant import act_int8
 from core.placement import constrain
@@ -129,6 +142,44 @@ def remat_policy(name: str):
   }[name]
 
 
+def layer_period(cfg) -> int:
+  """The smallest p dividing n_layers such that block i is built like block i mod p
+  (its mixer from ``layer_pattern`` and whether it is an MoE layer)."""
+  kind = lambda i: (cfg.mixer(i), cfg.moe.is_moe_layer(i))
+  L = cfg.n_layers
+  return next(p for p in range(1, L + 1)
+              if L % p == 0 and all(kind(i) == kind(i % p) for i in range(L)))
+
+
+class Unit(nnx.Module):
+  """p consecutive blocks: the body of the scan over layers."""
+
+  def __init__(self, cfg, first: int, period: int, *, rngs, dtype, param_dtype):
+    self.period = period
+    for j in range(period):
+      setattr(self, f"block_{j}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                        moe=cfg.moe.is_moe_layer(first + j),
+                                        mixer=cfg.mixer(first + j)))
+
+  def __call__(self, x_BTD, positions_BT, call):
+    for j in range(self.period):
+      x_BTD = constrain(call(getattr(self, f"block_{j}"), x_BTD, positions_BT),
+                        ("batch", "length", "embed"))
+    return x_BTD
+
+
+def _stack_modules(modules: list) -> nnx.Module:
+  """One module whose variables are ``modules``' stacked on a new leading ``layers``
+  axis (the modules share a structure)."""
+  graphdef, _ = nnx.split(modules[0])
+  states = [nnx.split(m)[1] for m in modules]
+  stacked = jax.tree.map(lambda *vs: jnp.stack(vs), *states)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  relabel = lambda v: v.replace(out_sharding=("layers",) + tuple(
+      v.get_metadata().get("out_sharding") or ()))
+  return nnx.merge(graphdef, jax.tree.map(relabel, stacked, is_leaf=is_var))
+
+
 class Transformer(nnx.Module):
   """The LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]`` in fp32."""
 
@@ -142,10 +193,18 @@ class Transformer(nnx.Module):
                                out_sharding=("vocab", "embed"), eager_sharding=False)
     # Named attributes (not a list) keep every parameter path a string, which
     # checkpoints and logs rely on.
-    self.n_layers = cfg.n_layers
-    for i in range(cfg.n_layers):
-      setattr(self, f"block_{i}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                        moe=cfg.moe.is_moe_layer(i), mixer=cfg.mixer(i)))
+    self.n_layers, self.scan_layers = cfg.n_layers, cfg.scan_layers
+    if cfg.scan_layers:
+      # Built unit after unit from the one random stream (the unrolled model's
+      # weights), then stacked.
+      p = self.period = layer_period(cfg)
+      self.blocks = _stack_modules([
+          Unit(cfg, g * p, p, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+          for g in range(cfg.n_layers // p)])
+    else:
+      for i in range(cfg.n_layers):
+        setattr(self, f"block_{i}", Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                          moe=cfg.moe.is_moe_layer(i), mixer=cfg.mixer(i)))
     self.final_norm = RMSNorm(D, cfg.norm_eps, param_dtype)
     if not cfg.tie_embeddings:
       self.head = logical_param(rngs, (D, V), ("embed", "vocab"), D, param_dtype)
@@ -164,10 +223,47 @@ class Transformer(nnx.Module):
     block = lambda b, x, p: b(x, p)
     call = block if self.remat == "none" else nnx.remat(block, policy=remat_policy(self.remat))
     lens = {}
+    if self.scan_layers:
+      return self._scanned(x_BTD, positions_BT, call, exits)
     for i in range(self.n_layers):
       x_BTD = constrain(call(getattr(self, f"block_{i}"), x_BTD, positions_BT), residual)
       if i + 1 in exits:
         lens[f"layer_{i + 1}"] = constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+    logits = constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+    return (logits, lens) if exits else logits
+
+  def _scanned(self, x_BTD, positions_BT, call, exits):
+    """The blocks as a scan over the stacked units (``model.scan_layers``); split into
+    one scan per segment between asked lens exits (each at a unit boundary). The
+    units' sown statistics come back stacked and are sown here as ``scan_stats``
+    (``apply`` hands them out per block); their new state (e.g. the MoE bias) is
+    written back."""
+    graphdef, state = nnx.split(self.blocks)
+    p, G = self.period, self.n_layers // self.period
+
+    def body(x_BTD, unit_state):
+      unit = nnx.merge(graphdef, unit_state)
+      x_BTD, sown = nnx.capture(unit, nnx.Intermediate)(x_BTD, positions_BT, call)
+      return x_BTD, (nnx.split(unit)[1], nnx.to_pure_dict(sown))
+
+    for n in exits:
+      if n % p:
+        raise ConfigError("model.scan_layers", True, f"a logit-lens exit after layer {n} "
+                          f"falls inside a scanned unit of {p} layers",
+                          f"ask for exits at multiples of {p}, or set model.scan_layers=False")
+    ends = sorted({n // p for n in exits} | {G})
+    lens, new, sown, start = {}, [], [], 0
+    for end in ends:
+      part = jax.tree.map(lambda a: a[start:end], state)
+      x_BTD, (new_part, sown_part) = jax.lax.scan(body, x_BTD, part)
+      new.append(new_part)
+      sown.append(sown_part)
+      if end * p in exits:
+        lens[f"layer_{end * p}"] = constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
+      start = end
+    cat = lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+    nnx.update(self.blocks, jax.tree.map(cat, *new))
+    self.sow(nnx.Intermediate, "scan_stats", jax.tree.map(cat, *sown))
     logits = constrain(self.logits(x_BTD), ("batch", "length", "vocab"))
     return (logits, lens) if exits else logits
 
@@ -187,10 +283,17 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   # ------------------------------------------------------------------------- decoding
+  def _check_unrolled(self):
+    if self.scan_layers:
+      raise ConfigError("model.scan_layers", True, "decoding runs the unrolled layout",
+                        "decode with scan_layers=False (lm.decode.decode_config) and weights "
+                        "converted by lm.model.unscan_tree (lm.runs.load_weights does both)")
+
   def init_cache(self, batch: int, max_len: int, slack: int = 0, dtype=jnp.bfloat16) -> dict:
     """An empty decode cache for ``batch`` rows of up to ``max_len`` tokens:
     ``{"lengths": [B] int32, "block_<i>": the mixer's cache}``; ``slack``: the most
     tokens one later call adds, less one (``attention.cache``)."""
+    self._check_unrolled()
     cache = {"lengths": jnp.zeros((batch,), jnp.int32)}
     for i in range(self.n_layers):
       attn = getattr(self, f"block_{i}").attn
@@ -208,6 +311,7 @@ class Transformer(nnx.Module):
     ``commit``) and ``"hidden"`` (the residual after every block [L, B, T, D], for the
     logit lens).
     """
+    self._check_unrolled()
     start_B = cache["lengths"]
     T = tokens_BT.shape[1]
     residual = ("batch", "length", "embed")
@@ -301,10 +405,71 @@ def apply(graphdef, params, state, tokens_BT: jax.Array, exits: tuple = ()):
         collect(block, value)
 
   for block, node in sown.items():
-    collect(block, node)
+    if block == "scan_stats":  # stacked over the scanned units: per block again
+      units, p = node[0], model.period
+      for g in range(model.n_layers // p):
+        for j, unit in units.items():
+          collect(f"block_{g * p + int(j[len('block_'):])}", jax.tree.map(lambda a: a[g], unit))
+    else:
+      collect(block, node)
   if exits:
     return logits_BTV, stats, nnx.to_pure_dict(new_state), lens
   return logits_BTV, stats, nnx.to_pure_dict(new_state)
+
+
+_BLOCK = re.compile(r"block_(\d+)$")
+
+
+def _is_unrolled(node) -> bool:
+  return isinstance(node, dict) and any(isinstance(k, str) and _BLOCK.match(k) for k in node)
+
+
+def _is_scanned(node) -> bool:
+  return isinstance(node, dict) and isinstance(node.get("blocks"), dict)
+
+
+def scan_tree(tree, period: int):
+  """``tree`` with every dict keyed like the unrolled parameters (``block_<i>``: a
+  model's weights, an optimizer's moments, ...) in the scanned layout: ``blocks`` /
+  ``block_<j>`` (j < period) holding blocks j, j + p, ... stacked on a leading axis.
+  Works on arrays and, under ``jax.eval_shape``, on shapes."""
+  def convert(node):
+    if not _is_unrolled(node):
+      return node
+    present = {int(_BLOCK.match(k).group(1)) for k in node if _BLOCK.match(k)}
+    G = -(-(max(present) + 1) // period)
+    units = {}
+    for j in range(period):  # a tree may hold only some blocks (state: MoE layers')
+      members = [g * period + j for g in range(G)]
+      if not present & set(members):
+        continue
+      if not set(members) <= present:
+        raise ValueError(f"blocks {sorted(present)} do not form units of {period} layers")
+      units[f"block_{j}"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                         *[node[f"block_{i}"] for i in members])
+    return {**{k: v for k, v in node.items() if not _BLOCK.match(k)}, "blocks": units}
+  return jax.tree.map(convert, tree, is_leaf=_is_unrolled)
+
+
+def unscan_tree(tree, period: int | None = None):
+  """The inverse of ``scan_tree``: every ``blocks`` dict back into ``block_<i>``
+  (``period``: the model's, needed only when a tree holds some units, e.g. the
+  model state of MoE layers; default: the number of units the dict holds)."""
+  def convert(node):
+    if not _is_scanned(node):
+      return node
+    units = node["blocks"]
+    p = period or len(units)
+    G = jax.tree.leaves(units)[0].shape[0]
+    blocks = {f"block_{g * p + int(j[len('block_'):])}": jax.tree.map(lambda a: a[g], unit)
+              for j, unit in units.items() for g in range(G)}
+    return {**{k: v for k, v in node.items() if k != "blocks"}, **blocks}
+  return jax.tree.map(convert, tree, is_leaf=_is_scanned)
+
+
+def is_scanned(params: dict) -> bool:
+  """Whether ``params`` (a model's weights) are in the scanned layout."""
+  return _is_scanned(params)
 
 
 def active_param_count(cfg, params) -> int:
@@ -314,6 +479,8 @@ def active_param_count(cfg, params) -> int:
   moe = cfg.moe
   if not moe.enabled:
     return total
+  if is_scanned(params):  # a stacked unit counts once per unit
+    params = jax.eval_shape(unscan_tree, params)
   for block in params.values():
     mlp = block.get("mlp", {}) if isinstance(block, dict) else {}
     if "router" in mlp:

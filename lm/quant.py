@@ -95,7 +95,7 @@ class QuantConfig:
 @dataclasses.dataclass(frozen=True)
 class Matrix:
   """A weight matrix of the model: its role, its contraction axes (contiguous) and
-  its batch axes (experts)."""
+  its batch axes (experts; scanned layers)."""
   role: str
   contract: tuple
   batch: tuple
@@ -105,6 +105,8 @@ def _role(path: tuple, siblings: dict) -> str | None:
   name = path[-1]
   if path == ("head",):
     return "head"
+  if path[:1] == ("blocks",):  # scanned layers (lm.model): blocks/block_<j>/...
+    path = path[1:]
   if len(path) < 3 or not path[0].startswith("block_"):
     return None
   if path[1] == "attn":
@@ -137,7 +139,7 @@ def matrices(axes: dict, targets: tuple = ROLES) -> dict:
     if role is None or role not in targets:
       continue
     names = tuple(names)
-    batch = tuple(i for i, n in enumerate(names) if n == "expert")
+    batch = tuple(i for i, n in enumerate(names) if n in ("expert", "layers"))
     if names[-1] == "embed":  # a projection back into the residual: all inputs
       contract = tuple(i for i in range(len(names) - 1) if i not in batch)
     else:

@@ -114,8 +114,14 @@ def _lora_config(workdir: str, flag: str):
 
 def _stored_model(workdir: str, abstract_model: dict, flag: str):
   from lm import quant
+  from lm.model import is_scanned, scan_tree, unscan_tree
   params, state, manifest = quant.read_stored(workdir)
   model = {"params": params, "model_state": state}
+  want = abstract_model["params"]
+  if is_scanned(params) and not is_scanned(want):
+    model = unscan_tree(model, len(params["blocks"]))
+  elif is_scanned(want) and not is_scanned(params):
+    model = scan_tree(model, len(want["blocks"]))
   diff = checkpoint.tree_difference(model, {k: abstract_model[k] for k in model})
   if diff is not None:
     raise ConfigError(flag, workdir, f"its quantized checkpoint does not fit the config: "
@@ -163,11 +169,14 @@ class Weights:
 def load_weights(workdir: str, overrides: dict | None = None, *, devices=None,
                  flag: str = "--workdir") -> Weights:
   """The run's typed config, tokenizer and newest weights, placed on a mesh over
-  ``devices`` by the rules table (the data are not built)."""
+  ``devices`` by the rules table (the data are not built); layers unrolled
+  (``model.scan_layers`` off, a scanned run's weights converted)."""
   from lm import sharding
   from lm.data import tokenizers
   from lm.model import build_model
   typed = config_lib.resolve(load_config(workdir, overrides, flag))
+  # Decoding runs the unrolled layout: a scanned run's weights are converted on restore.
+  typed = dataclasses.replace(typed, model=dataclasses.replace(typed.model, scan_layers=False))
   from lm import quant
   if not os.path.isdir(os.path.join(workdir, "checkpoints")) and not quant.is_stored(workdir):
     raise ConfigError(flag, workdir, "has no checkpoints/ folder (not trained yet?)",

@@ -73,6 +73,10 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   # What each block keeps for the backward pass (lm.config.REMAT_POLICIES): none | full
   # (its input only) | dots | dots_no_batch | offload; the rest is recomputed there.
   c.model.remat = "none"
+  # Scan over layers (lm.model): the blocks' weights stacked on a leading `layers` axis
+  # and run by one lax.scan over units of the layer pattern's period (hybrid: e.g. LLLS
+  # is one unit), so compile time stops growing with depth. Same init and numbers.
+  c.model.scan_layers = False
   # Token mixer per layer, the pattern cycled over the layers: S = softmax attention,
   # L = linear attention (attention/linear.py). "LLLS": three linear layers per softmax one.
   c.model.layer_pattern = "S"

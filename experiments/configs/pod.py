@@ -7,6 +7,7 @@
 
 ``target_topology`` says which slice each is sized for; check it fits before
 launching: ``python -m experiments.compile --config=... --topology=<target>``.
+Layers are scanned (``model.scan_layers``): compile time does not grow with depth.
 The embedded corpus and byte tokenizer are placeholders at this scale: point
 ``data.source=files`` / ``data.path`` at your corpus.
 """
@@ -36,4 +37,5 @@ def get_config(name: str = "1b-v5p64"):
   c.train.steps = steps
   c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 50, 1000, 1000
   c.optimizer.learning_rate = 1e-3
+  c.model.scan_layers = True  # one compiled block whatever the depth (lm.model)
   return c

@@ -30,7 +30,7 @@ from flax import nnx
 from core.errors import ConfigError
 from lm import sharding
 from lm.decode.sampling import Sampling, row_keys, sample
-from lm.model import DTYPES, build_model
+from lm.model import DTYPES, build_model, is_scanned, unscan_tree
 
 CACHE_AXES = {  # logical axes of each cache leaf by name (lengths: [B])
     "k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None, "kv_heads", "head_dim"),
@@ -46,11 +46,12 @@ CACHE_DTYPES = {**DTYPES, "int8": jnp.int8}
 
 
 def decode_config(model_cfg):
-  """The config a model decodes with: dropless MoE without bias updates, no remat."""
+  """The config a model decodes with: dropless MoE without bias updates, no remat, layers
+  unrolled (a scanned run's weights are converted: ``Model.from_weights``)."""
   moe = model_cfg.moe
   if moe.enabled:
     moe = dataclasses.replace(moe, dispatch="dropless", bias_update_rate=0.0)
-  return dataclasses.replace(model_cfg, moe=moe, remat="none")
+  return dataclasses.replace(model_cfg, moe=moe, remat="none", scan_layers=False)
 
 
 @dataclasses.dataclass
@@ -65,6 +66,9 @@ class Model:
   def from_weights(cls, model_cfg, params, state) -> "Model":
     cfg = decode_config(model_cfg)
     built = build_model(cfg, 0, abstract=True)
+    if is_scanned(params):  # weights of a scanned model: unrolled for decoding
+      period = len(params["blocks"])
+      params, state = unscan_tree(params, period), unscan_tree(state, period)
     return cls(cfg, built.graphdef, params, state)
 
 
