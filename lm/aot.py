@@ -64,6 +64,7 @@ class CompileReport:
   compiler_flops: float  # per device per step, from cost analysis
   model_flops: float  # per device per step, lm.flops.train_flops
   params: int
+  scanned: bool = False  # model.scan_layers: the compiler counts the loop body once
 
   @property
   def peak_bytes(self) -> int:
@@ -123,7 +124,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
       code_bytes=mem.generated_code_size_in_bytes,
       compiler_flops=float(cost.get("flops", float("nan"))),
       model_flops=train_flops(c.model, c.data.batch_size, c.data.seq_len) / n,
-      params=params)
+      params=params, scanned=c.model.scan_layers)
 
 
 def format_report(r: CompileReport) -> str:
@@ -138,6 +139,8 @@ def format_report(r: CompileReport) -> str:
       f"               peak ~     {gib(r.peak_bytes)}   of HBM {gib(r.hbm_bytes)} "
       f"({100 * r.peak_bytes / r.hbm_bytes:.1f}%)",
       f"  FLOPs/step per device: compiler {r.compiler_flops:.3e}, model estimate "
-      f"{r.model_flops:.3e} (ratio {r.compiler_flops / r.model_flops:.2f})",
+      f"{r.model_flops:.3e} (ratio {r.compiler_flops / r.model_flops:.2f})"
+      + (" -- layers are scanned: the compiler counts the loop body once" if r.scanned
+         else ""),
   ]
   return "\n".join(lines)

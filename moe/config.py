@@ -25,7 +25,11 @@ class MoEConfig:
       ``moe.gmm.REGISTRY`` name.
     expert_parallel: ``none`` or an exchange of ``moe.parallel.EXCHANGES`` over the
       ``expert`` mesh axis.
-    load_balance_coef: Switch balancing-loss coefficient (0 disables).
+    load_balance_coef: Switch balancing-loss coefficient (0 disables). Our loss is
+      E * sum_e f_e P_e with f_e the share of all T*k assignments: 1 at perfect
+      balance for any k. Hugging Face's Mixtral loss (f_e per choice, summed over
+      the k choices) is k at balance, so their coefficient c is our k * c (our
+      0.01 is their 0.01 / k); for k = 1 (Switch) the two agree.
     z_loss_coef: ST-MoE router z-loss coefficient (0 disables).
     bias_update_rate: auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3; 0 off).
   """

@@ -91,6 +91,13 @@ def test_balancing_losses_by_hand():
   # Uniform router and uniform load give exactly 1.
   np.testing.assert_allclose(router.load_balancing_loss(jnp.full((4, 2), 0.5),
                                                         jnp.array([[0], [1], [0], [1]])), 1.0)
+  # Hugging Face's Mixtral convention (f per choice [k, E], summed over the k choices,
+  # times E) is k times ours for top-k: their coefficient c is our k * c.
+  k, E = 3, 8
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(3), (64, E)))
+  experts = jax.lax.top_k(probs + jax.random.uniform(jax.random.key(4), (64, E)), k)[1]
+  hf = E * np.sum(np.mean(np.eye(E)[np.asarray(experts)], axis=0) * np.mean(probs, 0)[None])
+  np.testing.assert_allclose(k * router.load_balancing_loss(probs, experts), hf, rtol=1e-5)
   logits = jnp.array([[1.0, 2.0], [0.0, -3.0]])
   z = np.log(np.exp([1.0, 2.0]).sum()) ** 2 / 2 + np.log(np.exp([0.0, -3.0]).sum()) ** 2 / 2
   np.testing.assert_allclose(router.router_z_loss(logits), z, rtol=1e-6)
