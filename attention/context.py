@@ -2,47 +2,70 @@
 
 The sequence dimension T of q, k, v is sharded over one mesh axis (``sequence``,
 size C); the batch may be sharded over further axes. ``context_attend`` wraps a
-per-device body in ``jax.shard_map``. Three strategies:
+per-device body in ``jax.shard_map``. Four strategies:
 
 - ``ulysses`` (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509): one
   ``all_to_all`` turns sequence shards into head shards (each device: the full
   sequence, N/C query heads and their kv heads), ``attention.ops.attend`` runs on
   them and a second ``all_to_all`` turns head shards back into sequence shards.
-- ``headwise`` (Untied Ulysses / UPipe, Ghadia et al. 2026, arXiv 2602.21196):
-  the same exchange, but for N/(C*U) stages of U heads per device (C*U heads
-  globally), one stage per step of a ``jax.lax.scan``, so post-exchange
-  activations and attention intermediates hold one stage's heads instead of N/C.
-  Each stage's output lands in a preallocated [B, T/C, N, H] buffer. The scan (not
-  an unrolled loop, which lets XLA overlap stages and erase the saving) is what
-  bounds the live set. ``remat_stages`` wraps the stage in ``jax.checkpoint`` so
-  the backward recomputes each stage from q, k, v rather than keeping every
-  stage's residuals (the paper recomputes each stage from its inputs, output and
-  LSE). A single stage (N == C*U) runs as Ulysses: a one-step scan with remat
-  would only add recomputation.
+- ``headwise`` (Untied Ulysses / UPipe, Ghadia et al. 2026, arXiv 2602.21196)
+  lives in ``attention.upipe``: it starts from the layer's input x, not from q, k,
+  v (each stage projects only its own heads), so ``attention.layer`` calls it for the
+  whole layer and ``context_attend`` refuses it. Its exchange and GQA rule are the
+  ones below.
 - ``ring`` (Ring Attention, Liu et al. 2023, arXiv 2310.01889; blockwise online
   softmax of Milakov & Gimelshein 2018 / FlashAttention): k, v blocks travel
   around the ring with ``jax.lax.ppermute`` for C steps; each step scores the local
   queries against the visiting block and folds it into a running max, running sum
   and output (fp32). Masks use global positions: a block wholly in the future (or
-  outside the sliding window) is skipped with ``lax.cond``, the diagonal block gets
-  the causal mask. A ``custom_vjp`` runs the backward as a second ring pass: dq
-  stays home, dk and dv travel with their block and are back at the owner after C
-  hops. Only O(T/C) memory per device; ``implementation`` is not used (the block
-  math is here). Causal load is unbalanced (device C-1 does C blocks, device 0
-  one); zigzag / striped layouts are not implemented.
+  outside the sliding window) is skipped, the diagonal block gets the causal mask.
+  A ``custom_vjp`` runs the backward as a second ring pass: dq stays home, dk and
+  dv travel with their block and are back at the owner after C hops. Only O(T/C)
+  memory per device; ``implementation`` is not used (the block math is here).
+  Causal load is unbalanced: device d computes d + 1 of the C blocks, and every
+  ring step waits for the busiest device, so the ring costs C full blocks.
+- ``zigzag`` (the zigzag layout of Llama 3's context parallelism, Dubey et al. 2024,
+  arXiv 2407.21783 sec. 3.3.2; ring-flash-attention): the same ring on a layout
+  where the sequence is cut into 2C chunks and device i holds chunks i and 2C-1-i
+  (an early and a late one). Each block is two pieces and each step meets them as
+  four sub-blocks of [T/2C]^2; causally one is always dead and one always whole,
+  of the two diagonal ones exactly one is live off the ring's diagonal step. Every
+  device computes 2C + 1 quarter blocks, (2C + 1)/4 blocks, instead of up to C
+  (``ring_blocks``). Masks use each piece's global positions.
+
+  Layout: the model keeps contiguous shards (RoPE positions, data, the loss are
+  untouched); ``zigzag`` relays q, k, v into the zigzag layout at entry (two
+  ``ppermute`` of half a shard each: one for even chunks, one for odd) and the
+  output back; the backward relays dout in and dq, dk, dv back. In units of a k
+  shard (q and the output are G = N/K times one) that is 2G + 2 moved per pass, on
+  top of the ring's 2(C-1) forward and 4(C-1) backward, and not overlapped with
+  compute (e.g. 10 vs 14 for G = 4, C = 8). Keeping the whole residual stream in
+  zigzag order (tokens permuted once in the data, positions passed to RoPE) would
+  remove the relays; it is not done here because every position-dependent part of
+  the model (RoPE, masks of other layers, linear-attention scans, the decoder)
+  would have to know the layout.
+
+Both ring strategies enumerate, per (device, visiting block), which sub-blocks hold
+an allowed pair (``_block_plans``, from ``attention.masks``, at trace time), grouped
+into rectangles computed as one matmul each (zigzag, causal: chunk i's queries and
+chunk 2C-1-i's against an earlier block's chunk, or chunk 2C-1-i's against a later
+block's two); each step runs its pair's plan through a
+``lax.switch`` over the plans that occur, so dead sub-blocks cost nothing and
+XLA's cost analysis (the largest branch) counts a step as the busiest device's.
 
 GQA (K kv heads, N = G*K query heads): a device holding U query heads needs
 Ku = U / gcd(U, G) kv heads (query heads in runs of gcd(U, G) share one). When U is
 a multiple of G these are the device's own kv heads and nothing is copied;
 otherwise (e.g. K < C for Ulysses) kv heads are gathered, i.e. replicated, before
 the exchange so each device receives exactly the kv heads its query heads use.
-Only N % C (ulysses) or N % (C*U) (headwise) is required of the heads.
+Only N % C is required of the heads (ulysses; headwise's rule: ``attention.upipe``).
 
 Placement (``core.placement``): the arrays are global; ``context_attend`` runs per
 device with the batch and the sequence sharded as the runtime's rules shard the
 ``batch`` and ``length`` axes. Without a sharded ``length`` every strategy is plain
 ``attention.ops.attend`` (per device, over the batch shards).
 """
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -54,9 +77,10 @@ from attention import masks
 from attention.ops import attend
 from attention.spec import AttentionSpec
 from core import placement
+from core.errors import ConfigError
 from core.vma import full_like_varying
 
-STRATEGIES = ("ulysses", "headwise", "ring")
+STRATEGIES = ("ulysses", "headwise", "ring", "zigzag")
 
 
 def _kv_per_device(U: int, G: int) -> tuple[int, int]:
@@ -100,87 +124,141 @@ def _ulysses_body(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C, implementation):
   return _exchange_attend(q_BtNH, k_BtKH, v_BtKH, spec, axis, implementation)
 
 
-def _headwise_body(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C, U, remat, implementation):
-  N, K = q_BtNH.shape[2], k_BtKH.shape[2]
-  G, CU = N // K, C * U
-  Ku, g = _kv_per_device(U, G)
-
-  def stage_out(q_BtNH, k_BtKH, v_BtKH, s):
-    first = s * CU
-    q_BtSH = jax.lax.dynamic_slice_in_dim(q_BtNH, first, CU, axis=2)
-    if g == G:   # U % G == 0: the stage's kv heads are contiguous, no copies
-      k_s = jax.lax.dynamic_slice_in_dim(k_BtKH, first // G, C * Ku, axis=2)
-      v_s = jax.lax.dynamic_slice_in_dim(v_BtKH, first // G, C * Ku, axis=2)
-    else:
-      idx = _kv_index(first, C, U, G, xp=jnp)
-      k_s, v_s = jnp.take(k_BtKH, idx, axis=2), jnp.take(v_BtKH, idx, axis=2)
-    return _exchange_attend(q_BtSH, k_s, v_s, spec, axis, implementation)
-
-  if remat:
-    stage_out = jax.checkpoint(stage_out)
-
-  def step(out_BtNH, s):
-    o_BtSH = stage_out(q_BtNH, k_BtKH, v_BtKH, s)
-    return jax.lax.dynamic_update_slice_in_dim(out_BtNH, o_BtSH, s * CU, axis=2), None
-
-  out0 = full_like_varying(q_BtNH.shape, q_BtNH.dtype, q_BtNH)
-  out_BtNH, _ = jax.lax.scan(step, out0, jnp.arange(N // CU))
-  return out_BtNH
-
-
 # --------------------------------------------------------------------------- ring
 
 
-def _block_live(spec: AttentionSpec, i, src, Tl: int):
-  """Whether queries of shard i may attend to any key of shard src."""
-  return masks.block_has_allowed(i * Tl, src * Tl, Tl, Tl, spec.causal, spec.sliding_window)
+def _piece_first(d, p: int, C: int, Tc: int, zigzag: bool):
+  """Global position of the first token of piece p of the block device d holds: the
+  ring's block is chunk d of C (one piece of Tc tokens), zigzag's is chunks d and
+  2C-1-d of 2C (two pieces). ``d`` may be traced."""
+  return (2 * C - 1 - d if zigzag and p == 1 else d) * Tc
 
 
-def _ring_scores(q_BtKGH, k_BsKH, spec, i, src, scale):
-  Tl = q_BtKGH.shape[1]
+def _block_plans(spec: AttentionSpec, C: int, Tc: int, zigzag: bool, diagonal: bool):
+  """What device i computes when the block of device src visits it, for every pair
+  with (src == i) == diagonal: (plans, index [C, C]), index[i, src] naming the pair's
+  plan. A plan is a tuple of rectangles ((r0, r1), (c0, c1)): query pieces r0 .. r1-1
+  meet key pieces c0 .. c1-1 in one matmul. Its sub-blocks are exactly the live ones
+  (with an allowed pair); those wholly in the future or outside the window are
+  skipped. Query pieces attending the same key pieces share a rectangle."""
+  P = 2 if zigzag else 1
+  plans, index = [], np.zeros((C, C), np.int32)
+  for i, src in itertools.product(range(C), range(C)):
+    if (i == src) != diagonal:
+      continue
+    plan = []
+    for a in range(P):
+      keys = [b for b in range(P) if masks.block_has_allowed(
+          _piece_first(i, a, C, Tc, zigzag), _piece_first(src, b, C, Tc, zigzag), Tc, Tc,
+          spec.causal, spec.sliding_window)]
+      if not keys:
+        continue
+      cols = (keys[0], keys[-1] + 1)   # contiguous: P <= 2
+      if plan and plan[-1][1] == cols:
+        plan[-1] = ((plan[-1][0][0], a + 1), cols)
+      else:
+        plan.append(((a, a + 1), cols))
+    if tuple(plan) not in plans:
+      plans.append(tuple(plan))
+    index[i, src] = plans.index(tuple(plan))
+  return plans, index
+
+
+def ring_blocks(spec: AttentionSpec, C: int, T: int, zigzag: bool = False) -> np.ndarray:
+  """int [C]: the score sub-blocks each device computes over the C ring steps (the
+  backward recomputes the same ones), of [T/C]^2 scores for the ring and [T/(2C)]^2
+  for zigzag. Causal: the ring's device d does d + 1 blocks, zigzag's every device
+  2C + 1 quarter blocks."""
+  Tc = T // C // (2 if zigzag else 1)
+  count = np.zeros(C, np.int64)
+  for diagonal in (True, False):
+    plans, index = _block_plans(spec, C, Tc, zigzag, diagonal)
+    for i, src in itertools.product(range(C), range(C)):
+      if (i == src) == diagonal:
+        count[i] += sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in plans[index[i, src]])
+  return count
+
+
+def _visit(plans_index, Tc: int, i, src, block, carry):
+  """Runs the plan of the pair (i, src): ``block(carry, rows, cols)`` for each of its
+  rectangles (token slices, pieces of Tc tokens). A ``lax.switch`` over the plans
+  that occur (none when only one does) skips the dead sub-blocks, and XLA costs the
+  step as its largest plan."""
+  plans, index = plans_index
+
+  def run(plan):
+    def go(carry):
+      for (r0, r1), (c0, c1) in plan:
+        carry = block(carry, slice(r0 * Tc, r1 * Tc), slice(c0 * Tc, c1 * Tc))
+      return carry
+    return go
+
+  if len(plans) == 1:
+    return run(plans[0])(carry)
+  return jax.lax.switch(jnp.asarray(index)[i, src], [run(p) for p in plans], carry)
+
+
+def _ring_scores(q_BtKGH, k_BsKH, spec, q_pos_t, k_pos_s, scale):
+  """fp32 scores, masked by the queries' and keys' global positions."""
   s_BKGts = jnp.einsum("btkgh,bskh->bkgts", q_BtKGH, k_BsKH,
                        preferred_element_type=jnp.float32) * scale
-  allowed_ts = masks.token_mask(spec.causal, spec.sliding_window, Tl, Tl, q_offset=(i - src) * Tl)
+  allowed_ts = masks.allowed(q_pos_t[:, None], k_pos_s[None, :], spec.causal,
+                             spec.sliding_window)
   return jnp.where(allowed_ts, s_BKGts, -jnp.inf)
 
 
-def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
-  """Ring attention with a ring-pass backward (``custom_vjp``); see module doc."""
+def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C, zigzag=False):
+  """Ring attention with a ring-pass backward (``custom_vjp``); see module doc.
+  ``zigzag``: the local block is chunks i and 2C-1-i of 2C (``_to_zigzag``)."""
   B, Tl, N, H = q_BtNH.shape
   K = k_BtKH.shape[2]
   G = N // K
+  P = 2 if zigzag else 1
+  Tc = Tl // P   # tokens per piece
   scale = spec.scale if spec.scale is not None else H ** -0.5
   perm = [(d, (d + 1) % C) for d in range(C)]   # block from d moves to d + 1
   shift = lambda x: jax.lax.ppermute(x, axis, perm)
+  own, visiting = (_block_plans(spec, C, Tc, zigzag, diagonal) for diagonal in (True, False))
+
+  def positions(d):   # [Tl] global position of each token of device d's block
+    return jnp.concatenate([_piece_first(d, p, C, Tc, zigzag) + jnp.arange(Tc)
+                            for p in range(P)])
 
   def forward(q_BtNH, k_BtKH, v_BtKH):
     i = jax.lax.axis_index(axis)
     q_BtKGH = q_BtNH.reshape(B, Tl, K, G, H)
+    q_pos_t = positions(i)
 
-    def fold(carry, k_BsKH, v_BsKH, src):
-      def live(carry):
+    def fold(plans, carry, k_BsKH, v_BsKH, src):
+      k_pos_s = positions(src)
+
+      def block(carry, rows, cols):
         m_BKGt, l_BKGt, acc_BtKGH = carry
-        s_BKGts = _ring_scores(q_BtKGH, k_BsKH, spec, i, src, scale)
-        m_new = jnp.maximum(m_BKGt, jnp.max(s_BKGts, axis=-1))
+        m_BKGr, l_BKGr, acc_BrKGH = m_BKGt[..., rows], l_BKGt[..., rows], acc_BtKGH[:, rows]
+        v_BcKH = v_BsKH[:, cols]
+        s_BKGrc = _ring_scores(q_BtKGH[:, rows], k_BsKH[:, cols], spec, q_pos_t[rows],
+                               k_pos_s[cols], scale)
+        m_new = jnp.maximum(m_BKGr, jnp.max(s_BKGrc, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        alpha_BKGt = jnp.exp(m_BKGt - m_safe)
-        p_BKGts = jnp.exp(s_BKGts - m_safe[..., None])
-        l_new = alpha_BKGt * l_BKGt + jnp.sum(p_BKGts, axis=-1)
-        pv_BtKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGts.astype(v_BsKH.dtype), v_BsKH,
+        alpha_BKGr = jnp.exp(m_BKGr - m_safe)
+        p_BKGrc = jnp.exp(s_BKGrc - m_safe[..., None])
+        l_new = alpha_BKGr * l_BKGr + jnp.sum(p_BKGrc, axis=-1)
+        pv_BrKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGrc.astype(v_BcKH.dtype), v_BcKH,
                               preferred_element_type=jnp.float32)
-        acc_new = jnp.moveaxis(alpha_BKGt, 3, 1)[..., None] * acc_BtKGH + pv_BtKGH
-        return m_new, l_new, acc_new
-      return jax.lax.cond(_block_live(spec, i, src, Tl), live, lambda c: c, carry)
+        acc_new = jnp.moveaxis(alpha_BKGr, 3, 1)[..., None] * acc_BrKGH + pv_BrKGH
+        return (m_BKGt.at[..., rows].set(m_new), l_BKGt.at[..., rows].set(l_new),
+                acc_BtKGH.at[:, rows].set(acc_new))
+      return _visit(plans, Tc, i, src, block, carry)
 
     m0 = full_like_varying((B, K, G, Tl), jnp.float32, q_BtNH, -jnp.inf)
     l0 = full_like_varying((B, K, G, Tl), jnp.float32, q_BtNH)
     acc0 = full_like_varying((B, Tl, K, G, H), jnp.float32, q_BtNH)
-    carry = fold((m0, l0, acc0), k_BtKH, v_BtKH, i)
+    carry = fold(own, (m0, l0, acc0), k_BtKH, v_BtKH, i)
 
     def step(c, j):
       carry, k_BsKH, v_BsKH = c
       k_BsKH, v_BsKH = shift(k_BsKH), shift(v_BsKH)
-      return (fold(carry, k_BsKH, v_BsKH, (i - j) % C), k_BsKH, v_BsKH), None
+      return (fold(visiting, carry, k_BsKH, v_BsKH, (i - j) % C), k_BsKH, v_BsKH), None
 
     (carry, _, _), _ = jax.lax.scan(step, (carry, k_BtKH, v_BtKH), jnp.arange(1, C))
     m_BKGt, l_BKGt, acc_BtKGH = carry
@@ -206,33 +284,36 @@ def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
     # D = rowsum(dO * O): the softmax-Jacobian term (FlashAttention-2, Alg. 2).
     d_BKGt = jnp.einsum("btkgh,btkgh->bkgt", do_BtKGH.astype(jnp.float32),
                         out_BtNH.reshape(B, Tl, K, G, H).astype(jnp.float32))
+    q_pos_t = positions(i)
 
-    def fold(carry, k_BsKH, v_BsKH, src):
-      def live(carry):
+    def fold(plans, carry, k_BsKH, v_BsKH, src):
+      k_pos_s = positions(src)
+
+      def block(carry, rows, cols):
         dq_BtKGH, dk_BsKH, dv_BsKH = carry
-        s_BKGts = _ring_scores(q_BtKGH, k_BsKH, spec, i, src, scale)
-        p_BKGts = jnp.exp(s_BKGts - lse_BKGt[..., None])
-        dv_BsKH = dv_BsKH + jnp.einsum("bkgts,btkgh->bskh", p_BKGts,
-                                       do_BtKGH.astype(jnp.float32))
-        dp_BKGts = jnp.einsum("btkgh,bskh->bkgts", do_BtKGH, v_BsKH,
+        q_BrKGH, do_BrKGH = q_BtKGH[:, rows], do_BtKGH[:, rows]
+        k_BcKH, v_BcKH = k_BsKH[:, cols], v_BsKH[:, cols]
+        s_BKGrc = _ring_scores(q_BrKGH, k_BcKH, spec, q_pos_t[rows], k_pos_s[cols], scale)
+        p_BKGrc = jnp.exp(s_BKGrc - lse_BKGt[..., rows, None])
+        dv_BcKH = jnp.einsum("bkgts,btkgh->bskh", p_BKGrc, do_BrKGH.astype(jnp.float32))
+        dp_BKGrc = jnp.einsum("btkgh,bskh->bkgts", do_BrKGH, v_BcKH,
                               preferred_element_type=jnp.float32)
-        ds_BKGts = p_BKGts * (dp_BKGts - d_BKGt[..., None]) * scale
-        dq_BtKGH = dq_BtKGH + jnp.einsum("bkgts,bskh->btkgh", ds_BKGts,
-                                         k_BsKH.astype(jnp.float32))
-        dk_BsKH = dk_BsKH + jnp.einsum("bkgts,btkgh->bskh", ds_BKGts,
-                                       q_BtKGH.astype(jnp.float32))
-        return dq_BtKGH, dk_BsKH, dv_BsKH
-      return jax.lax.cond(_block_live(spec, i, src, Tl), live, lambda c: c, carry)
+        ds_BKGrc = p_BKGrc * (dp_BKGrc - d_BKGt[..., rows, None]) * scale
+        dq_BrKGH = jnp.einsum("bkgts,bskh->btkgh", ds_BKGrc, k_BcKH.astype(jnp.float32))
+        dk_BcKH = jnp.einsum("bkgts,btkgh->bskh", ds_BKGrc, q_BrKGH.astype(jnp.float32))
+        return (dq_BtKGH.at[:, rows].add(dq_BrKGH), dk_BsKH.at[:, cols].add(dk_BcKH),
+                dv_BsKH.at[:, cols].add(dv_BcKH))
+      return _visit(plans, Tc, i, src, block, carry)
 
     dq0 = full_like_varying((B, Tl, K, G, H), jnp.float32, q_BtNH)
     dkv0 = full_like_varying(k_BtKH.shape, jnp.float32, q_BtNH)
-    dq, dk, dv = fold((dq0, dkv0, dkv0), k_BtKH, v_BtKH, i)
+    dq, dk, dv = fold(own, (dq0, dkv0, dkv0), k_BtKH, v_BtKH, i)
 
     def step(c, j):
       dq, dk, dv, k_BsKH, v_BsKH = c
       # dk, dv travel with the block they belong to.
       dk, dv, k_BsKH, v_BsKH = shift(dk), shift(dv), shift(k_BsKH), shift(v_BsKH)
-      dq, dk, dv = fold((dq, dk, dv), k_BsKH, v_BsKH, (i - j) % C)
+      dq, dk, dv = fold(visiting, (dq, dk, dv), k_BsKH, v_BsKH, (i - j) % C)
       return (dq, dk, dv, k_BsKH, v_BsKH), None
 
     (dq, dk, dv, _, _), _ = jax.lax.scan(step, (dq, dk, dv, k_BtKH, v_BtKH),
@@ -245,14 +326,46 @@ def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
   return ring(q_BtNH, k_BtKH, v_BtKH)
 
 
+def _zigzag_perms(C: int):
+  """ppermute pairs from contiguous shards (device d: chunks 2d, 2d+1 of 2C) to the
+  zigzag layout (device i: chunks i, 2C-1-i), one for the even chunks and one for the
+  odd: each device sends one of each and receives one of each."""
+  owner = lambda c: c if c < C else 2 * C - 1 - c
+  return [[(d, owner(2 * d + h)) for d in range(C)] for h in (0, 1)]
+
+
+def _to_zigzag(x_BtMH, axis, C: int):
+  """[B, T/C, M, H] contiguous shard -> the zigzag block (chunk i, then 2C-1-i)."""
+  Tc = x_BtMH.shape[1] // 2
+  even, odd = (jax.lax.ppermute(x, axis, perm) for x, perm in
+               zip((x_BtMH[:, :Tc], x_BtMH[:, Tc:]), _zigzag_perms(C)))
+  i_even = jax.lax.axis_index(axis) % 2 == 0   # then chunk i is the even one
+  return jnp.concatenate([jnp.where(i_even, even, odd), jnp.where(i_even, odd, even)], axis=1)
+
+
+def _from_zigzag(x_BtMH, axis, C: int):
+  """Inverse of ``_to_zigzag``."""
+  Tc = x_BtMH.shape[1] // 2
+  first, second = x_BtMH[:, :Tc], x_BtMH[:, Tc:]
+  i_even = jax.lax.axis_index(axis) % 2 == 0
+  even, odd = (jax.lax.ppermute(x, axis, [(dst, src) for src, dst in perm]) for x, perm in
+               zip((jnp.where(i_even, first, second), jnp.where(i_even, second, first)),
+                   _zigzag_perms(C)))
+  return jnp.concatenate([even, odd], axis=1)
+
+
+def _zigzag_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C):
+  """Ring attention on the zigzag layout, from and back to contiguous shards."""
+  q, k, v = (_to_zigzag(x, axis, C) for x in (q_BtNH, k_BtKH, v_BtKH))
+  return _from_zigzag(_ring_attention(q, k, v, spec=spec, axis=axis, C=C, zigzag=True), axis, C)
+
+
 # ------------------------------------------------------------------------- wrapper
 
 
 def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                    spec: AttentionSpec = AttentionSpec(), *, strategy: str,
-                   heads_per_stage: int | None = None,
-                   implementation: None | str | Sequence[str] = None,
-                   remat_stages: bool = True) -> jax.Array:
+                   implementation: None | str | Sequence[str] = None) -> jax.Array:
   """Attention with the sequence sharded over a mesh axis (context parallelism).
 
   Runs per device (``core.placement.per_device``): the batch is sharded as the
@@ -264,13 +377,10 @@ def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
     q_BTNH: queries [B, T, N, H], global.
     k_BTKH, v_BTKH: keys and values [B, T, K, H]; N % K == 0.
     spec: causal / sliding window / scale, applied over the full sequence.
-    strategy: ``ulysses``, ``headwise`` or ``ring`` (see the module docstring).
-    heads_per_stage: ``headwise`` only: U query heads per device per stage
-      (default 1: C heads per stage globally); N % (C*U) == 0.
-    implementation: passed to ``attention.ops.attend`` (ulysses, headwise, and any
-      strategy when C == 1); ring computes its blocks itself.
-    remat_stages: ``headwise`` only: ``jax.checkpoint`` each stage so the backward
-      recomputes it instead of storing every stage's attention residuals.
+    strategy: ``ulysses``, ``ring`` or ``zigzag`` (see the module docstring);
+      zigzag needs T % (2C) == 0. (``headwise``: ``attention.upipe``.)
+    implementation: passed to ``attention.ops.attend`` (ulysses, and any
+      strategy when C == 1); ring and zigzag compute their blocks themselves.
 
   Returns:
     [B, T, N, H] in q's dtype, sharded like q.
@@ -278,9 +388,11 @@ def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy={strategy!r}: unknown context-parallel strategy. "
                      f"Fix: use one of {STRATEGIES}")
-  if heads_per_stage is not None and strategy != "headwise":
-    raise ValueError(f"heads_per_stage={heads_per_stage}: only used by strategy='headwise' "
-                     f"(got {strategy!r}). Fix: drop it or use strategy='headwise'")
+  if strategy == "headwise":
+    raise ConfigError("strategy", strategy, "headwise (UPipe) projects each stage's heads "
+                      "from the layer's input, so it takes x and the weights, not q, k, v",
+                      "call attention.upipe.headwise_attention (attention.layer does for "
+                      "context_parallel='headwise')")
   if q_BTNH.ndim != 4 or k_BTKH.shape != v_BTKH.shape or k_BTKH.ndim != 4:
     raise ValueError(f"shapes q={q_BTNH.shape}, k={k_BTKH.shape}, v={v_BTKH.shape}: expected "
                      "q [B, T, N, H] and k, v [B, T, K, H]. Fix: pass 4-D arrays")
@@ -289,9 +401,6 @@ def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
   if k_BTKH.shape[:2] != (B, T) or k_BTKH.shape[3] != H or K == 0 or N % K:
     raise ValueError(f"shapes q={q_BTNH.shape}, k={k_BTKH.shape}: need the same B, T, H and "
                      "heads a multiple of kv_heads. Fix: match the shapes")
-  U = 1 if heads_per_stage is None else heads_per_stage
-  if strategy == "headwise" and U < 1:
-    raise ValueError(f"heads_per_stage={U}: must be >= 1. Fix: use e.g. 1")
 
   def body(q, k, v):
     axis = placement.bound("length")
@@ -303,16 +412,14 @@ def context_attend(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
       raise ValueError(f"num_heads={N}: not divisible by the sequence axis size {C} (Ulysses "
                        f"gives each device N/C heads). Fix: use a multiple of {C} heads, a "
                        "smaller sequence axis, or strategy='ring'")
-    if strategy == "headwise" and N % (C * U):
-      raise ValueError(f"heads_per_stage={U}: num_heads={N} must be divisible by the sequence "
-                       f"axis size {C} * heads_per_stage={C * U} (each stage gives every device "
-                       f"U heads). Fix: choose U with N % ({C} * U) == 0, e.g. U=1")
+    if strategy == "zigzag" and q.shape[1] % 2:
+      raise ValueError(f"sequence length {T}: zigzag cuts it into 2 * {C} chunks (two per "
+                       f"device). Fix: use a multiple of {2 * C} tokens or strategy='ring'")
     if strategy == "ring":
       return _ring_attention(q, k, v, spec=spec, axis=axis, C=C)
-    if strategy == "ulysses" or N == C * U:   # headwise with one stage: exactly Ulysses
-      return _ulysses_body(q, k, v, spec=spec, axis=axis, C=C, implementation=implementation)
-    return _headwise_body(q, k, v, spec=spec, axis=axis, C=C, U=U, remat=remat_stages,
-                          implementation=implementation)
+    if strategy == "zigzag":
+      return _zigzag_attention(q, k, v, spec=spec, axis=axis, C=C)
+    return _ulysses_body(q, k, v, spec=spec, axis=axis, C=C, implementation=implementation)
 
   io = ("batch", "length", None, None)
   return placement.per_device(body, (q_BTNH, k_BTKH, v_BTKH), (io, io, io), io)

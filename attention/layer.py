@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention import cache as kv_cache
-from attention import context, ops, sparse
+from attention import context, ops, sparse, upipe
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
+from core.errors import ConfigError
 from core.params import logical_param
 from core.quant import act_int8
 
@@ -33,8 +34,9 @@ class Attention(nnx.Module):
     implementation: forwarded to ``attention.ops.attend``.
     spec: the mask (causal, sliding window, block-sparse, hierarchical).
     dtype: compute dtype; param_dtype: storage dtype of the weights.
-    context_parallel: ``none``, or ``ulysses`` / ``headwise`` / ``ring``
-      (``attention.context``): used when the placement shards the ``length`` axis.
+    context_parallel: ``none``, or a strategy of ``attention.context``: used when the
+      placement shards the ``length`` axis. ``headwise`` (UPipe, ``attention.upipe``)
+      takes the whole layer: it projects each stage's heads from x itself.
     heads_per_stage: ``headwise``: heads per device per stage.
     act_quant: int8-fake-quantize the inputs of the q/k/v and output projections
       per token (``core.quant.act_int8``; w8a8 with ``lm.quant``'s weights).
@@ -58,6 +60,10 @@ class Attention(nnx.Module):
     if spec.block_sparse is not None and context_parallel != "none":
       raise ValueError(f"context_parallel={context_parallel!r} with block-sparse attention: "
                        "not supported. Fix: use context_parallel='none'")
+    if act_quant and context_parallel == "headwise":
+      raise ConfigError("act_quant", act_quant, "headwise context parallelism projects the "
+                        "output per stage, so there is no per-token scale over all heads",
+                        "use context_parallel='ulysses' (or 'ring'), or act_quant=False")
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.rope_theta, self.implementation, self.spec = rope_theta, implementation, spec
     self.dtype, self.act_quant = dtype, act_quant
@@ -80,11 +86,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
     dt = self.dtype
+    if self.context_parallel == "headwise":   # UPipe: projections inside the stages
+      w = [p[...].astype(dt) for p in (self.q, self.k, self.v, self.o)]
+      return upipe.headwise_attention(
+          x_BTD.astype(dt), positions_BT, *w, self.spec, heads_per_stage=self.heads_per_stage,
+          rope_theta=self.rope_theta, implementation=self.implementation)
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
     if self.context_parallel != "none":
       out_BTNH = context.context_attend(
           q_BTNH, k_BTKH, v_BTKH, self.spec, strategy=self.context_parallel,
-          heads_per_stage=self.heads_per_stage if self.context_parallel == "headwise" else None,
           implementation=self.implementation)
     else:
       block_mask = None
@@ -120,7 +130,6 @@ class Attention(nnx.Module):
     """Adds tokens i < n_b of ``x_BTD`` (positions start_b + i) to the cache and attends
     them over it: (y_BTD, new cache). ``fresh`` (an empty cache: a prompt) attends the
     new tokens among themselves with the layer's implementation, as in training."""
-    dt = self.dtype
     T = x_BTD.shape[1]
     positions = start_B[:, None] + jnp.arange(T)[None, :]
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions)

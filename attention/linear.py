@@ -40,6 +40,14 @@ product (or a gradient). Lengths not divisible by C are padded with q = k = v = 
 A = 0, which leaves the state unchanged and touches no earlier output; the padding is
 sliced off.
 
+Context parallelism (``linear_context_attend``): with the sequence sharded over n
+devices, each runs the chunked op on its shard from a zero state; a log-depth scan of
+``ppermute``s over the shards of (final state, total decay) gives each shard its
+incoming state, whose contribution exp(L_t) phi(q_t)^T S_in is added before 2mamba's
+division. The layer uses it whenever the placement shards ``length``; its depthwise
+convs stay XLA's (its partitioner exchanges halos between neighbouring shards with
+collective-permutes; no all-gather of the sequence).
+
 ``LinearAttention`` (the layer) keeps / drops per variant (REFERENCES.md):
 
 * ``ssd`` (Mamba-2, simplified): causal depthwise conv, width 4, with bias, then SiLU,
@@ -54,7 +62,8 @@ sliced off.
 
 Our choices (not fixed by the papers): the output RMSNorm normalises each head over
 its head_dim (a grouped norm, groups = heads; shards with heads); biases b_dt and b_A
-start at softplus^-1 of log-uniform [1e-3, 1e-1] (Mamba-2's dt range), A_log at
+(not in the official Mamba-2S / 2Mamba layer: ``decay_bias=False`` drops them) start
+at softplus^-1 of log-uniform [1e-3, 1e-1] (Mamba-2's dt range), A_log at
 log U[1, 16] (Mamba-2's A range); conv kernels ~ N(0, 1/width), conv biases 0.
 """
 import dataclasses
@@ -65,9 +74,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from core.errors import check_choice, check_int
+from core import placement
+from core.errors import ConfigError, check_choice, check_int
 from core.params import logical_param
 from core.quant import act_int8
+from core.vma import full_like_varying
 
 VARIANTS = ("ssd", "mamba2s", "2mamba")
 IMPLEMENTATIONS = ("chunked", "recurrent")
@@ -83,15 +94,24 @@ class LinearConfig:
     chunk_size: chunk length of the chunked op: quadratic within a chunk, a state
       across chunks.
     implementation: ``chunked`` or ``recurrent`` (the token-by-token twin).
+    decay_bias: ``mamba2s`` / ``2mamba``: biases b_A, b_dt in the decay and dt
+      projections, started at Mamba-2's dt range (ours: the initial per-token decay is
+      0.993-0.997, dt 0.001-0.1). False: the official bias-free layer (2Mamba2Furious'
+      code), whose decay starts near exp(-softplus(0)) = 0.5 and dt near 0.69.
   """
   variant: str = "2mamba"
   chunk_size: int = 64
   implementation: str = "chunked"
+  decay_bias: bool = True
 
   def __post_init__(self):
     check_choice("variant", self.variant, VARIANTS)
     check_int("chunk_size", self.chunk_size, 1)
     check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+    if not self.decay_bias and self.variant == "ssd":
+      raise ConfigError("decay_bias", self.decay_bias, "ssd is Mamba-2, whose dt keeps its "
+                        "bias (A = -exp(A_log) dt)", "set decay_bias=True, or use variant "
+                        "mamba2s or 2mamba for the official bias-free decay")
 
 
 def _check_variant(variant) -> None:
@@ -170,15 +190,19 @@ def _recurrent(q, k, v, a, variant, state):
   return jnp.moveaxis(y_TBNV, 0, 1), state
 
 
-def _chunked(q, k, v, a, variant, C, state):
+def _augment(q, v):
+  """2mamba: q / sqrt(H), and v with a ones column (the denominator is the numerator
+  with v = 1, so one pass computes both)."""
+  ones = jnp.ones(v.shape[:3] + (1,), v.dtype)
+  return q / math.sqrt(q.shape[-1]), jnp.concatenate([v, ones], axis=-1)
+
+
+def _chunked_core(q, k, v, a, two, C, S0):
+  """The SSD chunked algorithm from state S0 [B, N, P, W]: (y_BTNW, final state).
+
+  ``two``: 2mamba's squared scores and phi features, on ``_augment``'s q and v; y is
+  then unnormalised (numerators, and the denominator in the last column)."""
   B, T, N, H = q.shape
-  two = variant == "2mamba"
-  if two:  # Denominator = numerator with v = 1: append a ones column.
-    v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
-    q = q / math.sqrt(H)
-    S0 = jnp.concatenate([state["S"], state["z"][..., None]], axis=-1)
-  else:
-    S0 = state["S"]
   pad = -T % C
   if pad:  # q = k = v = 0, A = 0: the state and earlier outputs are unchanged.
     widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
@@ -210,10 +234,21 @@ def _chunked(q, k, v, a, variant, C, state):
   S_final, Sin_cBNPV = jax.lax.scan(carry_state, S0, (jnp.moveaxis(Sloc_bcNPV, 1, 0), gate_cBN))
   y_bciNV = y_bciNV + jnp.exp(L_bciN)[..., None] * jnp.einsum(
       "bcinp,cbnpv->bcinv", fq, Sin_cBNPV)
-  y_BTNV = y_bciNV.reshape(B, nc * C, N, -1)[:, :T]
-  if two:
-    y_BTNV = y_BTNV[..., :-1] / (y_BTNV[..., -1:] + EPS)
-    return y_BTNV, {"S": S_final[..., :-1], "z": S_final[..., -1]}
+  return y_bciNV.reshape(B, nc * C, N, -1)[:, :T], S_final
+
+
+def _normalise(y_BTNW):
+  """2mamba: numerators over the denominator (the last column)."""
+  return y_BTNW[..., :-1] / (y_BTNW[..., -1:] + EPS)
+
+
+def _chunked(q, k, v, a, variant, C, state):
+  if variant == "2mamba":
+    q, v = _augment(q, v)
+    S0 = jnp.concatenate([state["S"], state["z"][..., None]], axis=-1)
+    y_BTNW, S_final = _chunked_core(q, k, v, a, True, C, S0)
+    return _normalise(y_BTNW), {"S": S_final[..., :-1], "z": S_final[..., -1]}
+  y_BTNV, S_final = _chunked_core(q, k, v, a, False, C, state["S"])
   return y_BTNV, {"S": S_final}
 
 
@@ -246,6 +281,100 @@ def linear_attend(q_BTNH, k_BTNH, v_BTNV, log_decay_BTN, *, variant: str,
     y, state = _chunked(*args, variant, chunk_size, state)
   y = y.astype(q_BTNH.dtype)
   return (y, state) if return_state else y
+
+
+# ---------------------------------------------------------------- context parallelism
+def _shard_prefix(S_BNPW, lam_BN, axis, n: int):
+  """Each shard's incoming state: an exclusive scan over the n shards of ``axis``.
+
+  Shard i maps the state it receives to exp(lam_i) S + S_i (``S_BNPW``: its final state
+  from zeros; ``lam_BN``: its total log decay). These affine maps compose
+  associatively; one ``ppermute`` shifts them by one shard (shard 0 gets zeros: the
+  identity map), then ceil(log2(n - 1)) rounds of the Hillis-Steele scan compose
+  them, shard i taking the composed maps of shard i - d in round d = 1, 2, 4, ...
+  (shards i < d get zeros, which change nothing)."""
+  def shift(x, d):
+    return jax.lax.ppermute(x, axis, [(j, j + d) for j in range(n - d)])
+
+  S_BNPW, lam_BN = shift((S_BNPW, lam_BN), 1)
+  d = 1
+  while d < n - 1:
+    S_got, lam_got = shift((S_BNPW, lam_BN), d)
+    S_BNPW = jnp.exp(lam_BN)[..., None, None] * S_got + S_BNPW
+    lam_BN = lam_BN + lam_got
+    d *= 2
+  return S_BNPW
+
+
+def _context_body(q, k, v, a, *, variant, C, axis, n):
+  """One device's sequence shard (fp32 inputs): its outputs given every earlier shard."""
+  B, T, N, H = q.shape
+  lam_BN = jnp.sum(a, axis=1)
+  two = variant == "2mamba"
+  if two:
+    q, v = _augment(q, v)
+  P = H * (H + 1) // 2 if two else H
+  S0 = full_like_varying((B, N, P, v.shape[-1]), jnp.float32, q)
+  y_BTNW, S_BNPW = _chunked_core(q, k, v, a, two, C, S0)
+  S_in_BNPW = _shard_prefix(S_BNPW, lam_BN, axis, n)
+  # The incoming state's share: exp(L_t) phi(q_t)^T S_in, L_t = sum_{s<=t} A_s in the shard.
+  fq = feature_map(q) if two else q
+  y_BTNW = y_BTNW + jnp.exp(jnp.cumsum(a, axis=1))[..., None] * jnp.einsum(
+      "btnp,bnpw->btnw", fq, S_in_BNPW)
+  return _normalise(y_BTNW) if two else y_BTNW
+
+
+def linear_context_attend(q_BTNH, k_BTNH, v_BTNV, log_decay_BTN, *, variant: str,
+                          chunk_size: int = 64, implementation: str = "chunked"):
+  """``linear_attend`` (from a zero state) with the sequence sharded: context parallelism.
+
+  When the placement shards the ``length`` axis (n shards; ``core.placement``), it runs
+  per device over the batch, sequence and head shards:
+
+  1. each device runs the chunked algorithm on its shard from a zero state: its local
+     outputs, its final state S_i and its total log decay lam_i = sum_t A_t;
+  2. ``_shard_prefix`` gives shard i its incoming state sum_{j<i} exp(lam_{j+1} + ... +
+     lam_{i-1}) S_j with a log-depth scan of ``ppermute``s: 1 + ceil(log2(n - 1))
+     rounds, each sending one state. An ``all_gather`` of the states would be one
+     collective, but every device would receive and hold n states (2mamba's is
+     H(H+1)/2 x (V+1) per head: at H = 64 as large as ~2k tokens of q), and a ring
+     passing one running state on is n - 1 dependent hops;
+  3. by linearity in the initial state, the output from state S_in is the local output
+     plus exp(L_t) q_t^T S_in (L_t: cumulative log decay from the shard's start); for
+     2mamba phi(q_t) against the state's numerator and normaliser columns, before the
+     division. That costs one [T/n, P] x [P, V+1] product per head, like the
+     chunked op's own inter-chunk term, instead of rerunning the op from S_in.
+
+  Gradients are JAX's autodiff through the ``ppermute``s (whose transpose is the
+  reverse ``ppermute``: the backward is the same scan run backwards). Shards need not
+  be multiples of the chunk (each pads its last chunk, as ``linear_attend`` does).
+
+  Without a placement, when ``length`` is not sharded (not in the rules, or its mesh
+  axes do not divide T), or for ``implementation="recurrent"`` (the slow twin: left to
+  XLA's partitioner, as a reference should be), this is exactly ``linear_attend``.
+
+  Args: as ``linear_attend``'s (no initial state, no returned state).
+
+  Returns:
+    y_BTNV in q's dtype (math in fp32), sharded like q.
+  """
+  _check_variant(variant)
+  _check_inputs(q_BTNH, k_BTNH, v_BTNV, log_decay_BTN, chunk_size, implementation)
+  kw = dict(variant=variant, chunk_size=chunk_size, implementation=implementation)
+  args = (q_BTNH, k_BTNH, v_BTNV, log_decay_BTN)
+  io = ("batch", "length", "heads", None)
+  in_axes = (io, io, io, io[:3])
+  if implementation == "recurrent" or not placement.bound_for("length", args, in_axes):
+    return linear_attend(*args, **kw)
+
+  def body(q, k, v, a):
+    axis = placement.bound("length")
+    axis = axis[0] if len(axis) == 1 else axis
+    f32 = tuple(x.astype(jnp.float32) for x in (q, k, v, a))
+    y = _context_body(*f32, variant=variant, C=chunk_size, axis=axis,
+                      n=jax.lax.axis_size(axis))
+    return y.astype(q.dtype)
+  return placement.per_device(body, args, in_axes, io)
 
 
 # ----------------------------------------------------------------------------- layer
@@ -283,6 +412,10 @@ class LinearAttention(nnx.Module):
     dtype: compute dtype; param_dtype: storage dtype of the weights.
     act_quant: int8-fake-quantize the inputs of the projections per token
       (``core.quant.act_int8``).
+
+  When the placement shards ``length``, ``__call__`` runs the core op context-parallel
+  (``linear_context_attend``); the convs and projections are left to XLA. Decoding
+  (``extend``, ``step``) is unchanged.
   """
 
   def __init__(self, d_model: int, n_heads: int, head_dim: int, config: LinearConfig, *,
@@ -302,15 +435,20 @@ class LinearAttention(nnx.Module):
     self.conv_q, self.conv_k, self.conv_v = conv(), conv(), conv()
     bias = lambda: _const(jnp.zeros((N, H)), ("heads", "head_dim"), param_dtype)
     self.conv_q_bias, self.conv_k_bias, self.conv_v_bias = bias(), bias(), bias()
+    self.decay_bias = config.decay_bias
     if cfg["dt"]:
       self.w_dt = logical_param(rngs, (D, N), ("embed", "heads"), D, param_dtype)
-      self.b_dt = _const(_inv_softplus_loguniform(rngs.params(), (N,)), ("heads",), param_dtype)
+      if self.decay_bias:
+        self.b_dt = _const(_inv_softplus_loguniform(rngs.params(), (N,)), ("heads",),
+                           param_dtype)
     if cfg["decay"] == "A_log":
       A = jax.random.uniform(rngs.params(), (N,), minval=1.0, maxval=16.0)
       self.A_log = _const(jnp.log(A), ("heads",), param_dtype)
     else:
       self.w_A = logical_param(rngs, (D, N), ("embed", "heads"), D, param_dtype)
-      self.b_A = _const(_inv_softplus_loguniform(rngs.params(), (N,)), ("heads",), param_dtype)
+      if self.decay_bias:
+        self.b_A = _const(_inv_softplus_loguniform(rngs.params(), (N,)), ("heads",),
+                          param_dtype)
     if cfg["norm"]:
       self.norm_scale = _const(jnp.ones((N, H)), ("heads", "head_dim"), param_dtype)
 
@@ -321,13 +459,15 @@ class LinearAttention(nnx.Module):
     """Pre-conv q, k, v [B, T, N, H] and the log decay and dt [B, T, N] (fp32)."""
     x_BTD = act_int8(x_BTD) if self.act_quant else x_BTD
     q, k, v = (jnp.einsum("btd,dnh->btnh", x_BTD, self._w(p)) for p in (self.q, self.k, self.v))
-    lin = lambda w, b: (jnp.einsum("btd,dn->btn", x_BTD.astype(jnp.float32),
-                                   w[...].astype(jnp.float32)) + b[...].astype(jnp.float32))
-    dt = jax.nn.softplus(lin(self.w_dt, self.b_dt)) if self.cfg["dt"] else None
+    def lin(w, bias):
+      y = jnp.einsum("btd,dn->btn", x_BTD.astype(jnp.float32), w[...].astype(jnp.float32))
+      b = getattr(self, bias) if self.decay_bias else None  # official: no bias
+      return y if b is None else y + b[...].astype(jnp.float32)
+    dt = jax.nn.softplus(lin(self.w_dt, "b_dt")) if self.cfg["dt"] else None
     if self.cfg["decay"] == "A_log":
       a = -jnp.exp(self.A_log[...].astype(jnp.float32)) * dt
     else:
-      a = -jax.nn.softplus(lin(self.w_A, self.b_A))
+      a = -jax.nn.softplus(lin(self.w_A, "b_A"))
     return (q, k, v), a, dt
 
   def _finish(self, qkv, a, dt, core):
@@ -360,9 +500,9 @@ class LinearAttention(nnx.Module):
     del positions_BT
     qkv, a, dt = self._project(x_BTD.astype(self.dtype))
     qkv = tuple(self._conv(u, w, b)[0] for u, (w, b) in zip(qkv, self._convs()))
-    core = lambda q, k, v, a: linear_attend(q, k, v, a, variant=self.variant,
-                                            chunk_size=self.chunk_size,
-                                            implementation=self.implementation)
+    core = lambda q, k, v, a: linear_context_attend(q, k, v, a, variant=self.variant,
+                                                    chunk_size=self.chunk_size,
+                                                    implementation=self.implementation)
     return self._finish(qkv, a, dt, core)
 
   def extend(self, cache: dict, x_BTD: jax.Array, n_B: jax.Array, fresh: bool = False):

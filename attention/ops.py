@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import jax
 
-from attention import hierarchical, sparse
+from attention import flash, hierarchical, sparse
 from attention.reference import attend_reference
 from attention.spec import AttentionSpec
 from core.errors import Unsupported
@@ -60,6 +60,21 @@ def _blocked(q, k, v, segment_ids, block_mask, *, spec):
   return hierarchical.hierarchical_blocked(q, k, v, spec)
 
 
+def _flash(q, k, v, segment_ids, block_mask, *, spec):
+  return flash.flash_attention(q, k, v, spec)
+
+
+def _flash_supports(q, k, v, s, m, *, spec):
+  reason = _only(spec, s, m, what="static causal / window masks only", segments=False,
+                 masks=False)
+  if reason is None:
+    try:
+      flash.block_size(q.shape[1]), flash.block_size(k.shape[1])
+    except Unsupported as e:
+      return str(e).removeprefix("flash: ")
+  return reason
+
+
 def _gather(q, k, v, segment_ids, block_mask, *, spec):
   return sparse.block_sparse_gather(q, k, v, block_mask, spec)
 
@@ -99,6 +114,7 @@ REGISTRY.register(
     supports=lambda q, k, v, s, m, *, spec: (
         "hierarchical specs only" if spec.hierarchical is None else
         "takes no segment ids or block mask" if s is not None or m is not None else None))
+REGISTRY.register("flash", _flash, supports=_flash_supports)
 REGISTRY.register(
     "gather", _gather,
     supports=lambda q, k, v, s, m, *, spec: (

@@ -3,6 +3,11 @@ import dataclasses
 
 from core.errors import ConfigError
 
+# The ``jax.checkpoint`` name of a flash backend's saved attention output and
+# log-sum-exp (splash, our Pallas kernel): a policy that saves this name keeps them
+# and skips the attention forward when it recomputes (``attention.upipe``).
+RESIDUALS = "attention_residuals"
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSparse:

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attention.spec import AttentionSpec
+from attention.spec import RESIDUALS, AttentionSpec
 from core.errors import Unsupported
 
 
@@ -40,6 +40,7 @@ def _kernel(T: int, S: int, G: int, causal: bool, window: int, interpret: bool):
   # while tracing), or the cached kernel would carry the first trace's tracers.
   with jax.ensure_compile_time_eval():
     return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * G), block_sizes=sizes,
+                                            residual_checkpoint_name=RESIDUALS,
                                             interpret=interpret)
 
 

@@ -10,7 +10,9 @@ Layers name the axes of their parameters and activations (``batch``, ``length``,
   under ``jax.shard_map``: registry entries that XLA cannot partition (kernels)
   and algorithms written per device (context parallelism, expert parallelism)
   go through it. Inside, ``bound(name)`` gives the mesh axes a logical name is
-  sharded over for this call (empty: not sharded), for collectives.
+  sharded over for this call (empty: not sharded), for collectives;
+  ``bound_for(name, args, in_axes)`` says the same before the call (to keep a
+  plain path when nothing is sharded).
 
 Resolution (``resolve``): for one array the names are resolved left to right; the
 first rule of a name whose mesh axes are still free in that array wins, a mesh axis
@@ -162,6 +164,40 @@ def _map_axes(f, axes, tree):
   raise TypeError(f"axes {axes!r} do not describe {type(tree).__name__}")
 
 
+def _resolve_call(p: Placement, args: Sequence, in_axes: Sequence):
+  """(leaf index tree, mesh axes per leaf, logical name -> mesh axes) of a
+  ``per_device`` call: a mesh axis that does not divide a dimension it shards is
+  left out of the whole call."""
+  sizes = p.sizes
+  leaves: list = []
+  index = tuple(_map_axes(lambda ax, a: leaves.append((ax, a)) or len(leaves) - 1, ax, a)
+                for ax, a in zip(in_axes, args))
+  exclude: frozenset = frozenset()
+  while True:
+    try:
+      resolved = [None if ax is None else resolve(ax, a.shape, sizes, p.rules, exclude=exclude)
+                  for ax, a in leaves]
+      break
+    except Indivisible as e:
+      exclude = exclude | set(e.mesh_axes)
+  names: dict[str, tuple[str, ...]] = {}
+  for (ax, _), res in zip(leaves, resolved):
+    for name, mesh_axes in zip(ax or (), res or ()):
+      if name is not None:
+        names.setdefault(name, mesh_axes)
+  return index, resolved, names
+
+
+def bound_for(name: str, args: Sequence, in_axes: Sequence) -> tuple[str, ...]:
+  """The mesh axes ``bound(name)`` would give inside ``per_device(fn, args, in_axes,
+  ...)`` under the placement in force (empty: none, one device, or not sharded), so a
+  caller can keep its plain path when an algorithm written per device is not needed."""
+  p = current()
+  if p is None or p.mesh.empty or p.mesh.size == 1:
+    return ()
+  return tuple(_resolve_call(p, args, in_axes)[2].get(name, ()))
+
+
 def per_device(fn: Callable, args: Sequence, in_axes: Sequence, out_axes, *,
                check_vma: bool = True):
   """Runs ``fn(*args)`` on each device's shard under ``jax.shard_map``.
@@ -190,23 +226,7 @@ def per_device(fn: Callable, args: Sequence, in_axes: Sequence, out_axes, *,
       return fn(*args)
     finally:
       _BOUND.reset(token)
-  sizes = p.sizes
-  leaves: list = []
-  index = tuple(_map_axes(lambda ax, a: leaves.append((ax, a)) or len(leaves) - 1, ax, a)
-                for ax, a in zip(in_axes, args))
-  exclude: frozenset = frozenset()
-  while True:
-    try:
-      resolved = [None if ax is None else resolve(ax, a.shape, sizes, p.rules, exclude=exclude)
-                  for ax, a in leaves]
-      break
-    except Indivisible as e:
-      exclude = exclude | set(e.mesh_axes)
-  names: dict[str, tuple[str, ...]] = {}
-  for (ax, _), res in zip(leaves, resolved):
-    for name, mesh_axes in zip(ax or (), res or ()):
-      if name is not None:
-        names.setdefault(name, mesh_axes)
+  index, resolved, names = _resolve_call(p, args, in_axes)
   leaf_specs = [P() if r is None else to_spec(r) for r in resolved]
   in_specs = jax.tree.map(lambda i: leaf_specs[i], index)
 

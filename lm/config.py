@@ -375,6 +375,10 @@ def check(cfg: ExperimentConfig) -> None:
     if T % seq:
       raise ConfigError("data.seq_len", T, f"not divisible by mesh.sequence={seq}",
                         f"use a multiple of {seq}")
+    if m.context_parallel == "zigzag" and T % (2 * seq):
+      raise ConfigError("data.seq_len", T, f"not divisible by 2 x mesh.sequence={seq} (zigzag "
+                        "gives each device two chunks)",
+                        f"use a multiple of {2 * seq}, or model.context_parallel=ring")
   if m.hierarchical is not None and T % m.hierarchical.block:
     raise ConfigError("model.hierarchical.block", m.hierarchical.block,
                       f"must divide data.seq_len={T}",

@@ -1,7 +1,7 @@
 """One conformance suite for ``attention.ops.attend``: every implementation of the
 registry against the reference, forward and gradients, on fresh random inputs.
 
-Implementations: ``xla`` (the reference entry), ``gather`` and ``jax_nn`` (plain XLA),
+Implementations: ``xla`` (the reference entry), ``flash``, ``gather`` and ``jax_nn`` (plain XLA),
 ``blocked`` (hierarchical specs), and the kernels interpreted on the CPU: ``splash``
 (JAX's TPU kernel), ``pallas`` (our TPU kernel) and ``pallas_gpu`` (our GPU kernel).
 Each case is a spec plus inputs; an implementation either matches
@@ -166,7 +166,7 @@ CASES = {
     "hierarchical": Case(14, B=2, T=64, H=8, hierarchical=(8, 1)),
 }
 
-IMPLS = ("xla", "gather", "jax_nn", "blocked", "splash", "pallas", "pallas_gpu")
+IMPLS = ("xla", "flash", "gather", "jax_nn", "blocked", "splash", "pallas", "pallas_gpu")
 # The cases each implementation runs (all it supports when absent); every other case
 # it must refuse (checked for every pair: cheap). Interpreted kernels are slow: each
 # runs a representative subset. ``xla`` *is* the reference function: it runs the cases
@@ -174,6 +174,7 @@ IMPLS = ("xla", "gather", "jax_nn", "blocked", "splash", "pallas", "pallas_gpu")
 RUNS = {
     "xla": ("causal", "predicted", "window_predicted", "noncausal_mha_h128_rect_blocks",
             "ones_causal", "ones_full"),
+    "flash": ("window", "noncausal_window"),
     "splash": ("causal", "window", "full", "noncausal_window", "segments"),
     "pallas": ("noncausal_window", "window_predicted", "noncausal_mha_h128_rect_blocks",
                "random_b2", "bf16_random_mqa_h128", "ones_causal", "empty_row"),
@@ -193,9 +194,9 @@ def refusal(impl: str, case: Case) -> str | None:
     return "hierarchical specs only"
   if impl == "gather" and case.mask is None:
     return "needs a block-sparse spec"
-  if case.segments and impl in ("jax_nn", "pallas", "pallas_gpu"):
+  if case.segments and impl in ("flash", "jax_nn", "pallas", "pallas_gpu"):
     return "segment ids"
-  if case.mask is not None and impl in ("jax_nn", "splash"):
+  if case.mask is not None and impl in ("flash", "jax_nn", "splash"):
     return "no predicted block masks"
   if impl == "jax_nn" and case.window and not case.causal:
     return "a non-causal sliding window is not supported"
@@ -421,7 +422,7 @@ def test_smem_budget_splits_into_batch_and_head_chunks(monkeypatch):
   calls = []
   real = bst._fwd_call
   monkeypatch.setattr(bst, "_fwd_call", lambda *a: calls.append(a[0].shape) or real(*a))
-  monkeypatch.setattr(bst, "SMEM_BUDGET_BYTES", bst._smem_bytes(T // b, T // b))  # 1 (b, kh)
+  monkeypatch.setattr(bst, "SMEM_BUDGET_BYTES", bst._smem_bytes((T // b) ** 2))  # 1 (b, kh)
 
   @fast_jit
   def run(q, k, v, do):
@@ -436,6 +437,89 @@ def test_smem_budget_splits_into_batch_and_head_chunks(monkeypatch):
   close(out, ref, jnp.float32, "out")
   for g, w in zip(grads, grads_ref):
     close(g, w, jnp.float32, "grad")
+
+
+def _visits_twin(mask_RL, valid_RL):
+  """In numpy: the kept (row, col) pairs in row-major order, packed row * (L + 1) + col,
+  and one no-op visit (col L) for a row with none."""
+  L = mask_RL.shape[-1]
+  out = []
+  for r, row in enumerate(mask_RL & valid_RL):
+    cols = np.flatnonzero(row)
+    out += [r * (L + 1) + c for c in cols] if len(cols) else [r * (L + 1) + L]
+  return out
+
+
+def test_tpu_kernel_visit_lists_hold_the_kept_blocks_only():
+  """One grid step per kept (query block, key block) pair: the lists against a numpy
+  twin (rows of different kept counts, empty rows, blocks outside the causal / window
+  structure dropped), and the kernels' last grid axis is dynamic, bounded by them."""
+  from jax.extend.core import jaxprs_in_params
+  rng = np.random.default_rng(21)
+  B, K, Q, C, b = 2, 2, 6, 5, 16
+  mask = rng.random((B, K, Q, C)) < rng.random((B, K, Q, 1))  # a density per row
+  mask[0, 0, 2] = False
+  mask[1, 1, 4] = True
+  for causal, window in ((False, 0), (True, 0), (True, 40)):
+    valid = masks.valid_blocks(causal, window, Q * b, C * b, b, b)
+    nvis, visits = (np.asarray(x) for x in bst.visit_lists(jnp.asarray(mask), valid))
+    assert visits.shape == (B, K, bst.visit_bound(valid))
+    for bb, kh in np.ndindex(B, K):
+      want = _visits_twin(mask[bb, kh], valid)
+      assert nvis[bb, kh] == len(want), (causal, window)
+      assert list(visits[bb, kh, :len(want)]) == want
+      assert (visits[bb, kh, len(want):] == want[-1]).all()  # the tail: no new block
+  q, k, v, do = qkv(22, B, Q * b, 4, K, 64, S=C * b)
+  fn = lambda q, k, v: bst.block_sparse_attention(q, k, v, jnp.asarray(mask), block_q=b,
+                                                  block_k=b, causal=False, interpret=True)
+  jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(fn, q, k, v)[1](do))(q, k, v)
+
+  def pallas_calls(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        yield e
+      for sub in jaxprs_in_params(e.params):
+        yield from pallas_calls(sub)
+
+  grids = {e.params["name"]: e.params["grid_mapping"].grid
+           for e in pallas_calls(jaxpr.jaxpr)}
+  assert set(grids) == {"kestrel_block_sparse_fwd", "kestrel_block_sparse_dq",
+                        "kestrel_block_sparse_dkv"}, grids
+  for name, grid in grids.items():
+    assert len(grid) == 3 and all(isinstance(d, int) for d in grid[:2]), (name, grid)
+    assert not isinstance(grid[2], int), (name, grid)  # set by the lists, not by Q x C
+
+
+def test_tpu_kernel_equals_reference_on_fresh_masks_of_varied_density():
+  """Forward and gradients against the reference, one compile for four masks: rows of
+  different kept counts (one empty, one full), an empty key column, blocks above the
+  causal diagonal (dropped), density one and the diagonal only; GQA, causal + window."""
+  B, T, N, K, H, b = 2, 64, 4, 2, 64, 16
+  Q = T // b
+  q, k, v, do = qkv(23, B, T, N, K, H)
+  spec = _spec(True, 40, b, b)
+  rng = np.random.default_rng(24)
+  varied = rng.random((B, K, Q, Q)) < rng.random((B, K, Q, 1))
+  varied[0, 1, 1] = False  # an empty row
+  varied[1, 0, 3] = True  # a full row
+  varied[0, 0, :, 2] = False  # an empty key column (dk, dv = 0 there)
+  diag = np.broadcast_to(np.eye(Q, dtype=bool), varied.shape)
+  ones = np.ones_like(varied)
+
+  @fast_jit
+  def run(q, k, v, m):
+    (out, vjp), (ref, vjp_ref) = (
+        jax.vjp(f, q, k, v) for f in (
+            _kernel(bst, m, spec),
+            lambda a, b_, c: sparse.block_sparse_reference(a, b_, c, m, spec)))
+    return out, vjp(do), ref, vjp_ref(do)
+
+  for name, m in (("varied", varied), ("ones", ones), ("diag", diag),
+                  ("fresh", rng.random((B, K, Q, Q)) < 0.3)):
+    out, grads, ref, grads_ref = run(q, k, v, jnp.asarray(m))
+    close(out, ref, jnp.float32, f"{name} out")
+    for what, g, w in zip(("dq", "dk", "dv"), grads, grads_ref):
+      close(g, w, jnp.float32, f"{name} {what}")
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
@@ -459,8 +543,10 @@ def test_tpu_aot_compile_forward_and_backward(topology):
   for name in ("kestrel_block_sparse_fwd", "kestrel_block_sparse_dq", "kestrel_block_sparse_dkv"):
     assert name in text, name
   flops = compiled.cost_analysis()["flops"]
-  # Dense-equivalent estimates: 2 matmuls forward, 3 in dq, 4 in dk/dv.
-  assert flops >= 9 * 2 * B * N * T * T * H
+  # Estimates for every valid block (the causal window's, not the dense square): 2
+  # matmuls forward, 3 in dq, 4 in dk/dv.
+  visits = bst.visit_bound(masks.valid_blocks(True, 512, T, T, b, b))
+  assert 9 * 2 * B * N * visits * b * b * H <= flops < 9 * 2 * B * N * T * T * H
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

@@ -3,20 +3,26 @@ single-device reference attention (attention/reference.py), forward and gradient
 
 ``context_attend`` runs per device through the placement (``placed(mesh)``: Kestrel's
 rules shard ``batch`` over data and ``length`` over sequence)."""
+import contextlib
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import placed
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from attention.context import context_attend
+from attention import context
+from attention.context import context_attend, ring_blocks
+from attention.layer import Attention
 from attention.ops import attend
 from attention.reference import attend_reference
 from attention.spec import AttentionSpec
+from core.errors import ConfigError
 
 B, T, H = 2, 32, 8
 # Tiny programs: XLA's cheapest compile is plenty (compiles dominate this file's time).
@@ -64,30 +70,24 @@ def _check_against_reference(mesh, spec, q, k, v, ct, **kw):
   return out
 
 
-# (mesh, strategy, heads_per_stage, N, K): GQA everywhere; kv heads fewer than the
-# sequence axis (replicated before the exchange), headwise with several stages,
-# contiguous (U % G == 0) and gathered (U % G != 0) kv heads per stage.
+# (mesh, strategy, N, K): GQA everywhere; kv heads fewer than the sequence axis
+# (replicated before the exchange). (headwise: the layer tests below.)
 CASES = [
-    ("seq8", "ulysses", None, 8, 2),
-    ("seq8", "headwise", 1, 8, 2),      # 1 stage: runs as Ulysses
-    ("seq8", "headwise", 2, 32, 8),     # 2 stages, U=2 < G=4: kv gathered
-    ("seq8", "ring", None, 8, 2),
-    ("data2seq4", "ulysses", None, 8, 2),
-    ("data2seq4", "headwise", 1, 8, 2),   # 2 stages
-    ("data2seq4", "headwise", 2, 16, 8),  # 2 stages, U == G: contiguous kv slices
-    ("data2seq4", "ring", None, 8, 2),
+    ("seq8", "ulysses", 8, 2),
+    ("seq8", "ring", 8, 2),
+    ("data2seq4", "ulysses", 8, 2),
+    ("data2seq4", "ring", 8, 2),
 ]
 
 
-@pytest.mark.parametrize("mesh_kind,strategy,U,N,K", CASES)
-def test_causal_matches_reference(mesh_kind, strategy, U, N, K):
-  q, k, v, ct = _inputs(N, K, seed=len(strategy) + N + (U or 0))
+@pytest.mark.parametrize("mesh_kind,strategy,N,K", CASES)
+def test_causal_matches_reference(mesh_kind, strategy, N, K):
+  q, k, v, ct = _inputs(N, K, seed=len(strategy) + N)
   _check_against_reference(_mesh(mesh_kind), AttentionSpec(causal=True), q, k, v, ct,
-                           strategy=strategy, heads_per_stage=U)
+                           strategy=strategy)
 
 
-@pytest.mark.parametrize("strategy,kw", [("ulysses", {}), ("headwise", {}),
-                                         ("headwise", {"remat_stages": False}),
+@pytest.mark.parametrize("strategy,kw", [("ulysses", {}),
                                          ("ring", {})])
 def test_non_causal_mha_matches_reference(strategy, kw):
   q, k, v, ct = _inputs(8, 8, seed=11)
@@ -95,10 +95,11 @@ def test_non_causal_mha_matches_reference(strategy, kw):
                            strategy=strategy, **kw)
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("strategy", ["ulysses", "ring", "zigzag"])
 def test_sliding_window_matches_reference(strategy):
   # T/C = 8 keys per ring block: a window of 11 reaches back into the previous block
-  # only, so the ring skips both future and too-old blocks.
+  # only, so the ring skips both future and too-old blocks (zigzag: pieces of 4, up
+  # to 3 back, some only partly in the window).
   q, k, v, ct = _inputs(8, 4, seed=5)
   _check_against_reference(_mesh("data2seq4"), AttentionSpec(sliding_window=11), q, k, v, ct,
                            strategy=strategy)
@@ -111,14 +112,14 @@ def test_sharded_inputs_keep_their_sharding():
   q, k, v, _ = _inputs(8, 2, seed=3)
   out_ref = attend_reference(q, k, v, AttentionSpec())
   sh = NamedSharding(mesh, P("data", "sequence", None, None))
-  f = fast_jit(lambda q, k, v: context_attend(q, k, v, strategy="headwise"))
+  f = fast_jit(lambda q, k, v: context_attend(q, k, v, strategy="ulysses"))
   with placed(mesh):
     out = f(*(jax.device_put(x, sh) for x in (q, k, v)))
   _close(out, out_ref)
   assert out.sharding.spec == P("data", "sequence", None, None)
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "headwise", "ring"])
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
 def test_axis_size_one_is_plain_attend(strategy):
   mesh = jax.make_mesh((2, 1), ("data", "sequence"), devices=jax.devices()[:2])
   q, k, v, _ = _inputs(8, 2, seed=4)
@@ -132,13 +133,12 @@ def test_axis_size_one_is_plain_attend(strategy):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(strategy="ulysses", N=12), r"num_heads=12: not divisible by the sequence axis size 8"),
-    (dict(strategy="headwise", N=8, heads_per_stage=2), r"heads_per_stage=2: num_heads=8"),
     (dict(strategy="flash_ring"), r"strategy='flash_ring': unknown"),
-    (dict(strategy="ring", heads_per_stage=2), r"heads_per_stage=2: only used by"),
+    (dict(strategy="zigzag", T=40), r"sequence length 40: zigzag cuts it into 2 \* 8 chunks"),
 ])
 def test_errors(kw, match):
   N = kw.pop("N", 8)
-  q, k, v, _ = _inputs(N, 2, seed=0)
+  q, k, v, _ = _inputs(N, 2, seed=0, T=kw.pop("T", T))
   with placed(_mesh("seq8")), pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda q, k, v: context_attend(q, k, v, **kw), q, k, v)
 
@@ -158,31 +158,133 @@ def test_without_a_sharded_length_it_is_plain_attention(strategy):
   _close(out, want)
 
 
-def test_headwise_uses_less_temp_memory_than_ulysses():
-  """Untied Ulysses' point: one stage's heads live at a time (arXiv 2602.21196).
+# ------------------------------------------------------------- headwise (UPipe): the layer
 
-  T=2048, N=16, H=64, C=8, fp32, reference attention. Per device Ulysses holds the
-  [2 heads, T, T] logits; headwise (U=1) one head's. Seen on XLA:CPU (jax 0.12):
-  forward temp 64.0 vs 36.5 MiB, forward+backward 130.0 vs 70.5 MiB (with
-  remat_stages; 123.1 MiB without). Ring attention is compiled and read too.
+
+def _layer_out_and_grads(strategy, mesh, N, K, U, spec, seed, D=32, T=T):
+  """A layer's output and gradients (x, then q, k, v, o) for fresh random x and
+  cotangent, with the HLO text; ``strategy`` 'none' runs on one device."""
+  layer = Attention(D, N, K, H, rngs=nnx.Rngs(seed), spec=spec, context_parallel=strategy,
+                    heads_per_stage=U)
+  graph, params = nnx.split(layer)
+  rng = np.random.default_rng(seed)
+  x, ct = (jnp.asarray(rng.standard_normal((B, T, D), np.float32)) for _ in range(2))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def f(params, x, ct):
+    y, vjp = jax.vjp(lambda p, x: nnx.merge(graph, p)(x, pos), params, x)
+    dp, dx = vjp(ct)
+    return y, [dx] + [dp[n][...] for n in "qkvo"]
+
+  with placed(mesh) if mesh is not None else contextlib.nullcontext():
+    lowered = fast_jit(f).lower(params, x, ct)
+    y, grads = lowered.compile()(params, x, ct)
+  return y, grads, lowered.as_text()
+
+
+# (mesh, N, K, U, spec): per device N/C query heads in runs of g sharing a kv head,
+# taken U at a time: kv heads replicated (K < C), several stages per kv block, several
+# kv blocks (outer scan), a stage spanning kv heads (U > g); causal, window.
+HEADWISE = [
+    ("seq8", 16, 2, 1, AttentionSpec(causal=True)),              # g=2: 2 stages, kv replicated
+    ("data2seq4", 16, 4, 2, AttentionSpec(sliding_window=11)),   # g=4: 2 stages per kv head
+    ("data2seq4", 32, 16, 4, AttentionSpec(causal=True)),        # g=2, U=4: 2 blocks of 2 kv
+]
+
+
+@pytest.mark.parametrize("mesh_kind,N,K,U,spec", HEADWISE)
+def test_headwise_layer_matches_single_device(mesh_kind, N, K, U, spec):
+  seed = N + K + U
+  y, grads, hlo = _layer_out_and_grads("headwise", _mesh(mesh_kind), N, K, U, spec, seed)
+  y_ref, grads_ref, _ = _layer_out_and_grads("none", None, N, K, U, spec, seed)
+  assert "all_to_all" in hlo and "while" in hlo   # exchanged, stages in a scan
+  _close(y, y_ref)
+  for name, g, g_ref in zip(["x", "q", "k", "v", "o"], grads, grads_ref):
+    assert g.shape == g_ref.shape, name
+    _close(g, g_ref)
+
+
+def test_headwise_errors():
+  mesh, spec = _mesh("seq8"), AttentionSpec()
+  with pytest.raises(ConfigError, match=r"heads_per_stage=2: num_heads=8 must be divisible"):
+    _layer_out_and_grads("headwise", mesh, 8, 2, 2, spec, 0)
+  # 48 heads / 8 devices = 6 per device, sharing kv heads in runs of 3: U=2 straddles them.
+  with pytest.raises(ConfigError, match=r"heads_per_stage=2: each device's 6 query heads"):
+    _layer_out_and_grads("headwise", mesh, 48, 16, 2, spec, 0)
+  with pytest.raises(ConfigError, match=r"act_quant=True: headwise"):
+    Attention(32, 8, 2, H, rngs=nnx.Rngs(0), context_parallel="headwise", act_quant=True)
+  q, k, v, _ = _inputs(8, 2, seed=0)
+  with placed(mesh), pytest.raises(ConfigError, match=r"strategy='headwise': headwise \(UPipe\)"):
+    jax.eval_shape(lambda q, k, v: context_attend(q, k, v, strategy="headwise"), q, k, v)
+
+
+def test_headwise_layer_uses_less_temp_memory_than_ulysses():
+  """UPipe's point (arXiv 2602.21196): one stage's heads live at a time.
+
+  One layer, forward + backward, T=1024, 16 heads of 8 (D=128), C=8, fp32, the dense
+  XLA attention of the CPU: Ulysses holds 2 heads' [T, T] logits per device,
+  headwise (U=1) one head's. Seen on XLA:CPU (jax 0.12): 32.3 vs 17.6 MiB.
   """
   mesh = _mesh("seq8")
-  sh = NamedSharding(mesh, P(None, "sequence", None, None))
-  x = jax.ShapeDtypeStruct((1, 2048, 16, 64), jnp.float32, sharding=sh)
+  x = jax.ShapeDtypeStruct((1, 1024, 128), jnp.float32,
+                           sharding=NamedSharding(mesh, P(None, "sequence")))
+  pos = jnp.broadcast_to(jnp.arange(1024), (1, 1024))
 
   def temp_bytes(strategy):
-    f = lambda q, k, v: context_attend(q, k, v, strategy=strategy)
-    loss = lambda q, k, v: jnp.sum(f(q, k, v) ** 2)
-    with placed(mesh):  # (fast_jit: LLVM settings only; buffer sizes are the same)
-      fwd = fast_jit(f).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
-      grad = fast_jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
-    return fwd, grad.memory_analysis().temp_size_in_bytes
+    layer = Attention(128, 16, 2, 8, rngs=nnx.Rngs(0), context_parallel=strategy)
+    graph, params = nnx.split(layer)
+    loss = lambda p, x: jnp.sum(nnx.merge(graph, p)(x, pos) ** 2)
+    with placed(mesh):
+      grad = fast_jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    return grad.memory_analysis().temp_size_in_bytes
 
-  uly_fwd, uly_grad = temp_bytes("ulysses")
-  hw_fwd, hw_grad = temp_bytes("headwise")
-  ring_fwd, ring_grad = temp_bytes("ring")
-  # Logits dominate: halving the heads per stage (2 -> 1) should save ~40-50%.
-  assert hw_fwd < 0.75 * uly_fwd, (hw_fwd, uly_fwd)
-  assert hw_grad < 0.75 * uly_grad, (hw_grad, uly_grad)
-  # Ring holds one [N, T/C, T/C] block of scores at a time (13.1 / 24.0 MiB seen).
-  assert ring_fwd < hw_fwd and ring_grad < hw_grad, (ring_fwd, ring_grad)
+  uly, hw = temp_bytes("ulysses"), temp_bytes("headwise")
+  assert hw < 0.75 * uly, (hw, uly)
+
+
+@pytest.mark.parametrize("mesh_kind", ["seq8", "data2seq4"])
+def test_zigzag_causal_gqa_matches_reference(mesh_kind):
+  # seq8: pieces of 2 tokens; data2seq4: of 4, the batch over data.
+  q, k, v, ct = _inputs(8, 2, seed=21)
+  _check_against_reference(_mesh(mesh_kind), AttentionSpec(causal=True), q, k, v, ct,
+                           strategy="zigzag")
+
+
+def test_zigzag_balances_causal_work():
+  """Causal ring: device d computes d + 1 of its C blocks; zigzag: every device
+  2C + 1 quarter blocks (``ring_blocks``, the plans the ring switches over). The
+  compiled forward agrees: XLA costs each step's ``lax.switch`` as its largest branch
+  (the busiest device), and with the ring's scan unrolled every step is counted, so
+  the program's FLOPs are the busiest device's live blocks (ring C, zigzag
+  (2C + 1) / 4), within the softmax's elementwise work."""
+  causal = AttentionSpec(causal=True)
+  for C in (4, 8):
+    assert list(ring_blocks(causal, C, 16 * C)) == list(range(1, C + 1))
+    assert list(ring_blocks(causal, C, 16 * C, zigzag=True)) == [2 * C + 1] * C
+  mesh = jax.make_mesh((4,), ("sequence",), devices=jax.devices()[:4])
+  Tq, N, Hd = 128, 2, 64
+  x = jax.ShapeDtypeStruct((1, Tq, N, Hd), jnp.float32,
+                           sharding=NamedSharding(mesh, P(None, "sequence")))
+  scan = jax.lax.scan
+  for strategy, blocks in (("ring", 4), ("zigzag", 9 / 4)):
+    f = fast_jit(lambda q, k, v, s=strategy: context_attend(q, k, v, causal, strategy=s))
+    with placed(mesh), mock.patch.object(jax.lax, "scan", functools.partial(scan, unroll=True)):
+      flops = f.lower(x, x, x).compile().cost_analysis()["flops"]
+    matmuls = blocks * 4 * N * (Tq // 4) ** 2 * Hd   # scores and p @ v per full block
+    assert matmuls <= flops < 1.1 * matmuls, (strategy, flops, matmuls)
+
+
+def test_zigzag_relay_round_trips():
+  """Device i holds chunks i and 2C-1-i of 2C after the relay; back is the identity."""
+  mesh = _mesh("seq8")
+  x = jnp.arange(64.0).reshape(1, 64, 1, 1)   # chunk c: tokens 4c .. 4c + 3
+  io = P(None, "sequence")
+
+  def body(x):
+    z = context._to_zigzag(x, "sequence", 8)
+    return z, context._from_zigzag(z, "sequence", 8)
+  relay = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=io, out_specs=(io, io)))
+  z, back = relay(jax.device_put(x, NamedSharding(mesh, io)))
+  chunks = np.asarray(z).reshape(8, 2, 4)[..., 0] // 4
+  np.testing.assert_array_equal(chunks, [[i, 15 - i] for i in range(8)])
+  np.testing.assert_array_equal(back, x)

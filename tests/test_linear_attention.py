@@ -1,4 +1,6 @@
-"""attention/linear.py: chunked vs recurrent twin vs a quadratic formula; layer decode."""
+"""attention/linear.py: chunked vs recurrent twin vs a quadratic formula; layer decode;
+context parallelism (sequence-sharded == one device, the op and a hybrid model)."""
+import dataclasses
 import functools
 import math
 
@@ -6,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import placed, tiny
 from flax import nnx
 
 from core.errors import ConfigError
@@ -23,8 +26,9 @@ def attend(q, k, v, a, initial_state=None, **kw):
   """``linear_attend``, compiled."""
   return linear_attend(q, k, v, a, initial_state=initial_state, **kw)
 
+from attention import linear
 from attention.linear import (VARIANTS, LinearAttention, LinearConfig, feature_map,
-                              init_state, linear_attend)
+                              init_state, linear_attend, linear_context_attend)
 
 
 def _inputs(seed, B=2, T=13, N=3, H=8, V=6, strong=True, align=False):
@@ -205,6 +209,26 @@ def test_layer_logical_axes():
   assert not hasattr(two, "w_dt") and not hasattr(two, "norm_scale")
 
 
+def test_official_bias_free_decay_init():
+  """``decay_bias=False``: the official Mamba-2S / 2Mamba layer has no b_A / b_dt, so the
+  decay starts near exp(-softplus(0)) = 0.5 and dt near softplus(0) = 0.69; ours starts
+  near 1 (our biases; here > 0.9). ssd (Mamba-2) keeps its dt bias: a config error."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 64), np.float32)) * 0.3
+  for bias, lo, hi in ((True, 0.9, 0.99999), (False, 0.3, 0.7)):
+    layer = LinearAttention(64, 2, 8, LinearConfig(variant="mamba2s", decay_bias=bias),
+                            rngs=nnx.Rngs(params=1))
+    assert hasattr(layer, "b_A") == bias and hasattr(layer, "b_dt") == bias
+    _, a, dt = layer._project(x)
+    decay = float(jnp.exp(jnp.median(a)))
+    assert lo < decay < hi, (bias, decay)
+    if not bias:
+      assert 0.5 < float(jnp.median(dt)) < 0.9
+  assert not hasattr(LinearAttention(16, 2, 4, LinearConfig(variant="2mamba", decay_bias=False),
+                                     rngs=nnx.Rngs(params=0)), "b_A")
+  with pytest.raises(ConfigError, match="decay_bias"):
+    LinearConfig(variant="ssd", decay_bias=False)
+
+
 @pytest.mark.parametrize("variant,grad", [("ssd", False), ("ssd", True), ("2mamba", False)])
 def test_chunked_temp_memory_is_linear_in_length(variant, grad):
   """XLA's temp allocation at T = 4096 is < 2.5x that at T = 2048 (chunk 64)."""
@@ -249,3 +273,108 @@ def test_errors():
     LinearConfig(variant="ssd", chunk_size=0)
   with pytest.raises(ConfigError, match="implementation='flash'"):
     LinearConfig(implementation="flash")
+
+
+# ----------------------------------------------------------------- context parallelism
+# (mesh, chunk): 8 shards of 8 tokens (2 chunks each), and batch 2 x 4 shards of 16 tokens
+# with chunk 3 (shards are not whole chunks; their chunks straddle the one-device ones).
+_CP_MESHES = {"seq8": ((8,), ("sequence",), 4), "data2seq4": ((2, 4), ("data", "sequence"), 3)}
+# mamba2s's op is ssd's (the variants differ in the layer): the op tests run ssd and
+# 2mamba and check that mamba2s traces to ssd's program; the model test runs mamba2s.
+_CP_VARIANTS = ("ssd", "2mamba")
+
+
+def _out_and_grads(f, C, args):
+  """Per variant: the output and its vjp w.r.t. q, k, v, log_decay (one program)."""
+  out = {}
+  for variant, (q, k, v, a, ct) in args.items():
+    y, vjp = jax.vjp(functools.partial(f, variant=variant, chunk_size=C), q, k, v, a)
+    out[variant] = (y,) + vjp(ct)
+  return out
+
+
+@functools.cache
+def _cp_case():
+  """Fresh inputs per variant (T = 64; decays include 0 and -40) and the one-device
+  outputs and gradients (chunk 8)."""
+  args = {}
+  for i, variant in enumerate(_CP_VARIANTS):
+    q, k, v, a = _inputs(40 + i, T=64, N=2, H=4, V=3, align=variant == "2mamba")
+    ct = jnp.asarray(np.random.default_rng(50 + i).standard_normal(v.shape, np.float32))
+    args[variant] = (q, k, v, a, ct)
+  return args, fast_jit(functools.partial(_out_and_grads, linear_attend, 8))(args)
+
+
+def _count_calls(monkeypatch, module, name) -> list:
+  """Patches ``module.name`` to record each call (at trace time)."""
+  calls, f = [], getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or f(*a, **kw))
+  return calls
+
+
+@pytest.mark.parametrize("mesh_kind", list(_CP_MESHES))
+def test_context_parallel_equals_one_device(mesh_kind, monkeypatch):
+  """Sequence-sharded: outputs and gradients equal the one-device chunked op's (a shard
+  missing its incoming state is off by O(1)); mamba2s is ssd's program."""
+  shape, names, C = _CP_MESHES[mesh_kind]
+  args, want = _cp_case()
+  calls = _count_calls(monkeypatch, linear, "_context_body")
+  with placed(jax.make_mesh(shape, names)):
+    got = fast_jit(functools.partial(_out_and_grads, linear_context_attend, C))(args)
+    jaxpr = lambda variant: str(jax.make_jaxpr(functools.partial(
+        linear_context_attend, variant=variant, chunk_size=C))(*args["ssd"][:4]))
+    assert jaxpr("mamba2s") == jaxpr("ssd")
+  assert len(calls) == len(_CP_VARIANTS) + 2  # the per-device path, not XLA's
+  for variant in _CP_VARIANTS:
+    for name, x, ref in zip(("y", "dq", "dk", "dv", "dlog_decay"), got[variant], want[variant]):
+      assert x.shape == ref.shape, (variant, name)
+      _close(x, ref, 2e-5)
+
+
+def test_without_a_sharded_length_it_is_linear_attend():
+  """No placement, a mesh without a sequence axis, a length the sequence axis does not
+  divide (T = 13 over 8), or the recurrent twin: exactly ``linear_attend``'s program."""
+  q, k, v, a = _inputs(0)
+  jaxpr = lambda f, impl="chunked": str(jax.make_jaxpr(functools.partial(
+      f, variant="2mamba", chunk_size=4, implementation=impl))(q, k, v, a))
+  assert jaxpr(linear_context_attend) == jaxpr(linear_attend)
+  for shape, names in (((8,), ("data",)), ((8,), ("sequence",))):
+    with placed(jax.make_mesh(shape, names)):
+      assert jaxpr(linear_context_attend) == jaxpr(linear_attend)
+  with placed(jax.make_mesh((8,), ("sequence",))):
+    q, k, v, a = _inputs(0, T=16)
+    assert "ppermute" in jaxpr(linear_context_attend)
+    assert jaxpr(linear_context_attend, "recurrent") == jaxpr(linear_attend, "recurrent")
+
+
+def test_hybrid_model_on_a_sequence_sharded_mesh_equals_one_device(monkeypatch):
+  """A linear + softmax model (mamba2s, chunk 16 over shards of 8 tokens): loss and
+  parameter gradients with batch x sequence sharded 2 x 4 equal one device's."""
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from lm import config as config_lib
+  from lm.model import apply, build_model
+  cfg = config_lib.resolve(tiny("experiments/configs/ssd.py:tiny,LS", model__dtype="float32",
+                                model__linear__variant="mamba2s")).model
+  built = build_model(dataclasses.replace(cfg, vocab_size=64), seed=0, abstract=True)
+  rng = np.random.default_rng(9)  # random parameters of the right shapes: no init compiles
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                        built.params)
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 33)), jnp.int32)
+
+  def loss(params, tokens):
+    logits = apply(built.graphdef, params, built.state, tokens[:, :-1])[0]
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+  want = fast_jit(jax.value_and_grad(loss))(params, tokens)
+  calls = _count_calls(monkeypatch, linear, "_context_body")
+  mesh = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=(AxisType.Auto,) * 2)
+  with placed(mesh):
+    got = fast_jit(jax.value_and_grad(loss))(
+        params, jax.device_put(tokens, NamedSharding(mesh, P("data"))))
+  assert calls, "the linear layer did not take the context-parallel path"
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+  for g, ref in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    _close(g, ref, 1e-5)

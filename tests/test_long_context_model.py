@@ -93,6 +93,8 @@ def test_context_parallel_training_equals_single_device(strategy, mesh):
      r"model.n_heads=4: not divisible by mesh.sequence=8"),
     ("model.context_parallel", "ring", {"sequence": 8, "seq_len": 500},
      r"data.seq_len=500: not divisible by mesh.sequence=8"),
+    ("model.context_parallel", "zigzag", {"sequence": 8, "seq_len": 504},
+     r"data.seq_len=504: not divisible by 2 x mesh.sequence=8"),
     ("model.context_parallel", "blockwise", {}, r"model.context_parallel='blockwise': unknown choice"),
     ("model.context_parallel", "headwise", {"sequence": 4, "heads_per_stage": 3},
      r"model.heads_per_stage=3: mesh.sequence=4 x heads_per_stage must divide n_heads=8"),

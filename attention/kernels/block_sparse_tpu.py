@@ -7,28 +7,50 @@ their block is kept, ``s <= t`` (causal) and ``t - s < window`` (window > 0). Th
 mask is SpargeAttention2-style (``attention.sparse.predict_block_mask``: one mask per
 kv head, the union over its query heads); any bool mask works.
 
-How: FlashAttention-2. The forward walks, for every (batch, query head, query
-block), only the kept key blocks, with an online softmax (running max ``m``, sum
-``l`` and output ``acc`` in fp32 VMEM scratch) and saves the log-sum-exp. The
-backward recomputes the probabilities from that lse: one kernel accumulates dq
-over the kept key blocks of each query block, another accumulates dk and dv over
-the query blocks (of every query head in the kv head's group) that kept each key
-block.
+How: FlashAttention-2. The forward walks, for every (batch, query head), the kept
+(query block, key block) pairs of its kv head's mask in row-major order, with an
+online softmax per query block (running max ``m``, sum ``l`` and output ``acc`` in
+fp32 VMEM scratch), and saves the log-sum-exp. The backward recomputes the
+probabilities from that lse: one kernel accumulates dq over the same visits,
+another accumulates dk and dv over the transposed visits (each key block's kept
+query blocks, for every query head in the kv head's group).
 
 Design:
 
 - Layout. The kernels run heads-major: q, o [B, N, T, H], k, v [B, K, S, H]; the
   public wrappers transpose from / to the model's [B, T, N, H] (one HBM pass each).
   Query head ``n`` reads kv head ``n // G`` (grouped-query attention, G = N / K).
-- Block lists. ``attention.sparse.block_indices`` turns the mask into counts
-  [B, K, Q] and ascending kept indices [B, K, Q, C] whose tail repeats the last kept
-  index. Both are flattened to 1-D (SMEM pads multi-dimensional arrays) and passed
-  by scalar prefetch; the key/value index_map reads the list, so the grid's last
-  axis (C steps, the static upper bound) visits kept blocks first and then
-  re-reads the last one — same block index, so no new DMA — while ``pl.when(j <
-  count)`` skips the body. A row with no kept block re-reads block 0 and computes
-  nothing. The backward's dk/dv kernel does the same with the transposed mask
-  (``block_indices(swapaxes(mask))``) over the grid (B, K, C, G * Q).
+- A grid over the kept blocks only. The mask is traced (predicted from q and k
+  under ``jit``), so no kept count is known when the kernel is built, and a grid
+  step whose body is skipped still costs a pipeline step (its scalar work and
+  DMA bookkeeping, without the matmuls). The choices:
+  (a) a grid (B, N, Q, M) bounded by the most kept blocks of any row. M is static
+  only if the config caps rows (``BlockSparse.max_blocks``; ``top_k`` is no cap,
+  since ``top_p`` and the forced blocks add to it), and a causal mask's rows hold 1
+  to Q valid blocks, so without a cap M = C and half the steps are skipped even at
+  density 1.
+  (b) a flattened *visit list* with one grid step per kept pair, as
+  ``moe/kernels/gmm_pallas.py`` does, padded to a static length. Sound for any
+  mask, but the static length must be the worst case (every valid block kept), so
+  at density d a share 1 - d of the steps would still be skipped steps.
+  (c) that list with a *dynamic* grid bound. Mosaic takes traced iteration bounds
+  (a ``grid`` entry that is an int32 scalar reaches the kernel like a
+  scalar-prefetch operand; the interpreters take it too), so the list keeps its
+  static length in SMEM while the grid runs only as far as the longest list.
+  This module does (c). ``visit_lists`` compacts the mask, intersected with the
+  static causal / window block structure (which drops only blocks holding no
+  allowed pair: exact), into one list per (batch, kv head) of packed positions
+  ``row * (L + 1) + col`` in row-major order (L columns), with one no-op visit
+  ``col = L`` for a row with no kept block (its output must still be written:
+  zeros, lse -inf); the tail repeats the last visit (same block indices, so no
+  new DMA) and ``pl.when(v < nvis)`` skips it. The grid is (B, N, max nvis) for
+  the forward and dq, (B, K, G * max tnvis) for dk/dv over the transposed lists
+  (query head innermost, so a key block's dk/dv stays resident over its run). A
+  row's visits are consecutive, so its output block stays in VMEM and is written
+  back when the row changes, as gmm does for its tiles. The grid steps are the
+  kept pairs, plus one per empty row, plus the padding of shorter lists up to the
+  longest (batch, kv head). The lists' static length V = sum over rows of
+  max(valid blocks, 1) only sizes SMEM (for a causal mask about half of Q * C).
 - Token mask. Inside a visited block the causal / window mask comes from the block
   positions (iota); blocks wholly inside the allowed region skip it (a second,
   unmasked copy of the body chosen by a scalar test).
@@ -41,7 +63,7 @@ Design:
   whose row is all False, or a user mask that misses the diagonal) outputs zeros
   and lse = **-inf** (log of an empty sum); its gradients are zero, and the
   backward replaces the -inf by 0 before recomputing (all its logits are masked).
-- SMEM. The scalar-prefetched lists take 4 * B * K * Q * (C + 1) bytes of SMEM (1 MiB
+- SMEM. The scalar-prefetched lists take 4 * B * K * (V + 1) bytes of SMEM (1 MiB
   on v5e). When that exceeds ``SMEM_BUDGET_BYTES`` a call is split into chunks of
   batch elements (or of kv heads, when one batch element is already too big), each
   its own pallas_call on HBM slices; a single (batch, kv head) must fit (``_check_smem``
@@ -55,8 +77,9 @@ with a KV cache), dropout, logit soft-capping, fp8. Head dims must be multiples 
 64 up to 256; T and S must be whole numbers of blocks; blocks must be multiples of
 8 (128 is the efficient choice: it fills the MXU and the lanes). Query heads of a
 group re-read their kv blocks (no sharing across heads within one step). Cost
-estimates passed to XLA are dense-equivalent upper bounds (the kept count is only
-known at run time).
+estimates passed to XLA are upper bounds, every statically valid block visited:
+the kept count is known only at run time, so XLA's cost analysis cannot see the
+density (nor the grid, whose bound is dynamic).
 """
 import functools
 
@@ -82,16 +105,69 @@ _div, _rem = common.div, common.rem
 
 
 def _check_smem(q_BTNH, k_BSKH, block_q, block_k):
-  """One (batch, kv head)'s scalar-prefetched block lists must fit the SMEM budget."""
+  """One (batch, kv head)'s scalar-prefetched visit list must fit the SMEM budget (at
+  its longest: every block kept, as with a non-causal dense mask)."""
   T, S = q_BTNH.shape[1], k_BSKH.shape[1]
   Q, C = T // block_q, S // block_k
-  need = max(_smem_bytes(Q, C), _smem_bytes(C, Q))
+  need = _smem_bytes(Q * C)
   if need > SMEM_BUDGET_BYTES:
     raise Unsupported(
         f"pallas block-sparse attention: {Q} x {C} blocks (T={T}, S={S}, block_q={block_q}, "
         f"block_k={block_k}): the block lists of one (batch, kv head) take {need} bytes of "
         f"SMEM, over the {SMEM_BUDGET_BYTES}-byte budget. Fix: use larger blocks, or "
         "implementation='xla'")
+
+
+# ----------------------------------------------------------------------------- visits
+
+
+def visit_bound(valid_RL) -> int:
+  """Static length of a visit list: each row's valid blocks, at least one per row."""
+  return int(np.maximum(np.asarray(valid_RL).sum(-1), 1).sum())
+
+
+def visit_lists(block_mask_BKRL, valid_RL):
+  """The flattened visit list of each (batch, kv head): what the kernels prefetch.
+
+  Rows are query blocks and columns key blocks (forward, dq), or the transpose
+  (dk/dv: ``common`` hands the transposed mask and validity).
+
+  Args:
+    block_mask_BKRL: bool [B, K, R, L], True = the block is kept.
+    valid_RL: bool [R, L] numpy, blocks holding any allowed pair (static); kept
+      blocks outside it are dropped (they hold no allowed pair).
+
+  Returns:
+    nvis_BK: int32 [B, K] active visits (at least R: one per row).
+    visits_BKV: int32 [B, K, V], V = ``visit_bound(valid_RL)``: packed positions
+      ``row * (L + 1) + col``, ascending (row-major); ``col == L`` is a no-op visit
+      for a row with no kept block; the tail repeats the last active visit.
+  """
+  B, K, R, L = block_mask_BKRL.shape
+  kept_BKRL = block_mask_BKRL & jnp.asarray(valid_RL)
+  empty_BKR1 = jnp.logical_not(jnp.any(kept_BKRL, axis=-1, keepdims=True))
+  # X = B * K lists of P = R * (L + 1) slots. Visit v is the slot where the running
+  # count of visits first reaches v + 1: a binary search per visit (a sort of the
+  # slots compiles for seconds on TPU).
+  slots_XP = jnp.concatenate([kept_BKRL, empty_BKR1], axis=-1).reshape(B * K, R * (L + 1))
+  ends_XP = jnp.cumsum(slots_XP.astype(jnp.int32), axis=-1)
+  nvis_X = ends_XP[:, -1]
+  v_XV = jnp.minimum(jnp.arange(visit_bound(valid_RL), dtype=jnp.int32), nvis_X[:, None] - 1)
+  visits_XV = jax.vmap(functools.partial(jnp.searchsorted, side="left"))(ends_XP, v_XV + 1)
+  return nvis_X.reshape(B, K), visits_XV.astype(jnp.int32).reshape(B, K, -1)
+
+
+def _walk(nvis_ref, vis_ref, base, v, V: int, L: int):
+  """Visit ``v`` of list ``base``: (row, col, live, first of its row, last of its row);
+  ``first`` and ``last`` are False for the padding past the list's active visits."""
+  nv = nvis_ref[base]
+  at = lambda u: vis_ref[base * V + u]
+  pos = at(v)
+  row, col = _div(pos, L + 1), _rem(pos, L + 1)
+  live = v < nv
+  first = (v == 0) | (_div(at(jnp.maximum(v - 1, 0)), L + 1) != row)
+  last = (v == nv - 1) | (_div(at(jnp.minimum(v + 1, V - 1)), L + 1) != row)
+  return row, col, live, live & first, live & last
 
 
 # ----------------------------------------------------------------------------- masks
@@ -119,17 +195,42 @@ def _logits(q, k, scale, mask):
   return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
+def _nbytes(*arrays) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in arrays)
+
+
+def _cost(visits: int, matmuls: int, bq: int, bk: int, H: int, nbytes: int):
+  """Upper bound for ``visits`` block visits (all statically valid blocks kept)."""
+  return pl.CostEstimate(flops=2 * matmuls * visits * bq * bk * H,
+                         transcendentals=visits * bq * bk, bytes_accessed=nbytes)
+
+
+def _rows_specs(B, N, K, G, C, V, bq, bk, H):
+  """BlockSpecs of the forward / dq grid (B, N, visits): q-shaped, kv-shaped, lse-shaped."""
+
+  def pos(b, n, v, vis):
+    return vis[(b * K + _div(n, G)) * V + v]
+
+  def q_map(b, n, v, nvis, vis):
+    return b, n, _div(pos(b, n, v, vis), C + 1), 0
+
+  def kv_map(b, n, v, nvis, vis):  # a no-op visit (col C) reads the last block
+    return b, _div(n, G), jnp.minimum(_rem(pos(b, n, v, vis), C + 1), C - 1), 0
+
+  return (pl.BlockSpec((None, None, bq, H), q_map), pl.BlockSpec((None, None, bk, H), kv_map),
+          pl.BlockSpec((None, None, bq, 1), q_map))
+
+
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
-                *, G, K, Q, C, cfg):
+def _fwd_kernel(nvis_ref, vis_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
+                *, G, K, C, V, cfg):
   bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
-  b, n, i, j = (pl.program_id(a) for a in range(4))
-  row = (b * K + _div(n, G)) * Q + i
-  c = idx_ref[row * C + j]
+  b, n, step = (pl.program_id(a) for a in range(3))
+  i, c, live, first, last = _walk(nvis_ref, vis_ref, b * K + _div(n, G), step, V, C)
 
-  @pl.when(j == 0)
+  @pl.when(first)
   def _init():
     m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
     l_sc[...] = jnp.zeros_like(l_sc)
@@ -148,9 +249,9 @@ def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, 
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     m_sc[...] = m_new
 
-  _visit(j < counts_ref[row], i * bq, c * bk, cfg, body)
+  _visit(live & (c < C), i * bq, c * bk, cfg, body)
 
-  @pl.when(j == C - 1)
+  @pl.when(last)
   def _finish():
     l = l_sc[...]
     seen = l > 0.0
@@ -158,46 +259,33 @@ def _fwd_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, 
     lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def _cost(B, N, T, S, H, matmuls, *arrays):
-  nbytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in arrays)
-  return pl.CostEstimate(flops=2 * matmuls * B * N * T * S * H,
-                         transcendentals=B * N * T * S, bytes_accessed=nbytes)
-
-
-def _fwd_call(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
+def _fwd_call(q_BNTH, k_BKSH, v_BKSH, nvis_BK, visits_BKV, cfg):
   bq, bk = cfg.block_q, cfg.block_k
   B, N, T, H = q_BNTH.shape
   K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-  G, Q, C = N // K, T // bq, S // bk
-
-  def q_map(b, n, i, j, cnt, idx):
-    return b, n, i, 0
-
-  def kv_map(b, n, i, j, cnt, idx):
-    return b, _div(n, G), idx[((b * K + _div(n, G)) * Q + i) * C + j], 0
-
-  kernel = functools.partial(_fwd_kernel, G=G, K=K, Q=Q, C=C, cfg=cfg)
+  G, C, V = N // K, S // bk, visits_BKV.shape[-1]
+  q_spec, kv_spec, col_spec = _rows_specs(B, N, K, G, C, V, bq, bk, H)
+  kernel = functools.partial(_fwd_kernel, G=G, K=K, C=C, V=V, cfg=cfg)
   o_shape = out_struct((B, N, T, H), q_BNTH.dtype, q_BNTH, k_BKSH, v_BKSH)
   lse_shape = out_struct((B, N, T, 1), jnp.float32, q_BNTH, k_BKSH, v_BKSH)
+  kv_bytes = B * N * V * 2 * bk * H * k_BKSH.dtype.itemsize  # k and v blocks, per visit
   return pl.pallas_call(
       kernel,
       out_shape=(o_shape, lse_shape),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(B, N, Q, C),
-          in_specs=[pl.BlockSpec((None, None, bq, H), q_map),
-                    pl.BlockSpec((None, None, bk, H), kv_map),
-                    pl.BlockSpec((None, None, bk, H), kv_map)],
-          out_specs=[pl.BlockSpec((None, None, bq, H), q_map),
-                     pl.BlockSpec((None, None, bq, 1), q_map)],
+          grid=(B, N, jnp.max(nvis_BK)),  # dynamic: the longest list's active visits
+          in_specs=[q_spec, kv_spec, kv_spec],
+          out_specs=[q_spec, col_spec],
           scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                           pltpu.VMEM((bq, H), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="kestrel_block_sparse_fwd",
-      cost_estimate=_cost(B, N, T, S, H, 2, q_BNTH, k_BKSH, v_BKSH, o_shape),
-  )(counts_BKQ.reshape(-1), idx_BKQC.reshape(-1), q_BNTH, k_BKSH, v_BKSH)
+      cost_estimate=_cost(B * N * V, 2, bq, bk, H,
+                          _nbytes(q_BNTH, o_shape, lse_shape) + kv_bytes),
+  )(nvis_BK.reshape(-1), visits_BKV.reshape(-1), q_BNTH, k_BKSH, v_BKSH)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -208,14 +296,13 @@ def _probs(q, k, lse, scale, mask):
   return jnp.exp(_logits(q, k, scale, mask) - lse)
 
 
-def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               acc_sc, *, G, K, Q, C, cfg):
+def _dq_kernel(nvis_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               acc_sc, *, G, K, C, V, cfg):
   bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
-  b, n, i, j = (pl.program_id(a) for a in range(4))
-  row = (b * K + _div(n, G)) * Q + i
-  c = idx_ref[row * C + j]
+  b, n, step = (pl.program_id(a) for a in range(3))
+  i, c, live, first, last = _walk(nvis_ref, vis_ref, b * K + _div(n, G), step, V, C)
 
-  @pl.when(j == 0)
+  @pl.when(first)
   def _init():
     acc_sc[...] = jnp.zeros_like(acc_sc)
 
@@ -227,22 +314,21 @@ def _dq_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     acc_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
-  _visit(j < counts_ref[row], i * bq, c * bk, cfg, body)
+  _visit(live & (c < C), i * bq, c * bk, cfg, body)
 
-  @pl.when(j == C - 1)
+  @pl.when(last)
   def _finish():
     dq_ref[...] = (acc_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, dk_sc, dv_sc, *, K, Q, C, R, cfg):
+def _dkv_kernel(nvis_ref, vis_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, dk_sc, dv_sc, *, G, K, Q, V, cfg):
   bq, bk, scale = cfg.block_q, cfg.block_k, cfg.scale
-  b, kh, c, r = (pl.program_id(a) for a in range(4))
-  row = (b * K + kh) * C + c
-  j = _rem(r, Q)
-  i = idx_ref[row * Q + j]
+  b, kh, r = (pl.program_id(a) for a in range(3))
+  g = _rem(r, G)  # the query head within the group: innermost
+  c, i, live, first, last = _walk(nvis_ref, vis_ref, b * K + kh, _div(r, G), V, Q)
 
-  @pl.when(r == 0)
+  @pl.when(first & (g == 0))
   def _init():
     dk_sc[...] = jnp.zeros_like(dk_sc)
     dv_sc[...] = jnp.zeros_like(dv_sc)
@@ -258,9 +344,9 @@ def _dkv_kernel(counts_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, tn,
                                       preferred_element_type=jnp.float32)
 
-  _visit(j < counts_ref[row], i * bq, c * bk, cfg, body)
+  _visit(live & (i < Q), i * bq, c * bk, cfg, body)
 
-  @pl.when(r == R - 1)
+  @pl.when(last & (g == G - 1))
   def _finish():
     dk_ref[...] = (dk_sc[...] * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
@@ -270,85 +356,84 @@ def _bwd_setup(q_BNTH, k_BKSH, cfg):
   B, N, T, H = q_BNTH.shape
   K, S = k_BKSH.shape[1], k_BKSH.shape[2]
   G, Q, C = N // K, T // cfg.block_q, S // cfg.block_k
-  statics = dict(K=K, Q=Q, C=C, cfg=cfg)
-  return B, N, T, H, K, S, G, Q, C, statics
+  return B, N, T, H, K, S, G, Q, C
 
 
-def _dq_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, idx_BKQC, cfg):
-  """dq: the forward's grid, over the kept key blocks of each query block."""
+def _dq_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, nvis_BK, visits_BKV, cfg):
+  """dq: the forward's visits, the kept key blocks of each query block in turn."""
   bq, bk = cfg.block_q, cfg.block_k
-  B, N, T, H, K, S, G, Q, C, statics = _bwd_setup(q_BNTH, k_BKSH, cfg)
+  B, N, T, H, K, S, G, Q, C = _bwd_setup(q_BNTH, k_BKSH, cfg)
+  V = visits_BKV.shape[-1]
   operands = (q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1)
-
-  def q_map(b, n, i, j, cnt, idx):
-    return b, n, i, 0
-
-  def kv_map(b, n, i, j, cnt, idx):
-    return b, _div(n, G), idx[((b * K + _div(n, G)) * Q + i) * C + j], 0
-
-  q_spec = pl.BlockSpec((None, None, bq, H), q_map)
-  kv_spec = pl.BlockSpec((None, None, bk, H), kv_map)
-  col_spec = pl.BlockSpec((None, None, bq, 1), q_map)
+  q_spec, kv_spec, col_spec = _rows_specs(B, N, K, G, C, V, bq, bk, H)
   dq_shape = out_struct((B, N, T, H), q_BNTH.dtype, *operands)
+  kv_bytes = B * N * V * 2 * bk * H * k_BKSH.dtype.itemsize
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, G=G, **statics),
+      functools.partial(_dq_kernel, G=G, K=K, C=C, V=V, cfg=cfg),
       out_shape=dq_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(B, N, Q, C),
+          grid=(B, N, jnp.max(nvis_BK)),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="kestrel_block_sparse_dq",
-      cost_estimate=_cost(B, N, T, S, H, 3, *operands, dq_shape),
-  )(counts_BKQ.reshape(-1), idx_BKQC.reshape(-1), *operands)
+      cost_estimate=_cost(B * N * V, 3, bq, bk, H,
+                          _nbytes(q_BNTH, do_BNTH, lse_BNT1, delta_BNT1, dq_shape) + kv_bytes),
+  )(nvis_BK.reshape(-1), visits_BKV.reshape(-1), *operands)
   return (dq,)
 
 
-def _dkv_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, tcounts_BKC, tidx_BKCQ,
+def _dkv_call(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, tnvis_BK, tvisits_BKV,
               cfg):
-  """dk, dv: for each key block, the query blocks that kept it, for each head of the group."""
+  """dk, dv: each key block's kept query blocks in turn, every head of the group at each."""
   bq, bk = cfg.block_q, cfg.block_k
-  B, N, T, H, K, S, G, Q, C, statics = _bwd_setup(q_BNTH, k_BKSH, cfg)
+  B, N, T, H, K, S, G, Q, C = _bwd_setup(q_BNTH, k_BKSH, cfg)
+  V = tvisits_BKV.shape[-1]
   operands = (q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1)
-  R = G * Q
 
-  def qt_map(b, kh, c, r, cnt, idx):
-    return b, kh * G + _div(r, Q), idx[((b * K + kh) * C + c) * Q + _rem(r, Q)], 0
+  def pos(b, kh, r, vis):
+    return vis[(b * K + kh) * V + _div(r, G)]
 
-  def k_map(b, kh, c, r, cnt, idx):
-    return b, kh, c, 0
+  def qt_map(b, kh, r, nvis, vis):  # past the active visits: stay on the last head's block
+    g = jnp.where(_div(r, G) < nvis[b * K + kh], _rem(r, G), G - 1)
+    return b, kh * G + g, jnp.minimum(_rem(pos(b, kh, r, vis), Q + 1), Q - 1), 0
+
+  def k_map(b, kh, r, nvis, vis):
+    return b, kh, _div(pos(b, kh, r, vis), Q + 1), 0
 
   qt_spec = pl.BlockSpec((None, None, bq, H), qt_map)
   colt_spec = pl.BlockSpec((None, None, bq, 1), qt_map)
   k_spec = pl.BlockSpec((None, None, bk, H), k_map)
   dk_shape = out_struct((B, K, S, H), k_BKSH.dtype, *operands)
   dv_shape = out_struct((B, K, S, H), v_BKSH.dtype, *operands)
+  q_bytes = B * N * V * bq * (2 * H * q_BNTH.dtype.itemsize + 2 * 4)  # q, do, lse, delta
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, R=R, **statics),
+      functools.partial(_dkv_kernel, G=G, K=K, Q=Q, V=V, cfg=cfg),
       out_shape=(dk_shape, dv_shape),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(B, K, C, R),
+          grid=(B, K, jnp.max(tnvis_BK) * G),
           in_specs=[qt_spec, k_spec, k_spec, qt_spec, colt_spec, colt_spec],
           out_specs=[k_spec, k_spec],
           scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="kestrel_block_sparse_dkv",
-      cost_estimate=_cost(B, N, T, S, H, 4, *operands, dk_shape, dv_shape),
-  )(tcounts_BKC.reshape(-1), tidx_BKCQ.reshape(-1), *operands)
+      cost_estimate=_cost(B * N * V, 4, bq, bk, H,
+                          _nbytes(k_BKSH, v_BKSH, dk_shape, dv_shape) + q_bytes),
+  )(tnvis_BK.reshape(-1), tvisits_BKV.reshape(-1), *operands)
   return dk, dv
 
 
-def _smem_bytes(rows: int, length: int) -> int:
-  """SMEM taken by one (batch, kv head)'s scalar-prefetched counts [rows] and lists
-  [rows, length] (int32)."""
-  return 4 * rows * (length + 1)
+def _smem_bytes(visits: int) -> int:
+  """SMEM taken by one (batch, kv head)'s scalar-prefetched visit list and its count
+  (int32)."""
+  return 4 * (visits + 1)
 
 
 def _chunked(call, q_args, kv_args, list_args, cfg, unit_bytes):
@@ -381,42 +466,40 @@ def _chunked(call, q_args, kv_args, list_args, cfg, unit_bytes):
   return tuple(jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0] for outs in zip(*rows))
 
 
-def _forward(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
-  Q, C = idx_BKQC.shape[2:]
-  return _chunked(_fwd_call, [q_BNTH], [k_BKSH, v_BKSH], [counts_BKQ, idx_BKQC], cfg,
-                  _smem_bytes(Q, C))
+def _forward(q_BNTH, k_BKSH, v_BKSH, nvis_BK, visits_BKV, cfg):
+  return _chunked(_fwd_call, [q_BNTH], [k_BKSH, v_BKSH], [nvis_BK, visits_BKV], cfg,
+                  _smem_bytes(visits_BKV.shape[-1]))
 
 
-def _backward(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, counts_BKQ, idx_BKQC,
-              tcounts_BKC, tidx_BKCQ, cfg):
-  Q, C = idx_BKQC.shape[2:]
+def _backward(q_BNTH, k_BKSH, v_BKSH, do_BNTH, lse_BNT1, delta_BNT1, nvis_BK, visits_BKV,
+              tnvis_BK, tvisits_BKV, cfg):
   q_rows = [q_BNTH, do_BNTH, lse_BNT1, delta_BNT1]
-  (dq,) = _chunked(_dq_chunk, q_rows, [k_BKSH, v_BKSH], [counts_BKQ, idx_BKQC], cfg,
-                   _smem_bytes(Q, C))
-  dk, dv = _chunked(_dkv_chunk, q_rows, [k_BKSH, v_BKSH], [tcounts_BKC, tidx_BKCQ], cfg,
-                    _smem_bytes(C, Q))
+  (dq,) = _chunked(_dq_chunk, q_rows, [k_BKSH, v_BKSH], [nvis_BK, visits_BKV], cfg,
+                   _smem_bytes(visits_BKV.shape[-1]))
+  dk, dv = _chunked(_dkv_chunk, q_rows, [k_BKSH, v_BKSH], [tnvis_BK, tvisits_BKV], cfg,
+                    _smem_bytes(tvisits_BKV.shape[-1]))
   return dq, dk, dv
 
 
-def _dq_chunk(q, do, lse, delta, k, v, counts, idx, cfg):
-  return _dq_call(q, k, v, do, lse, delta, counts, idx, cfg)
+def _dq_chunk(q, do, lse, delta, k, v, nvis, visits, cfg):
+  return _dq_call(q, k, v, do, lse, delta, nvis, visits, cfg)
 
 
-def _dkv_chunk(q, do, lse, delta, k, v, tcounts, tidx, cfg):
-  return _dkv_call(q, k, v, do, lse, delta, tcounts, tidx, cfg)
+def _dkv_chunk(q, do, lse, delta, k, v, tnvis, tvisits, cfg):
+  return _dkv_call(q, k, v, do, lse, delta, tnvis, tvisits, cfg)
 
 
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _forward_bnth(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg):
-  o, lse_BNT1 = _forward(q_BNTH, k_BKSH, v_BKSH, counts_BKQ, idx_BKQC, cfg)
+def _forward_bnth(q_BNTH, k_BKSH, v_BKSH, nvis_BK, visits_BKV, cfg):
+  o, lse_BNT1 = _forward(q_BNTH, k_BKSH, v_BKSH, nvis_BK, visits_BKV, cfg)
   return o, lse_BNT1[..., 0]
 
 
-def _backward_bnth(q, k, v, do, lse_BNT, delta_BNT, counts, idx, tcounts, tidx, cfg):
-  return _backward(q, k, v, do, lse_BNT[..., None], delta_BNT[..., None], counts, idx, tcounts,
-                   tidx, cfg)
+def _backward_bnth(q, k, v, do, lse_BNT, delta_BNT, nvis, visits, tnvis, tvisits, cfg):
+  return _backward(q, k, v, do, lse_BNT[..., None], delta_BNT[..., None], nvis, visits, tnvis,
+                   tvisits, cfg)
 
 
 KERNEL = common.BlockSparseKernel(
@@ -426,7 +509,8 @@ KERNEL = common.BlockSparseKernel(
     block_ok=lambda b: b > 0 and b % _SUBLANES == 0,
     block_rule=(f"a multiple of {_SUBLANES} (TPU sublanes). Fix: use a multiple of "
                 f"{_SUBLANES}; 128 is preferred (it fills the MXU and the lanes)"),
-    forward=_forward_bnth, backward=_backward_bnth, extra_check=_check_smem)
+    forward=_forward_bnth, backward=_backward_bnth, extra_check=_check_smem,
+    schedule=visit_lists)
 
 # The public API (``common.BlockSparseKernel.attention`` / ``.attend``).
 block_sparse_attention = KERNEL.attention

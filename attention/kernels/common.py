@@ -13,8 +13,10 @@ where the layout is [B, N, T, H] (``heads_major``) or the model's [B, T, N, H];
 ``lse_BNT`` is fp32 and -inf for a row with no allowed key; the backward gets it
 with those rows at 0 (all their logits are masked) and ``delta = rowsum(dO * O) -
 dlse`` (FlashAttention-2; the lse cotangent enters as -dlse). ``counts``/``idx``
-are ``attention.sparse.block_indices`` of the mask, ``tcounts``/``tidx`` of its
-transpose.
+are the backend's two scalar-prefetched block lists of the mask, ``tcounts``/``tidx``
+of its transpose: ``attention.sparse.block_indices`` (per-row counts and kept
+indices), or what the backend's ``schedule(mask, valid)`` makes of the mask and the
+static causal / window block structure (the TPU kernel: flattened visit lists).
 """
 import dataclasses
 import functools
@@ -23,9 +25,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from attention import masks, sparse
-from attention.spec import AttentionSpec
+from attention.spec import RESIDUALS, AttentionSpec
 from core.errors import Unsupported
 from core.vma import grad_like
 
@@ -79,6 +82,8 @@ class BlockSparseKernel:
   forward: Callable
   backward: Callable
   extra_check: Callable | None = None  # (q_BTNH, k_BSKH, block_q, block_k) -> raises
+  # (block_mask_BKRL, valid_RL numpy) -> the two block lists; None: block_indices(mask)
+  schedule: Callable | None = None
 
   def unsupported(self, msg: str) -> Unsupported:
     return Unsupported(f"{self.name}: {msg}")
@@ -193,28 +198,40 @@ class BlockSparseKernel:
 # ----------------------------------------------------------------------------- custom_vjp
 
 
+def _lists(kernel: BlockSparseKernel, block_mask_BKQC, cfg: KernelConfig, transpose=False):
+  """The backend's block lists of the mask (of its transpose, for dk/dv)."""
+  mask = jnp.swapaxes(block_mask_BKQC, -1, -2) if transpose else block_mask_BKQC
+  if kernel.schedule is None:
+    return sparse.block_indices(mask)
+  Q, C = block_mask_BKQC.shape[-2:]
+  bq, bk = cfg.block_q, cfg.block_k
+  valid_QC = masks.valid_blocks(cfg.causal, cfg.window, Q * bq, C * bk, bq, bk)
+  return kernel.schedule(mask, valid_QC.T if transpose else valid_QC)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def _attention(kernel: BlockSparseKernel, q, k, v, block_mask_BKQC, cfg: KernelConfig):
-  counts, idx = sparse.block_indices(block_mask_BKQC)
-  return kernel.forward(q, k, v, counts, idx, cfg)
+  return kernel.forward(q, k, v, *_lists(kernel, block_mask_BKQC, cfg), cfg)
 
 
 def _attention_fwd(kernel, q, k, v, block_mask_BKQC, cfg):
-  counts, idx = sparse.block_indices(block_mask_BKQC)
-  o, lse_BNT = kernel.forward(q, k, v, counts, idx, cfg)
-  return (o, lse_BNT), (q, k, v, block_mask_BKQC, counts, idx, o, lse_BNT)
+  lists = _lists(kernel, block_mask_BKQC, cfg)
+  o, lse_BNT = kernel.forward(q, k, v, *lists, cfg)
+  # Named so a checkpoint policy can keep them (attention.spec.RESIDUALS).
+  o, lse_BNT = checkpoint_name(o, RESIDUALS), checkpoint_name(lse_BNT, RESIDUALS)
+  return (o, lse_BNT), (q, k, v, block_mask_BKQC, lists, o, lse_BNT)
 
 
 def _attention_bwd(kernel, cfg, res, cotangents):
-  q, k, v, block_mask, counts, idx, o, lse_BNT = res
+  q, k, v, block_mask, lists, o, lse_BNT = res
   do, dlse_BNT = cotangents
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   delta_BNT = (delta if kernel.heads_major else jnp.swapaxes(delta, 1, 2)) - dlse_BNT.astype(
       jnp.float32)
   lse_safe = jnp.where(lse_BNT == -jnp.inf, 0.0, lse_BNT)  # empty rows: all logits masked
-  tcounts, tidx = sparse.block_indices(jnp.swapaxes(block_mask, -1, -2))
-  dq, dk, dv = kernel.backward(q, k, v, do.astype(q.dtype), lse_safe, delta_BNT, counts, idx,
-                               tcounts, tidx, cfg)
+  tlists = _lists(kernel, block_mask, cfg, transpose=True)
+  dq, dk, dv = kernel.backward(q, k, v, do.astype(q.dtype), lse_safe, delta_BNT, *lists,
+                               *tlists, cfg)
   return grad_like(dq, q), grad_like(dk, k), grad_like(dv, v), None
 
 

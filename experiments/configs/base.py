@@ -91,7 +91,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.hierarchical = group(Hierarchical())
   c.model.hierarchical.block = 0
   # Context parallelism of softmax attention over mesh.sequence (attention/context.py).
-  c.model.context_parallel = "none"  # none | ulysses | headwise | ring
+  c.model.context_parallel = "none"  # none | ulysses | headwise | ring | zigzag
   c.model.heads_per_stage = 1  # headwise: heads per device per stage (Untied Ulysses' U / C)
   # Mixture of experts (moe/; experiments/configs/moe.py). num_experts=0: dense model.
   c.model.moe = group(MoEConfig())

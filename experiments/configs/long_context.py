@@ -1,13 +1,15 @@
 """Long-context softmax attention with context parallelism over ``mesh.sequence``.
 
   --config=experiments/configs/long_context.py:<size>
-  --config.model.context_parallel=ulysses|headwise|ring   (attention/context.py)
+  --config.model.context_parallel=ulysses|headwise|ring|zigzag   (attention/context.py)
 
 The sequence is sharded over the ``sequence`` mesh axis (the residual stream's
 ``length`` axis), and each attention layer exchanges what it needs: Ulysses
 all-to-alls sequence shards into head shards; headwise does the same a few heads
 per stage (Untied Ulysses), so only one stage's heads are ever gathered; ring passes
-key/value blocks around the ring with an online softmax.
+key/value blocks around the ring with an online softmax; zigzag runs the same ring with
+each device holding an early and a late chunk, so causal work is the same on every
+device (seq_len a multiple of 2 x mesh.sequence).
 
 Sizes:
 - ``tiny``: 2 layers, 4096 tokens, every device on the sequence axis (8 simulated
