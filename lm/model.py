@@ -224,6 +224,12 @@ class Transformer(nnx.Module):
     call = block if self.remat == "none" else nnx.remat(block, policy=remat_policy(self.remat))
     lens = {}
     if self.scan_layers:
+      # A scan keeps every intermediate its body's backward reads, stacked per layer;
+      # unrolled, XLA recomputes the cheap elementwise ones inside its fusions by itself.
+      # So "none" under scan saves the matmul outputs (the `dots` policy), which is what
+      # XLA keeps of unrolled layers (benchmarks/results/compile_time.md).
+      if self.remat == "none":
+        call = nnx.remat(block, policy=remat_policy("dots"))
       return self._scanned(x_BTD, positions_BT, call, exits)
     for i in range(self.n_layers):
       x_BTD = constrain(call(getattr(self, f"block_{i}"), x_BTD, positions_BT), residual)
@@ -244,7 +250,10 @@ class Transformer(nnx.Module):
     def body(x_BTD, unit_state):
       unit = nnx.merge(graphdef, unit_state)
       x_BTD, sown = nnx.capture(unit, nnx.Intermediate)(x_BTD, positions_BT, call)
-      return x_BTD, (nnx.split(unit)[1], nnx.to_pure_dict(sown))
+      # Only what the call may change (not the parameters: stacking them again as
+      # outputs would copy every weight).
+      _, _, rest = nnx.split(unit, nnx.Param, ...)
+      return x_BTD, (rest, nnx.to_pure_dict(sown))
 
     for n in exits:
       if n % p:
