@@ -238,14 +238,7 @@ def _ring_attention(q_BtNH, k_BtKH, v_BtKH, *, spec, axis, C, zigzag=False):
         v_BcKH = v_BsKH[:, cols]
         s_BKGrc = _ring_scores(q_BtKGH[:, rows], k_BsKH[:, cols], spec, q_pos_t[rows],
                                k_pos_s[cols], scale)
-        m_new = jnp.maximum(m_BKGr, jnp.max(s_BKGrc, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        alpha_BKGr = jnp.exp(m_BKGr - m_safe)
-        p_BKGrc = jnp.exp(s_BKGrc - m_safe[..., None])
-        l_new = alpha_BKGr * l_BKGr + jnp.sum(p_BKGrc, axis=-1)
-        pv_BrKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGrc.astype(v_BcKH.dtype), v_BcKH,
-                              preferred_element_type=jnp.float32)
-        acc_new = jnp.moveaxis(alpha_BKGr, 3, 1)[..., None] * acc_BrKGH + pv_BrKGH
+        m_new, l_new, acc_new = masks.online_fold(m_BKGr, l_BKGr, acc_BrKGH, s_BKGrc, v_BcKH)
         return (m_BKGt.at[..., rows].set(m_new), l_BKGt.at[..., rows].set(l_new),
                 acc_BtKGH.at[:, rows].set(acc_new))
       return _visit(plans, Tc, i, src, block, carry)

@@ -83,14 +83,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKH, spec, bq, bk):
       def fold(carry):
         m_BKGt, l_BKGt, acc_BtKGH = carry
         s_BKGts = _scores(q_BtKGH, k_BsKH, spec, scale, i * bq, j * bk)
-        m_new = jnp.maximum(m_BKGt, jnp.max(s_BKGts, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        alpha_BKGt = jnp.exp(m_BKGt - m_safe)
-        p_BKGts = jnp.exp(s_BKGts - m_safe[..., None])
-        l_new = alpha_BKGt * l_BKGt + jnp.sum(p_BKGts, axis=-1)
-        pv_BtKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGts.astype(v_BsKH.dtype), v_BsKH,
-                              preferred_element_type=jnp.float32)
-        return m_new, l_new, jnp.moveaxis(alpha_BKGt, 3, 1)[..., None] * acc_BtKGH + pv_BtKGH
+        return masks.online_fold(m_BKGt, l_BKGt, acc_BtKGH, s_BKGts, v_BsKH)
 
       live = _live(spec, i * bq, j * bk, bq, bk)
       return jax.lax.cond(live, fold, lambda c: c, carry), None

@@ -65,3 +65,18 @@ def softmax(*logits):
   denom = sum(jnp.sum(p, axis=-1, keepdims=True) for p in ps)
   denom = jnp.where(denom > 0, denom, 1.0)
   return [p / denom for p in ps]
+
+
+def online_fold(m_BKGt, l_BKGt, acc_BtKGH, s_BKGts, v_BsKH):
+  """One step of the blockwise online softmax (Milakov & Gimelshein 2018; FlashAttention):
+  fold the scores ``s`` [B, K, G, t, s] (fp32, masked -inf) of a key block and its values
+  [B, s, K, H] into the running max ``m``, sum ``l`` [B, K, G, t] and output ``acc``
+  [B, t, K, G, H] (fp32). A row with no finite score so far keeps m = -inf and adds 0."""
+  m_new = jnp.maximum(m_BKGt, jnp.max(s_BKGts, axis=-1))
+  m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  alpha_BKGt = jnp.exp(m_BKGt - m_safe)
+  p_BKGts = jnp.exp(s_BKGts - m_safe[..., None])
+  l_new = alpha_BKGt * l_BKGt + jnp.sum(p_BKGts, axis=-1)
+  pv_BtKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGts.astype(v_BsKH.dtype), v_BsKH,
+                        preferred_element_type=jnp.float32)
+  return m_new, l_new, jnp.moveaxis(alpha_BKGt, 3, 1)[..., None] * acc_BtKGH + pv_BtKGH
