@@ -13,10 +13,14 @@ Sizes:
   (the recall ablation; sweep ``model.layer_pattern`` and the length together
   with ``data.synthetic.num_pairs`` / ``num_queries``).
 - ``corpus``: the same model on the embedded corpus.
+- ``table``: 2Mamba2Furious' main comparison at CPU scale: the same 2 layers of width 64
+  on the embedded corpus with the shipped BPE (bits per byte); sweep
+  ``model.layer_pattern`` (S: softmax), ``model.linear.variant`` and
+  ``model.linear.decay_bias`` (records/2026-11-29-2mamba-table).
 """
 from experiments.configs import base, unknown_arg
 
-SIZES = ("tiny", "mqar", "corpus")
+SIZES = ("tiny", "mqar", "corpus", "table")
 
 
 def get_config(arg: str = "tiny"):
@@ -28,7 +32,7 @@ def get_config(arg: str = "tiny"):
   c.model.layer_pattern = pattern or "L"
   c.model.linear.variant = "ssd"
   c.model.linear.chunk_size = 16 if size == "tiny" else 64
-  if size in ("mqar", "corpus"):
+  if size in ("mqar", "corpus", "table"):
     c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=192))
     c.train.log_every, c.train.checkpoint_every = 20, 10_000
   if size == "mqar":
@@ -44,5 +48,11 @@ def get_config(arg: str = "tiny"):
   if size == "corpus":
     c.data.seq_len, c.data.batch_size = 256, 16
     c.train.steps, c.train.eval_every = 300, 50
+    c.optimizer.learning_rate = 3e-3
+  if size == "table":
+    c.model.linear.variant = "2mamba"
+    c.data.tokenizer = "bpe"
+    c.data.seq_len, c.data.batch_size = 128, 16
+    c.train.steps, c.train.eval_every, c.train.eval_batches = 300, 100, 8
     c.optimizer.learning_rate = 3e-3
   return c
