@@ -23,6 +23,13 @@ from core.quant import act_int8
 CONTEXT_PARALLEL = ("none",) + context.STRATEGIES
 
 
+def causal_conv(u_BTCH: jax.Array, w_WCH: jax.Array) -> jax.Array:
+  """Causal depthwise conv along T: out_t = sum_s w_s u_{t-W+1+s} (zeros before t = 0)."""
+  W, T = w_WCH.shape[0], u_BTCH.shape[1]
+  up = jnp.pad(u_BTCH, ((0, 0), (W - 1, 0), (0, 0), (0, 0)))
+  return sum(up[:, s:s + T] * w_WCH[s] for s in range(W))
+
+
 class Attention(nnx.Module):
   """Causal self-attention with GQA and RoPE.
 
@@ -40,6 +47,11 @@ class Attention(nnx.Module):
     heads_per_stage: ``headwise``: heads per device per stage.
     act_quant: int8-fake-quantize the inputs of the q/k/v and output projections
       per token (``core.quant.act_int8``; w8a8 with ``lm.quant``'s weights).
+    qkv_conv: width W > 0 of a causal depthwise convolution (no bias, no activation) on
+      each of q, k and v after their projections and before RoPE, as the linear layers
+      have (``attention.linear``): out_t = sum_s w_s u_{t-W+1+s}. The recall ablation's
+      control (a softmax layer with the linear layers' short conv); 0: none. Training
+      and evaluation only: decoding refuses it (no conv cache).
 
   With ``spec.block_sparse`` the block mask is predicted from q and k
   (``attention.sparse``) and each call sows ``attention_stats`` (``nnx.Intermediate``):
@@ -50,7 +62,7 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs, rope_theta: float = 10_000.0, implementation=None,
                spec: AttentionSpec = AttentionSpec(), dtype=jnp.float32,
                param_dtype=jnp.float32, context_parallel: str = "none",
-               heads_per_stage: int = 1, act_quant: bool = False):
+               heads_per_stage: int = 1, act_quant: bool = False, qkv_conv: int = 0):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_kv_heads={n_kv_heads}: must divide n_heads={n_heads}. "
                        "Fix: choose n_kv_heads among the divisors of n_heads")
@@ -64,6 +76,10 @@ class Attention(nnx.Module):
       raise ConfigError("act_quant", act_quant, "headwise context parallelism projects the "
                         "output per stage, so there is no per-token scale over all heads",
                         "use context_parallel='ulysses' (or 'ring'), or act_quant=False")
+    if qkv_conv and context_parallel == "headwise":
+      raise ConfigError("qkv_conv", qkv_conv, "headwise context parallelism projects q, k, v "
+                        "per stage, without the convolution", "use qkv_conv=0 or another "
+                        "context_parallel strategy")
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.rope_theta, self.implementation, self.spec = rope_theta, implementation, spec
     self.dtype, self.act_quant = dtype, act_quant
@@ -73,6 +89,14 @@ class Attention(nnx.Module):
     self.k = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
     self.v = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
     self.o = logical_param(rngs, (N, H, D), ("heads", "head_dim", "embed"), N * H, param_dtype)
+    self.qkv_conv = qkv_conv
+    if qkv_conv:  # created after o, so the projections' init does not depend on it
+      W = qkv_conv
+      self.conv_q = logical_param(rngs, (W, N, H), (None, "heads", "head_dim"), W, param_dtype)
+      self.conv_k = logical_param(rngs, (W, K, H), (None, "kv_heads", "head_dim"), W,
+                                  param_dtype)
+      self.conv_v = logical_param(rngs, (W, K, H), (None, "kv_heads", "head_dim"), W,
+                                  param_dtype)
 
   def _qkv(self, x_BTD, positions_BT):
     dt = self.dtype
@@ -81,6 +105,9 @@ class Attention(nnx.Module):
     q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    if self.qkv_conv:
+      q_BTNH, k_BTKH, v_BTKH = (causal_conv(u, w[...].astype(dt)) for u, w in (
+          (q_BTNH, self.conv_q), (k_BTKH, self.conv_k), (v_BTKH, self.conv_v)))
     cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
     return apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin), v_BTKH
 
@@ -114,6 +141,9 @@ class Attention(nnx.Module):
   def cache_slots(self, max_len: int, slack: int) -> int:
     """Slots of this layer's cache (``attention.cache``): a ring of window + slack for
     a plain sliding window, else the whole context rounded up to whole blocks."""
+    if self.qkv_conv:
+      raise ConfigError("model.qkv_conv", self.qkv_conv, "decoding has no cache for the "
+                        "q/k/v convolution", "decode a model trained with model.qkv_conv=0")
     spec = self.spec
     if spec.sliding_window and spec.block_sparse is None and spec.hierarchical is None:
       if spec.sliding_window + slack < max_len:

@@ -100,6 +100,8 @@ def summarise(workdir: str, seconds: float, n_params: int) -> dict:
   # Bits per byte and per-source eval losses (mixtures) of the last eval.
   extra.update({k: v for k, v in (evals[-1] if evals else {}).items()
                 if k.startswith(("eval_bpb", "eval_loss/")) and v == v})
+  if evals and "eval_accuracy" in evals[-1] and extra.get("eval_bpb") is None:
+    extra["eval_accuracy"] = evals[-1]["eval_accuracy"]  # synthetic tasks: exact recall
   return {"extra": extra, "step": train[-1]["step"] if train else 0,
           "loss": train[-1]["loss"] if train else float("nan"),
           "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
@@ -122,7 +124,7 @@ def write_record(out: str, title: str, base_spec: str, argv: list[str], results:
   env = record.environment()
   extras = [k for k in EXTRA_COLUMNS if any(k in r["summary"].get("extra", {}) for r in results)]
   extras += sorted({k for r in results for k in r["summary"].get("extra", {})
-                    if k.startswith(("eval_bpb", "eval_loss/"))})
+                    if k.startswith(("eval_bpb", "eval_loss/", "eval_accuracy"))})
   label = lambda k: EXTRA_COLUMNS.get(k, k.replace("eval_", "eval "))
   extra_cells = lambda s: [record.fmt(s.get("extra", {}).get(k, float("nan")), 3) for k in extras]
   head = ["run", "steps", "train loss", "eval loss", "tokens/s", "params", "wall s"]

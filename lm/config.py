@@ -83,6 +83,7 @@ class ModelConfig:
   hierarchical: Hierarchical | None = dataclasses.field(metadata={"enabled_by": "block"})
   context_parallel: str
   heads_per_stage: int
+  qkv_conv: int
   moe: MoEConfig
   # Not a config field: the roles whose matmul inputs are int8-quantized, set by
   # ``resolve`` from the quant group (``lm.quant.QuantConfig.act_roles``).
@@ -113,6 +114,7 @@ class ModelConfig:
                         "must be a non-empty string of S and L",
                         "use e.g. S (softmax), L (linear) or LLLS (hybrid, cycled over layers)")
     check_int("sliding_window", self.sliding_window, 0)
+    check_int("qkv_conv", self.qkv_conv, 0)
     check_choice("context_parallel", self.context_parallel, CONTEXT_PARALLEL)
     if self.hierarchical is not None:
       if self.attention_impl not in ("xla", "blocked"):
@@ -125,6 +127,10 @@ class ModelConfig:
           raise ConfigError("hierarchical.block", self.hierarchical.block,
                             f"hierarchical attention excludes model.{other}",
                             f"set model.hierarchical.block=0 or turn model.{other} off")
+    if self.qkv_conv and self.context_parallel == "headwise":
+      raise ConfigError("qkv_conv", self.qkv_conv, "headwise context parallelism projects "
+                        "q, k, v per stage, without the convolution",
+                        "set model.qkv_conv=0 or use context_parallel=ulysses|ring|zigzag")
     if self.sparse is not None and self.context_parallel != "none":
       raise ConfigError("context_parallel", self.context_parallel,
                         "context parallelism does not support block-sparse attention",
@@ -148,6 +154,7 @@ class SyntheticConfig:
   num_queries: int
   copy_len: int
   vocab: int
+  spread: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,7 +104,7 @@ class Block(nnx.Module):
           rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
           spec=attention_spec(cfg), dtype=dtype, param_dtype=param_dtype,
           context_parallel=cfg.context_parallel, heads_per_stage=cfg.heads_per_stage,
-          act_quant="attention" in acts)
+          act_quant="attention" in acts, qkv_conv=cfg.qkv_conv)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
     if moe:
       self.mlp = MoEFeedForward(cfg.d_model, cfg.moe.d_ff or cfg.d_ff, cfg.moe, rngs=rngs,

@@ -15,7 +15,7 @@ import optax
 
 from lm import hooks as hooks_lib
 from lm import losses, sharding
-from lm.losses.cross_entropy import cross_entropy
+from lm.losses.cross_entropy import accuracy, cross_entropy
 from lm.model import apply
 
 
@@ -57,7 +57,8 @@ def _metrics(out: losses.Forward, term_metrics: dict) -> dict:
 def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformation, mesh,
                hooks=()):
   """The pure ``train_step(state, batch, aux)`` and ``eval_step(params, model_state,
-  batch, aux)`` (per-batch means of every metric, and ``tokens``); ``hooks``
+  batch, aux)`` (per-batch means of every metric, top-1 ``accuracy`` in eval, and
+  ``tokens``); ``hooks``
   (``lm.hooks``) shape the forward's parameters and act after each update."""
   objective = make_objective(graphdef, terms, hooks)
 
@@ -83,7 +84,7 @@ def make_steps(graphdef, terms: list[losses.Term], tx: optax.GradientTransformat
   def eval_step(params, model_state, batch, aux):
     with sharding.placed(mesh):
       _, (out, _, term_metrics) = objective(params, model_state, batch, aux)
-    return _metrics(out, term_metrics)
+    return {**_metrics(out, term_metrics), "accuracy": accuracy(out.logits_BTV, batch)}
 
   return train_step, eval_step
 

@@ -253,6 +253,29 @@ def test_mqar_answers_are_the_paired_values():
       assert (inp[n:] == D.pipeline.PAD_ID).all()
 
 
+def test_mqar_spread_places_queries_over_the_whole_sequence():
+  # Zoology's layout: the pairs first, then each query-answer pair at a random 2-token
+  # slot of the rest; the answers are still the paired values, padding in between.
+  cfg = _cfg(source="synthetic", seq_len=256)
+  syn = cfg.synthetic
+  syn.spread = True
+  last = []
+  for b in _take(D.make_data(cfg, seed=4).train_iterator(), 2):
+    for inp, tgt, w in zip(b["inputs"], b["targets"], b["weights"]):
+      P = syn.num_pairs
+      keys, values = list(inp[0:2 * P:2]), inp[1:2 * P:2]
+      pos = np.flatnonzero(w)
+      assert len(pos) == syn.num_queries and (pos >= 2 * P).all()
+      assert ((pos - 2 * P) % 2 == 0).all()  # queries sit on slot starts
+      for p in pos:
+        assert tgt[p] == values[keys.index(inp[p])]
+      used = set(range(2 * P)) | set(pos) | set(pos + 1)
+      rest = np.array(sorted(set(range(len(inp))) - used))
+      assert (inp[rest] == D.pipeline.PAD_ID).all()
+      last.append(pos.max())
+  assert max(last) > 128  # spread: queries reach far past the contiguous layout's end
+
+
 def test_copy_targets_are_the_string():
   cfg = _cfg(source="synthetic", seq_len=40)
   cfg.synthetic.task, cfg.synthetic.copy_len = "copy", 12

@@ -182,3 +182,18 @@ def test_cli_json_and_one_line_errors(text_run, tmp_path):
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert bad.returncode == 2 and "Traceback" not in out + err, err
   assert len(errors) == 1 and "no such directory. Fix: pass the workdir" in errors[0], err
+
+
+def test_eval_accuracy_is_the_weighted_top1_share():
+  from lm.losses.cross_entropy import accuracy
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((3, 7, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (3, 7))
+  targets[0, :4] = logits[0, :4].argmax(-1)  # some hits for sure
+  weights = (rng.random((3, 7)) < 0.6).astype(np.float32)
+  weights[0, :4] = 1.0
+  hits = [(logits[b, t].argmax() == targets[b, t]) for b in range(3) for t in range(7)
+          if weights[b, t]]
+  got = accuracy(jnp.asarray(logits), {"targets": jnp.asarray(targets),
+                                       "weights": jnp.asarray(weights)})
+  np.testing.assert_allclose(float(got), sum(hits) / len(hits), rtol=1e-6)

@@ -95,6 +95,62 @@ def test_attention_layer_reference(n_heads, n_kv):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def _conv_np(u, w):
+  """out[:, t] = sum_s w[s] u[:, t - W + 1 + s] (zeros before t = 0), by loops."""
+  W, out = w.shape[0], np.zeros_like(u)
+  for t in range(u.shape[1]):
+    for s in range(W):
+      if t - W + 1 + s >= 0:
+        out[:, t] += w[s] * u[:, t - W + 1 + s]
+  return out
+
+
+def test_qkv_conv_layer_against_loops_forward_and_gradients():
+  from attention.layer import causal_conv
+  D, N, K, H, T, W = 32, 4, 2, 8, 11, 3
+  layer = Attention(D, N, K, H, rngs=nnx.Rngs(1), qkv_conv=W)
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, T, D)).astype(np.float32)
+  pos = np.broadcast_to(np.arange(T), (2, T)).astype(np.float32)
+  proj = lambda w: np.einsum("btd,dnh->btnh", x, w[...])
+  q = _rope_np(_conv_np(proj(layer.q), np.asarray(layer.conv_q[...])), pos)
+  k = _rope_np(_conv_np(proj(layer.k), np.asarray(layer.conv_k[...])), pos)
+  v = _conv_np(proj(layer.v), np.asarray(layer.conv_v[...]))
+  out = attend_reference(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                         jnp.asarray(v), AttentionSpec(causal=True))
+  expected = np.einsum("btnh,nhd->btd", out, layer.o[...])
+  got = layer(jnp.asarray(x), jnp.asarray(pos, jnp.int32))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  # Gradients of the conv against a twin written with an explicit shift per tap.
+  u = jnp.asarray(rng.standard_normal((2, T, K, H)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((W, K, H)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((2, T, K, H)), jnp.float32)
+  def twin(u, w):
+    shifted = [jnp.concatenate([jnp.zeros_like(u[:, :W - 1 - s]), u[:, :T - (W - 1 - s)]], 1)
+               for s in range(W)]
+    return jnp.sum(c * sum(w[s] * shifted[s] for s in range(W)))
+  fast = jax.grad(lambda u, w: jnp.sum(c * causal_conv(u, w)), (0, 1))(u, w)
+  for a, b in zip(fast, jax.grad(twin, (0, 1))(u, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(fast[1]).sum()) > 0
+
+
+def test_qkv_conv_model_is_causal_and_decoding_refuses_it():
+  m = build_model(tiny_model_cfg(qkv_conv=2), seed=3)
+  assert m.params["block_0"]["attn"]["conv_k"].shape == (2, 2, 16)
+  tokens = np.array(jax.random.randint(jax.random.key(1), (2, 16), 0, 256))
+  changed = tokens.copy()
+  changed[:, 10:] = (changed[:, 10:] + 1) % 256
+  a, b = _logits(m, tokens), _logits(m, changed)
+  np.testing.assert_array_equal(a[:, :10], b[:, :10])
+  assert not np.allclose(a[:, 10:], b[:, 10:])
+  layer = Attention(32, 4, 2, 8, rngs=nnx.Rngs(1), qkv_conv=2)
+  with pytest.raises(ConfigError, match=r"model\.qkv_conv=2: decoding has no cache"):
+    layer.cache_slots(16, 0)
+  with pytest.raises(ConfigError, match=r"model\.qkv_conv=2: headwise"):
+    tiny_model_cfg(qkv_conv=2, context_parallel="headwise")
+
+
 def test_model_is_causal_and_bf16_close_to_fp32():
   cfg32 = tiny_model_cfg(dtype="float32")
   cfg16 = tiny_model_cfg(dtype="bfloat16")

@@ -82,6 +82,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.layer_pattern = "S"
   c.model.linear = group(LinearConfig())
   c.model.sliding_window = 0  # softmax layers: > 0 attends to the last n tokens only
+  # Softmax layers: width of a causal depthwise conv on q, k, v (the linear layers' short
+  # conv; the recall ablation's control). 0: none. Training / evaluation only.
+  c.model.qkv_conv = 0
   # Trainable block-sparse softmax attention (attention/sparse.py, SpargeAttention2's
   # hybrid rule; experiments/configs/sparse_attention.py). The parameters are unchanged.
   c.model.sparse = group(BlockSparse(block_q=64, block_k=64), enabled=False)
@@ -123,6 +126,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.data.synthetic.num_queries = 8  # mqar: queries per example
   c.data.synthetic.copy_len = 16  # copy: length of the string to copy
   c.data.synthetic.vocab = 64  # symbols drawn from token ids [2, 2 + vocab)
+  # mqar: queries at random slots over the rest of the sequence (Zoology's layout; the
+  # distance to the pairs grows with seq_len) instead of right after the pairs.
+  c.data.synthetic.spread = False
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = steps

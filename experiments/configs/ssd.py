@@ -12,6 +12,12 @@ Sizes:
 - ``mqar``: 2 layers of width 64 on synthetic multi-query associative recall
   (the recall ablation; sweep ``model.layer_pattern`` and the length together
   with ``data.synthetic.num_pairs`` / ``num_queries``).
+- ``recall64`` / ``recall256``: the recall record (records/2026-11-29-mqar-recall): the
+  same model at a constant learning rate (sweep ``optimizer.learning_rate``), 8 pairs in
+  64 tokens, or 16 pairs with the queries spread over 256 tokens (Zoology's layout, for
+  the length-generalisation test: evaluate at ``data.seq_len=1024``); sweep
+  ``model.layer_pattern``, ``model.linear.variant`` and ``model.qkv_conv`` (softmax with
+  the linear layers' short conv).
 - ``corpus``: the same model on the embedded corpus.
 - ``table``: 2Mamba2Furious' main comparison at CPU scale: the same 2 layers of width 64
   on the embedded corpus with the shipped BPE (bits per byte); sweep
@@ -20,7 +26,7 @@ Sizes:
 """
 from experiments.configs import base, unknown_arg
 
-SIZES = ("tiny", "mqar", "corpus", "table")
+SIZES = ("tiny", "mqar", "recall64", "recall256", "corpus", "table")
 
 
 def get_config(arg: str = "tiny"):
@@ -32,10 +38,10 @@ def get_config(arg: str = "tiny"):
   c.model.layer_pattern = pattern or "L"
   c.model.linear.variant = "ssd"
   c.model.linear.chunk_size = 16 if size == "tiny" else 64
-  if size in ("mqar", "corpus", "table"):
+  if size != "tiny":
     c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=192))
     c.train.log_every, c.train.checkpoint_every = 20, 10_000
-  if size == "mqar":
+  if size in ("mqar", "recall64", "recall256"):
     # 8 key-value pairs then 8 queries in 64 tokens; scale seq_len with num_pairs
     # and num_queries (2 * (pairs + queries) <= seq_len + 1) to lengthen the task.
     c.data.source = "synthetic"
@@ -45,6 +51,14 @@ def get_config(arg: str = "tiny"):
     c.data.seq_len, c.data.batch_size = 64, 32
     c.train.steps, c.train.eval_every = 600, 100
     c.optimizer.learning_rate = 1e-2
+  if size.startswith("recall"):
+    c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 50
+    c.train.steps, c.train.eval_every, c.train.eval_batches = 1000, 100, 4
+    c.train.checkpoint_every = c.train.steps
+  if size == "recall256":
+    c.data.synthetic.num_pairs = c.data.synthetic.num_queries = 16
+    c.data.synthetic.spread = True
+    c.data.seq_len, c.data.batch_size = 256, 8  # 2048 tokens a step, as recall64
   if size == "corpus":
     c.data.seq_len, c.data.batch_size = 256, 16
     c.train.steps, c.train.eval_every = 300, 50

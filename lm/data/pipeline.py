@@ -87,12 +87,15 @@ def _check_synthetic(syn, seq_len: int) -> None:
 
 
 def mqar_example(rng: np.random.Generator, *, num_pairs: int, num_queries: int,
-                 vocab: int, seq_len: int) -> Batch:
+                 vocab: int, seq_len: int, spread: bool = False) -> Batch:
   """Multi-query associative recall: ``k1 v1 .. kP vP q1 a1 .. qQ aQ`` then pad.
 
   Keys are distinct symbols from the first half of the vocabulary, values from
   the second half; each query is a seen key and its answer the paired value.
-  Weights are 1 exactly where the target is an answer.
+  Weights are 1 exactly where the target is an answer. ``spread`` (Zoology's layout):
+  the query-answer pairs sit at random 2-token slots, in order, over the whole rest of
+  the sequence with padding between them, so the distance from a pair to its query
+  grows with ``seq_len`` (the length-generalisation test trains short, tests long).
   """
   half = vocab // 2
   keys_P = rng.choice(half, size=num_pairs, replace=False) + FIRST_SYMBOL
@@ -101,9 +104,16 @@ def mqar_example(rng: np.random.Generator, *, num_pairs: int, num_queries: int,
   kv = np.stack([keys_P, values_P], 1).reshape(-1)
   qa = np.stack([keys_P[asked_Q], values_P[asked_Q]], 1).reshape(-1)
   tokens_S = np.full(seq_len + 1, PAD_ID, np.int32)
-  tokens_S[:kv.size + qa.size] = np.concatenate([kv, qa])
   answer_S = np.zeros(seq_len + 1, np.float32)
-  answer_S[kv.size + 1:kv.size + qa.size:2] = 1.0
+  if spread:
+    slots = np.sort(rng.choice((seq_len + 1 - kv.size) // 2, size=num_queries, replace=False))
+    starts_Q = kv.size + 2 * slots
+    tokens_S[:kv.size] = kv
+    tokens_S[starts_Q], tokens_S[starts_Q + 1] = qa[0::2], qa[1::2]
+    answer_S[starts_Q + 1] = 1.0
+  else:
+    tokens_S[:kv.size + qa.size] = np.concatenate([kv, qa])
+    answer_S[kv.size + 1:kv.size + qa.size:2] = 1.0
   return {"inputs": tokens_S[:-1], "targets": tokens_S[1:], "weights": answer_S[1:]}
 
 
@@ -124,7 +134,7 @@ def synthetic_example(syn, seq_len: int, seed: int, stream: int, index: int) -> 
   rng = np.random.default_rng([seed, stream, index])
   if syn.task == "mqar":
     return mqar_example(rng, num_pairs=syn.num_pairs, num_queries=syn.num_queries,
-                        vocab=syn.vocab, seq_len=seq_len)
+                        vocab=syn.vocab, seq_len=seq_len, spread=syn.spread)
   return copy_example(rng, copy_len=syn.copy_len, vocab=syn.vocab, seq_len=seq_len)
 
 
