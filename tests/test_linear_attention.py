@@ -378,3 +378,13 @@ def test_hybrid_model_on_a_sequence_sharded_mesh_equals_one_device(monkeypatch):
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
   for g, ref in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     _close(g, ref, 1e-5)
+
+
+def test_recall_configs_are_the_synthetic_task():
+  from experiments.configs import ssd
+  from lm import config as config_lib
+  for size in ("mqar", "recall64", "recall128", "recall256"):
+    cfg = config_lib.resolve(ssd.get_config(f"{size},S"))
+    assert cfg.data.source == "synthetic" and cfg.data.synthetic.task == "mqar", size
+    assert cfg.data.seq_len * cfg.data.batch_size == 2048, size
+    assert cfg.data.synthetic.spread == (size in ("recall128", "recall256")), size

@@ -12,10 +12,11 @@ Sizes:
 - ``mqar``: 2 layers of width 64 on synthetic multi-query associative recall
   (the recall ablation; sweep ``model.layer_pattern`` and the length together
   with ``data.synthetic.num_pairs`` / ``num_queries``).
-- ``recall64`` / ``recall256``: the recall record (records/2026-11-29-mqar-recall): the
-  same model at a constant learning rate (sweep ``optimizer.learning_rate``), 8 pairs in
-  64 tokens, or 16 pairs with the queries spread over 256 tokens (Zoology's layout, for
-  the length-generalisation test: evaluate at ``data.seq_len=1024``); sweep
+- ``recall64`` / ``recall128`` / ``recall256``: the recall record
+  (records/2026-11-29-mqar-recall): the same model at a constant learning rate (sweep
+  ``optimizer.learning_rate``), 8 pairs in 64 tokens; 8 pairs with the queries spread
+  over 128 tokens, or 16 pairs spread over 256 (Zoology's layout, for the
+  length-generalisation test: evaluate at a longer ``data.seq_len``); sweep
   ``model.layer_pattern``, ``model.linear.variant`` and ``model.qkv_conv`` (softmax with
   the linear layers' short conv).
 - ``corpus``: the same model on the embedded corpus.
@@ -26,7 +27,7 @@ Sizes:
 """
 from experiments.configs import base, unknown_arg
 
-SIZES = ("tiny", "mqar", "recall64", "recall256", "corpus", "table")
+SIZES = ("tiny", "mqar", "recall64", "recall128", "recall256", "corpus", "table")
 
 
 def get_config(arg: str = "tiny"):
@@ -41,7 +42,7 @@ def get_config(arg: str = "tiny"):
   if size != "tiny":
     c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=192))
     c.train.log_every, c.train.checkpoint_every = 20, 10_000
-  if size in ("mqar", "recall64", "recall256"):
+  if size in ("mqar", "recall64", "recall128", "recall256"):
     # 8 key-value pairs then 8 queries in 64 tokens; scale seq_len with num_pairs
     # and num_queries (2 * (pairs + queries) <= seq_len + 1) to lengthen the task.
     c.data.source = "synthetic"
@@ -55,10 +56,12 @@ def get_config(arg: str = "tiny"):
     c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 50
     c.train.steps, c.train.eval_every, c.train.eval_batches = 1000, 100, 4
     c.train.checkpoint_every = c.train.steps
+  if size in ("recall128", "recall256"):  # queries spread: 2048 tokens a step, as recall64
+    c.data.synthetic.spread = True
+    c.data.seq_len = int(size[len("recall"):])
+    c.data.batch_size = 2048 // c.data.seq_len
   if size == "recall256":
     c.data.synthetic.num_pairs = c.data.synthetic.num_queries = 16
-    c.data.synthetic.spread = True
-    c.data.seq_len, c.data.batch_size = 256, 8  # 2048 tokens a step, as recall64
   if size == "corpus":
     c.data.seq_len, c.data.batch_size = 256, 16
     c.train.steps, c.train.eval_every = 300, 50
