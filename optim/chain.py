@@ -15,6 +15,10 @@ over it passes ``is_leaf=_is_axes``.
   matrix; the matrix optimizers treat each batch slice as its own matrix.
 * any axis of ``optimizer.freeze_axes`` -> ``'frozen'`` (zero update, no state).
 
+AdamW decays the matrices of its group (``decay_mask``); with
+``optimizer.decay_vocab=False`` not those with a ``vocab`` axis (embedding, head), as
+the official NAMO / Muon code and nanoGPT do.
+
 Only parameters reach the optimizer: model state that is not a parameter (the MoE
 router's balancing bias) lives outside it.
 
@@ -47,6 +51,8 @@ HEAD_AXES = ("heads", "kv_heads")
 # Axes whose parameters always stay on AdamW (embedding rows / head columns, the
 # MoE router's expert-logit axis: routers are small and stay on AdamW).
 ADAM_AXES = ("vocab", "router")
+# The axis of the embedding's rows and the output head's columns.
+VOCAB_AXIS = "vocab"
 # The residual-stream axis: on the input side of projections out of the stream,
 # on the output side of projections into it.
 EMBED_AXIS = "embed"
@@ -156,9 +162,11 @@ def muon_dimension_numbers(axes: tuple,
   return MuonDimensionNumbers(reduction_axis=mat[:-1], output_axis=mat[-1:])
 
 
-def decay_mask(logical_axes: Any) -> Any:
-  """True for weight matrices (``is_matrix``: weight decay), False otherwise."""
-  return _map_axes(is_matrix, logical_axes)
+def decay_mask(logical_axes: Any, decay_vocab: bool = True) -> Any:
+  """True for weight matrices (``is_matrix``: weight decay), False otherwise; with
+  ``decay_vocab=False`` also False for parameters with a ``vocab`` axis."""
+  return _map_axes(lambda axes: is_matrix(axes) and (decay_vocab or VOCAB_AXIS not in axes),
+                   logical_axes)
 
 
 def muon_dimension_tree(logical_axes: Any, per_head: bool = False) -> Any:
@@ -221,6 +229,10 @@ class OptimizerConfig:
     decay_fraction: ``wsd``: share of the steps spent decaying.
     min_lr_ratio: final learning rate / peak.
     b1, b2, eps, weight_decay: AdamW's (decay on matrices only).
+    decay_vocab: AdamW's decay also covers the matrices with a ``vocab`` axis
+      (embedding, output head), for ``adamw`` and the AdamW group of the hybrids.
+      False: decay 0 there, as the official NAMO code (``adamw_weight_decay: 0`` for
+      the hybrids, no decay on ``wte`` / ``lm_head`` for AdamW) and nanoGPT.
     clip_norm: global-norm clipping of the whole gradient; 0 disables.
     freeze_axes: logical axes whose parameters are frozen, e.g. ``('vocab',)``.
     muon, namo: the matrix groups' hyperparameters (``MATRIX_OPTIMIZERS``).
@@ -236,6 +248,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0
+  decay_vocab: bool = True
   freeze_axes: tuple[str, ...] = ()
   muon: muon_lib.MuonConfig = muon_lib.MuonConfig()
   namo: namo_lib.NamoConfig = namo_lib.NamoConfig()
@@ -252,6 +265,8 @@ class OptimizerConfig:
     check_positive("eps", self.eps)
     check_range("weight_decay", self.weight_decay, 0.0, float("inf"))
     check_range("clip_norm", self.clip_norm, 0.0, float("inf"))
+    if not isinstance(self.decay_vocab, bool):
+      raise ConfigError("decay_vocab", self.decay_vocab, "must be a bool", "use True or False")
     if not all(isinstance(a, str) for a in self.freeze_axes):
       raise ConfigError("freeze_axes", self.freeze_axes, "must be a tuple of axis names",
                         "use e.g. ('vocab',)")
@@ -279,7 +294,7 @@ def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int,
   ``clip_norm == 0``), then
 
   * ``adamw``: ``optax.adamw`` with weight decay on parameters with >= 2 matrix
-    axes only;
+    axes only (``decay_mask``; without the ``vocab`` ones unless ``decay_vocab``);
   * a matrix optimizer (``MATRIX_OPTIMIZERS``):
     ``optax.partition({group: ..., 'adam': ...}, param_labels)``; the group is built
     from its config (per-leaf dimension numbers from the axis names, its own
@@ -304,7 +319,8 @@ def build_optimizer(cfg: OptimizerConfig, logical_axes: Any, total_steps: int,
   """
   adam_lr = sched_lib.make_schedule(cfg.learning_rate, cfg, total_steps)
   adamw = optax.adamw(adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask(logical_axes))
+                      weight_decay=cfg.weight_decay,
+                      mask=decay_mask(logical_axes, cfg.decay_vocab))
   frozen = _map_axes(lambda axes: any(a in cfg.freeze_axes for a in axes), logical_axes)
   matrix = MATRIX_OPTIMIZERS.get(cfg.name)
   if matrix is None:

@@ -348,6 +348,31 @@ def test_adamw_path_equals_optax_chain():
       np.testing.assert_allclose(u[name], r[name], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("decay_vocab", [True, False])
+@pytest.mark.parametrize("name", ["adamw", "muon", "namo_d"])
+def test_decay_vocab_false_spares_embedding_and_head(name, decay_vocab):
+  """Zero gradients: the update is the weight decay alone. ``decay_vocab=False`` (the
+  official NAMO code's AdamW group) leaves the embedding and head in place; every other
+  matrix, the router on AdamW among them, still decays by its group's lr x decay."""
+  axes = {"embed": ("vocab", "embed"), "head": ("embed", "vocab"), "norm": ("norm",),
+          "w": ("embed", "mlp"), "router": ("embed", "router")}
+  shapes = {"embed": (32, 8), "head": (8, 32), "norm": (8,), "w": (8, 12), "router": (8, 4)}
+  cfg = _opt_cfg(name=name, schedule="constant", warmup_steps=0, clip_norm=0.0,
+                 decay_vocab=decay_vocab, muon__weight_decay=0.1,
+                 namo__weight_decay_mode="lr")  # adaptive decay is 0 at a zero gradient
+  params = _random_tree(11, shapes)
+  (u,) = _run(chain.build_optimizer(cfg, axes, 40).tx, params,
+              [jax.tree.map(jnp.zeros_like, params)])
+  adam = cfg.learning_rate * cfg.weight_decay
+  matrix = {"adamw": adam, "muon": 0.02 * 0.1, "namo_d": cfg.namo.learning_rate * 0.1}[name]
+  want = {"embed": adam if decay_vocab else 0.0, "head": adam if decay_vocab else 0.0,
+          "norm": 0.0, "w": matrix, "router": adam}
+  for leaf, rate in want.items():
+    np.testing.assert_allclose(u[leaf], -rate * params[leaf], rtol=1e-5, atol=0,
+                               err_msg=leaf)
+  assert float(jnp.abs(u["w"]).max()) > 0 and float(jnp.abs(u["router"]).max()) > 0
+
+
 # -------------------------------------------------- mixed tree, clipping
 
 
@@ -446,6 +471,7 @@ def test_learning_rates_dict_per_group():
     ({"eps": 0.0}, "eps"),
     ({"weight_decay": -0.1}, "weight_decay"),
     ({"clip_norm": -1.0}, "clip_norm"),
+    ({"decay_vocab": "no"}, "decay_vocab"),
     ({"freeze_axes": ("vocab", 3)}, "freeze_axes"),
     ({"muon__learning_rate": -1.0}, "learning_rate"),
     ({"muon__momentum": 1.0}, "momentum"),
