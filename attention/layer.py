@@ -14,6 +14,7 @@ from flax import nnx
 
 from attention import cache as kv_cache
 from attention import context, ops, sparse, upipe
+from attention.conv import causal_conv
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
 from core.errors import ConfigError
@@ -21,13 +22,6 @@ from core.params import logical_param
 from core.quant import act_int8
 
 CONTEXT_PARALLEL = ("none",) + context.STRATEGIES
-
-
-def causal_conv(u_BTCH: jax.Array, w_WCH: jax.Array) -> jax.Array:
-  """Causal depthwise conv along T: out_t = sum_s w_s u_{t-W+1+s} (zeros before t = 0)."""
-  W, T = w_WCH.shape[0], u_BTCH.shape[1]
-  up = jnp.pad(u_BTCH, ((0, 0), (W - 1, 0), (0, 0), (0, 0)))
-  return sum(up[:, s:s + T] * w_WCH[s] for s in range(W))
 
 
 class Attention(nnx.Module):
@@ -49,13 +43,15 @@ class Attention(nnx.Module):
       per token (``core.quant.act_int8``; w8a8 with ``lm.quant``'s weights).
     qkv_conv: width W > 0 of a causal depthwise convolution (no bias, no activation) on
       each of q, k and v after their projections and before RoPE, as the linear layers
-      have (``attention.linear``): out_t = sum_s w_s u_{t-W+1+s}. The recall ablation's
+      have (``attention.conv``): out_t = sum_s w_s u_{t-W+1+s}. The recall ablation's
       control (a softmax layer with the linear layers' short conv); 0: none. Training
       and evaluation only: decoding refuses it (no conv cache).
 
   With ``spec.block_sparse`` the block mask is predicted from q and k
   (``attention.sparse``) and each call sows ``attention_stats`` (``nnx.Intermediate``):
-  ``{"density": kept share of the causally valid blocks}``.
+  ``{"density": kept share of the causally valid blocks}``. With the attribute
+  ``capture_qkv`` set True (by analysis tools, on a built model) each call also sows
+  ``qkv_stats``: ``{"q", "k", "v"}`` as attended (after the conv and RoPE).
   """
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
@@ -89,7 +85,7 @@ class Attention(nnx.Module):
     self.k = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
     self.v = logical_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), D, param_dtype)
     self.o = logical_param(rngs, (N, H, D), ("heads", "head_dim", "embed"), N * H, param_dtype)
-    self.qkv_conv = qkv_conv
+    self.qkv_conv, self.capture_qkv = qkv_conv, False
     if qkv_conv:  # created after o, so the projections' init does not depend on it
       W = qkv_conv
       self.conv_q = logical_param(rngs, (W, N, H), (None, "heads", "head_dim"), W, param_dtype)
@@ -106,7 +102,7 @@ class Attention(nnx.Module):
     k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
     if self.qkv_conv:
-      q_BTNH, k_BTKH, v_BTKH = (causal_conv(u, w[...].astype(dt)) for u, w in (
+      q_BTNH, k_BTKH, v_BTKH = (causal_conv(u, w[...].astype(dt))[0] for u, w in (
           (q_BTNH, self.conv_q), (k_BTKH, self.conv_k), (v_BTKH, self.conv_v)))
     cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
     return apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin), v_BTKH
@@ -119,6 +115,8 @@ class Attention(nnx.Module):
           x_BTD.astype(dt), positions_BT, *w, self.spec, heads_per_stage=self.heads_per_stage,
           rope_theta=self.rope_theta, implementation=self.implementation)
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
+    if self.capture_qkv:
+      self.sow(nnx.Intermediate, "qkv_stats", {"q": q_BTNH, "k": k_BTKH, "v": v_BTKH})
     if self.context_parallel != "none":
       out_BTNH = context.context_attend(
           q_BTNH, k_BTKH, v_BTKH, self.spec, strategy=self.context_parallel,

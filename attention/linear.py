@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attention.conv import causal_conv
 from core import placement
 from core.errors import ConfigError, check_choice, check_int
 from core.params import logical_param
@@ -486,14 +487,9 @@ class LinearAttention(nnx.Module):
             (self.conv_v, self.conv_v_bias))
 
   def _conv(self, u_BTNH, w, b, prefix_BWNH=None):
-    """Causal depthwise conv: out_t = sum_s w_s u_{t-W+1+s} + b; the W - 1 inputs before
-    the first are ``prefix_BWNH`` (a decode cache) or zeros."""
-    W, T = self.cfg["width"], u_BTNH.shape[1]
-    if prefix_BWNH is None:
-      up = jnp.pad(u_BTNH, ((0, 0), (W - 1, 0), (0, 0), (0, 0)))
-    else:
-      up = jnp.concatenate([prefix_BWNH.astype(u_BTNH.dtype), u_BTNH], axis=1)
-    return sum(up[:, s:s + T] * self._w(w)[s] for s in range(W)) + self._w(b), up
+    """``attention.conv.causal_conv`` plus the bias: (out, padded input)."""
+    out, up = causal_conv(u_BTNH, self._w(w), prefix_BWNH)
+    return out + self._w(b), up
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
     """[B, T, D] -> [B, T, D]; ``positions_BT`` is unused (no RoPE)."""

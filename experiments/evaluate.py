@@ -9,8 +9,8 @@ held-out cross-entropy (nats per token), its perplexity, bits per byte (None for
 synthetic tasks, which have no text), per-source loss and bits per byte for a
 mixture, the layers' eval statistics (e.g. ``eval_attention/density``), and for
 synthetic tasks (``data.source=synthetic``) the exact-match accuracy (the share
-of examples whose every supervised target is the argmax prediction) and the
-per-token accuracy over supervised targets.
+of examples whose every supervised target is the argmax prediction) beside the
+loop's per-token ``eval_accuracy``.
 
 ``--config.a.b=v`` overrides fields of the saved config, e.g. the same weights
 under another attention implementation (``--config.model.attention_impl=jax_nn``;
@@ -49,23 +49,22 @@ EVAL_OVERRIDES = {"distill.teacher": ""}
 
 
 def answer_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> dict:
-  """Counts for exact-match and per-token accuracy over the supervised targets
-  (``weights > 0``): ``exact`` (rows with supervised targets, all of them the argmax
-  prediction), ``examples`` (rows with supervised targets), ``correct`` and
-  ``tokens`` (supervised targets that are the argmax, and all of them). int32 scalars."""
+  """Counts for exact match over the supervised targets (``weights > 0``): ``exact``
+  (rows with supervised targets, all of them the argmax prediction) and ``examples``
+  (rows with supervised targets). int32 scalars. The per-token share is the eval
+  loop's ``eval_accuracy`` (``lm.losses.cross_entropy.accuracy``)."""
   supervised_BT = weights_BT > 0
   correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
   has_answer_B = jnp.any(supervised_BT, axis=-1)
   exact_B = jnp.all(correct_BT | ~supervised_BT, axis=-1) & has_answer_B
   count = lambda x: jnp.sum(x, dtype=jnp.int32)
-  return {"exact": count(exact_B), "examples": count(has_answer_B),
-          "correct": count(correct_BT & supervised_BT), "tokens": count(supervised_BT)}
+  return {"exact": count(exact_B), "examples": count(has_answer_B)}
 
 
 def accuracy(exp, params, model_state, n_batches: int) -> dict:
-  """``exact_match`` and ``token_accuracy`` of the argmax predictions over the first
-  ``n_batches`` held-out batches of every source (the batches ``lm.loop.evaluate``
-  reads), and ``examples``: how many examples they cover."""
+  """``exact_match`` of the argmax predictions over the first ``n_batches`` held-out
+  batches of every source (the batches ``lm.loop.evaluate`` reads), and ``examples``:
+  how many examples they cover."""
   from lm import hooks, sharding
   from lm.model import apply
   from lm.state import replicated
@@ -80,13 +79,12 @@ def accuracy(exp, params, model_state, n_batches: int) -> dict:
   shardings = exp.state.shardings
   step = jax.jit(step, in_shardings=(shardings["params"], shardings["model_state"],
                                      exp.batch_sharding), out_shardings=replicated(mesh))
-  total = {"exact": 0, "examples": 0, "correct": 0, "tokens": 0}
+  total = {"exact": 0, "examples": 0}
   with jax.set_mesh(mesh):
     for batch in exp.data.eval_batches(n_batches):
       sums = jax.device_get(step(params, model_state, exp.put_batch(batch)))
       total = {k: total[k] + int(sums[k]) for k in total}
   return {"exact_match": total["exact"] / max(total["examples"], 1),
-          "token_accuracy": total["correct"] / max(total["tokens"], 1),
           "examples": total["examples"]}
 
 
@@ -99,7 +97,7 @@ def evaluate(workdir: str, overrides: dict | None = None, eval_batches: int | No
   """The held-out metrics of ``workdir``'s newest checkpoint (see the module docstring):
   ``workdir``, ``step``, ``eval_batches``, ``eval_loss``, ``perplexity``, ``eval_bpb``
   (None without bytes), the other ``eval_*`` entries of ``lm.loop.evaluate``, and
-  for synthetic tasks ``exact_match``, ``token_accuracy`` and ``examples``."""
+  for synthetic tasks ``exact_match`` and ``examples``."""
   from lm import loop, runs
   if eval_batches is not None and eval_batches < 1:
     raise ConfigError("--eval_batches", eval_batches, "must be >= 1",
@@ -167,7 +165,7 @@ def report(result: dict) -> str:
                    (f", eval_bpb {bpb:.4f}" if bpb is not None else ""))
   if "exact_match" in result:
     lines.append(f"exact_match     {result['exact_match']:.4f} ({result['examples']} examples)")
-    lines.append(f"token_accuracy  {result['token_accuracy']:.4f}")
+    lines.append(f"eval_accuracy   {result['eval_accuracy']:.4f} (per supervised token)")
   q = result["quant"]
   if q["weight"] != "none" or q["act"] != "none":
     group = f"group {q['group_size']}" if q["group_size"] else "per channel"

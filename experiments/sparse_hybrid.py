@@ -24,7 +24,6 @@
 Finished steps are cached (``calibration.json``, ``summary.json`` per run), so it resumes.
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -160,24 +159,18 @@ def rel_l1_by_entropy(entropy, err, ref, n_valid, threshold: float,
   return {g: float(err[m].sum() / ref[m].sum()) for g, m in groups.items()}
 
 
-@contextlib.contextmanager
-def sown_qkv():
-  """Inside, attention layers sow their q, k, v (after RoPE) as ``qkv_stats``, which
-  ``lm.model.apply`` hands out per block as ``stats["qkv"]``."""
+def with_qkv_capture(graphdef, params: dict, state: dict):
+  """(graphdef, params, state) of the same model with every attention layer's
+  ``capture_qkv`` set: it sows q, k, v, which ``lm.model.apply`` hands out per block
+  as ``stats["qkv"]``."""
   from flax import nnx
   from attention.layer import Attention
-  original = Attention._qkv
-
-  def _qkv(self, x_BTD, positions_BT):
-    q, k, v = original(self, x_BTD, positions_BT)
-    self.sow(nnx.Intermediate, "qkv_stats", {"q": q, "k": k, "v": v})
-    return q, k, v
-
-  Attention._qkv = _qkv
-  try:
-    yield
-  finally:
-    Attention._qkv = original
+  module = nnx.merge(graphdef, params, state)
+  for _, layer in module.iter_modules():
+    if isinstance(layer, Attention):
+      layer.capture_qkv = True
+  graphdef, params, state = nnx.split(module, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(state)
 
 
 def capture(exp, model: dict, n_batches: int) -> list:
@@ -186,13 +179,13 @@ def capture(exp, model: dict, n_batches: int) -> list:
   from lm.model import apply, build_model
   graphdef = build_model(dataclasses.replace(exp.config.model, sparse=None), 0,
                          abstract=True).graphdef
+  graphdef, params, state = with_qkv_capture(graphdef, model["params"], model["model_state"])
   out = []
-  with sown_qkv():
-    for batches in exp.data.eval_sets(n_batches).values():
-      for batch in batches:
-        _, stats, _ = apply(graphdef, model["params"], model["model_state"], batch["inputs"])
-        out += [tuple(stats["qkv"][f"block_{i}"][x] for x in "qkv")
-                for i in range(exp.config.model.n_layers)]
+  for batches in exp.data.eval_sets(n_batches).values():
+    for batch in batches:
+      _, stats, _ = apply(graphdef, params, state, batch["inputs"])
+      out += [tuple(stats["qkv"][f"block_{i}"][x] for x in "qkv")
+              for i in range(exp.config.model.n_layers)]
   return out
 
 

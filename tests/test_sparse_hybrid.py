@@ -83,14 +83,14 @@ def test_calibrate_meets_the_target_with_the_models_rule():
   assert sh.calibrate(qkv, "top_p", 0.01) is None  # below the diagonal's share
 
 
-def test_sown_qkv_hands_out_each_layers_q_k_v():
+def test_qkv_capture_hands_out_each_layers_q_k_v():
   c = config_lib.resolve(tiny())
   built = build_model(dataclasses.replace(c.model, vocab_size=384), seed=0)
   tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 256)
   plain, stats, _ = apply(built.graphdef, built.params, built.state, tokens)
   assert "qkv" not in stats
-  with sh.sown_qkv():
-    logits, stats, _ = apply(built.graphdef, built.params, built.state, tokens)
+  logits, stats, _ = apply(*sh.with_qkv_capture(built.graphdef, built.params, built.state),
+                           tokens)
   np.testing.assert_array_equal(logits, plain)
   m = c.model
   assert sorted(stats["qkv"]) == [f"block_{i}" for i in range(m.n_layers)]
