@@ -14,3 +14,10 @@ def causal_conv(u_BTCH: jax.Array, w_WCH: jax.Array, prefix_BWCH: jax.Array | No
   else:
     up = jnp.concatenate([prefix_BWCH.astype(u_BTCH.dtype), u_BTCH], axis=1)
   return sum(up[:, s:s + T] * w_WCH[s] for s in range(W)), up
+
+
+def conv_tail(up_BSCH: jax.Array, n_B: jax.Array, width: int) -> jax.Array:
+  """The decode cache after a call: the W - 1 inputs before each row's token n_b, i.e.
+  rows n_b .. n_b + W - 2 of ``causal_conv``'s padded input (later rows are padding)."""
+  idx_BW = n_B[:, None] + jnp.arange(width - 1)[None, :]
+  return jnp.take_along_axis(up_BSCH, idx_BW[:, :, None, None], axis=1)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from attention import cache as kv_cache
 from attention import context, ops, sparse, upipe
-from attention.conv import causal_conv
+from attention.conv import causal_conv, conv_tail
 from attention.rope import apply_rope, rope_tables
 from attention.spec import AttentionSpec
 from core.errors import ConfigError
@@ -44,8 +44,8 @@ class Attention(nnx.Module):
     qkv_conv: width W > 0 of a causal depthwise convolution (no bias, no activation) on
       each of q, k and v after their projections and before RoPE, as the linear layers
       have (``attention.conv``): out_t = sum_s w_s u_{t-W+1+s}. The recall ablation's
-      control (a softmax layer with the linear layers' short conv); 0: none. Training
-      and evaluation only: decoding refuses it (no conv cache).
+      control (a softmax layer with the linear layers' short conv); 0: none. Decoding
+      caches each conv's last W - 1 inputs beside K/V.
 
   With ``spec.block_sparse`` the block mask is predicted from q and k
   (``attention.sparse``) and each call sows ``attention_stats`` (``nnx.Intermediate``):
@@ -94,18 +94,33 @@ class Attention(nnx.Module):
       self.conv_v = logical_param(rngs, (W, K, H), (None, "kv_heads", "head_dim"), W,
                                   param_dtype)
 
-  def _qkv(self, x_BTD, positions_BT):
+  def _project(self, x_BTD):
+    """q [B, T, N, H], k, v [B, T, K, H] before the conv and RoPE."""
     dt = self.dtype
     x = x_BTD.astype(dt)
     x = act_int8(x) if self.act_quant else x
-    q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    return (jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt)),
+            jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)),
+            jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt)))
+
+  def _convs(self):
+    return {"q": self.conv_q, "k": self.conv_k, "v": self.conv_v}
+
+  def _qkv(self, x_BTD, positions_BT, windows=None):
+    """q, k, v as attended (conv, RoPE) and, with ``qkv_conv``, each conv's padded input
+    (``attention.conv``; ``windows``: the decode cache's last inputs, else zeros)."""
+    qkv = self._project(x_BTD)
+    padded = {}
     if self.qkv_conv:
-      q_BTNH, k_BTKH, v_BTKH = (causal_conv(u, w[...].astype(dt))[0] for u, w in (
-          (q_BTNH, self.conv_q), (k_BTKH, self.conv_k), (v_BTKH, self.conv_v)))
+      out = []
+      for name, u in zip("qkv", qkv):
+        y, padded[name] = causal_conv(u, self._convs()[name][...].astype(self.dtype),
+                                      None if windows is None else windows[name])
+        out.append(y)
+      qkv = tuple(out)
+    q_BTNH, k_BTKH, v_BTKH = qkv
     cos, sin = rope_tables(positions_BT, self.head_dim, self.rope_theta)
-    return apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin), v_BTKH
+    return apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin), v_BTKH, padded
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
     dt = self.dtype
@@ -114,7 +129,7 @@ class Attention(nnx.Module):
       return upipe.headwise_attention(
           x_BTD.astype(dt), positions_BT, *w, self.spec, heads_per_stage=self.heads_per_stage,
           rope_theta=self.rope_theta, implementation=self.implementation)
-    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
+    q_BTNH, k_BTKH, v_BTKH, _ = self._qkv(x_BTD, positions_BT)
     if self.capture_qkv:
       self.sow(nnx.Intermediate, "qkv_stats", {"q": q_BTNH, "k": k_BTKH, "v": v_BTKH})
     if self.context_parallel != "none":
@@ -139,9 +154,6 @@ class Attention(nnx.Module):
   def cache_slots(self, max_len: int, slack: int) -> int:
     """Slots of this layer's cache (``attention.cache``): a ring of window + slack for
     a plain sliding window, else the whole context rounded up to whole blocks."""
-    if self.qkv_conv:
-      raise ConfigError("model.qkv_conv", self.qkv_conv, "decoding has no cache for the "
-                        "q/k/v convolution", "decode a model trained with model.qkv_conv=0")
     spec = self.spec
     if spec.sliding_window and spec.block_sparse is None and spec.hierarchical is None:
       if spec.sliding_window + slack < max_len:
@@ -151,7 +163,23 @@ class Attention(nnx.Module):
     return -(-(max_len + slack) // block) * block
 
   def init_cache(self, batch: int, slots: int, dtype) -> dict:
-    return kv_cache.init(batch, slots, self.n_kv_heads, self.head_dim, dtype)
+    """K/V slots (``attention.cache.init``); with ``qkv_conv`` also the last W - 1
+    pre-conv q, k, v inputs (``qkv_conv_q`` [B, W-1, N, H], ``qkv_conv_k`` / ``_v``
+    [B, W-1, K, H]; ``dtype``, or the compute dtype for an int8 cache)."""
+    cache = kv_cache.init(batch, slots, self.n_kv_heads, self.head_dim, dtype)
+    if self.qkv_conv:
+      wdt = self.dtype if jnp.issubdtype(dtype, jnp.integer) else dtype
+      for name, heads in (("q", self.n_heads), ("k", self.n_kv_heads), ("v", self.n_kv_heads)):
+        cache[f"qkv_conv_{name}"] = jnp.zeros((batch, self.qkv_conv - 1, heads, self.head_dim),
+                                              wdt)
+    return cache
+
+  def _windows(self, cache):
+    return {n: cache[f"qkv_conv_{n}"] for n in "qkv"} if self.qkv_conv else None
+
+  def _new_windows(self, cache, padded, n_B) -> dict:
+    return {f"qkv_conv_{n}": conv_tail(padded[n], n_B, self.qkv_conv).astype(
+        cache[f"qkv_conv_{n}"].dtype) for n in padded}
 
   def extend(self, cache: dict, x_BTD: jax.Array, start_B: jax.Array, n_B: jax.Array,
              fresh: bool = False):
@@ -160,9 +188,10 @@ class Attention(nnx.Module):
     new tokens among themselves with the layer's implementation, as in training."""
     T = x_BTD.shape[1]
     positions = start_B[:, None] + jnp.arange(T)[None, :]
-    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions)
+    q_BTNH, k_BTKH, v_BTKH, padded = self._qkv(x_BTD, positions, self._windows(cache))
     slots = cache["k"].shape[1]
     new = kv_cache.write(cache, k_BTKH, v_BTKH, start_B, n_B)
+    new.update(self._new_windows(cache, padded, n_B))
     plain = self.spec.block_sparse is None and self.spec.hierarchical is None
     if fresh and plain:
       out_BTNH = ops.attend(q_BTNH, k_BTKH, v_BTKH, self.spec,
@@ -173,3 +202,15 @@ class Attention(nnx.Module):
       k_BSKH, v_BSKH = kv_cache.read(new, q_BTNH.dtype)
       out_BTNH = kv_cache.attend_cached(q_BTNH, positions, k_BSKH, v_BSKH, kpos, self.spec)
     return self._out(out_BTNH), new
+
+  def commit(self, old: dict, new: dict, x_BTD: jax.Array, n_B: jax.Array) -> dict:
+    """The cache after only the first n_b of the tokens an ``extend`` from ``old`` ran
+    on ``x_BTD``: K/V slots from ``new`` (later slots are masked by the length), the
+    conv inputs recomputed from ``old``'s."""
+    if not self.qkv_conv:
+      return new
+    windows = self._windows(old)
+    padded = {}
+    for name, u in zip("qkv", self._project(x_BTD)):
+      padded[name] = jnp.concatenate([windows[name].astype(u.dtype), u], axis=1)
+    return dict(new, **self._new_windows(old, padded, n_B))

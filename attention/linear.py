@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attention.conv import causal_conv
+from attention.conv import causal_conv, conv_tail
 from core import placement
 from core.errors import ConfigError, check_choice, check_int
 from core.params import logical_param
@@ -516,9 +516,7 @@ class LinearAttention(nnx.Module):
     for name, u, (w, b) in zip("qkv", qkv, self._convs()):
       out, window = self._conv(u, w, b, cache[f"conv_{name}"])
       conv_out.append(out)
-      W = self.cfg["width"]
-      idx = n_B[:, None] + jnp.arange(W - 1)[None, :]  # window rows n_b .. n_b + W - 2
-      new[f"conv_{name}"] = jnp.take_along_axis(window, idx[:, :, None, None], axis=1).astype(
+      new[f"conv_{name}"] = conv_tail(window, n_B, self.cfg["width"]).astype(
           cache[f"conv_{name}"].dtype)
     a = jnp.where(valid_BT[:, :, None], a, 0.0)
     mask = lambda u: u * valid_BT[:, :, None, None].astype(u.dtype)
@@ -547,6 +545,12 @@ class LinearAttention(nnx.Module):
   def cache_slots(self, max_len: int, slack: int) -> int:
     del max_len, slack
     return 0
+
+  def commit(self, old: dict, new: dict, x_BTD: jax.Array, n_B: jax.Array) -> dict:
+    """The cache after only the first n_b of the tokens an ``extend`` from ``old`` ran on
+    ``x_BTD``: recomputed from ``old`` (the state has no per-token slots to mask)."""
+    del new
+    return self.extend(old, x_BTD, n_B)[1]
 
   def step(self, cache: dict, x_B1D: jax.Array):
     """One decode token: (y_B1D, new cache); token by token it equals ``__call__``."""

@@ -315,9 +315,9 @@ class Transformer(nnx.Module):
     (logits, new cache, extras).
 
     ``fresh``: the cache is empty (a prompt). ``last_only``: logits [B, V] of each row's
-    last valid token, else [B, T, V]. ``keep`` asks for extras: ``"inputs"`` (each
-    linear-attention block's mixer input, to recompute its state for fewer tokens,
-    ``commit``) and ``"hidden"`` (the residual after every block [L, B, T, D], for the
+    last valid token, else [B, T, V]. ``keep`` asks for extras: ``"inputs"`` (the mixer input of
+    each block whose cache ``commit`` recomputes for fewer tokens: linear attention, a
+    softmax ``qkv_conv``) and ``"hidden"`` (the residual after every block [L, B, T, D], for the
     logit lens).
     """
     self._check_unrolled()
@@ -332,8 +332,8 @@ class Transformer(nnx.Module):
       x_BTD, new[f"block_{i}"], h_BTD = block.extend(cache[f"block_{i}"], x_BTD, start_B, n_B,
                                                      fresh)
       x_BTD = constrain(x_BTD, residual)
-      if isinstance(block.attn, LinearAttention):
-        inputs[f"block_{i}"] = h_BTD
+      if isinstance(block.attn, LinearAttention) or getattr(block.attn, "qkv_conv", 0):
+        inputs[f"block_{i}"] = h_BTD  # a state or conv inputs to recompute on commit
       hidden.append(x_BTD)
     if last_only:
       idx = jnp.clip(n_B - 1, 0, T - 1)[:, None, None]
@@ -347,12 +347,13 @@ class Transformer(nnx.Module):
 
   def commit(self, old: dict, new: dict, inputs: dict, n_B: jax.Array) -> dict:
     """The cache after only the first n_b of the tokens an ``extend`` from ``old`` ran
-    (speculative decoding keeps the accepted ones): lengths and softmax caches come
-    from ``new`` (later slots are masked by the length), each linear-attention block's
-    state is recomputed from ``old`` and its kept ``inputs``."""
+    (speculative decoding keeps the accepted ones): lengths and softmax K/V come from
+    ``new`` (later slots are masked by the length); what has no per-token slots (a
+    linear-attention block's state, a softmax block's ``qkv_conv`` inputs) is recomputed
+    by the mixer's ``commit`` from ``old`` and the kept ``inputs``."""
     out = dict(new, lengths=old["lengths"] + n_B)
     for name, h_BTD in inputs.items():
-      _, out[name] = getattr(self, name).attn.extend(old[name], h_BTD, n_B)
+      out[name] = getattr(self, name).attn.commit(old[name], new[name], h_BTD, n_B)
     return out
 
 

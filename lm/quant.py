@@ -110,7 +110,7 @@ def _role(path: tuple, siblings: dict) -> str | None:
   if len(path) < 3 or not path[0].startswith("block_"):
     return None
   if path[1] == "attn":
-    if "conv_q" in siblings:
+    if "w_A" in siblings or "A_log" in siblings:  # a linear layer's decay (attention.linear)
       return "linear" if name in ("q", "k", "v", "o", "w_dt", "w_A") else None
     return "attention" if name in ("q", "k", "v", "o") else None
   if path[1] == "mlp":

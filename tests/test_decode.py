@@ -18,6 +18,7 @@ V = 97
 
 MIXERS = {  # name: model overrides (tiny: d 64, 2 layers, 4 heads, 2 kv heads)
     "softmax": {},
+    "qkv_conv": {"qkv_conv": 3},  # softmax with a width-3 conv on q/k/v (its cache: 2 inputs)
     "sliding_window": {"sliding_window": 5},
     "ssd": {"layer_pattern": "L", "linear__variant": "ssd", "linear__chunk_size": 8},
     "mamba2s": {"layer_pattern": "L", "linear__variant": "mamba2s", "linear__chunk_size": 8},

@@ -135,7 +135,7 @@ def test_qkv_conv_layer_against_loops_forward_and_gradients():
   assert float(jnp.abs(fast[1]).sum()) > 0
 
 
-def test_qkv_conv_model_is_causal_and_decoding_refuses_it():
+def test_qkv_conv_model_is_causal():
   m = build_model(tiny_model_cfg(qkv_conv=2), seed=3)
   assert m.params["block_0"]["attn"]["conv_k"].shape == (2, 2, 16)
   tokens = np.array(jax.random.randint(jax.random.key(1), (2, 16), 0, 256))
@@ -144,9 +144,6 @@ def test_qkv_conv_model_is_causal_and_decoding_refuses_it():
   a, b = _logits(m, tokens), _logits(m, changed)
   np.testing.assert_array_equal(a[:, :10], b[:, :10])
   assert not np.allclose(a[:, 10:], b[:, 10:])
-  layer = Attention(32, 4, 2, 8, rngs=nnx.Rngs(1), qkv_conv=2)
-  with pytest.raises(ConfigError, match=r"model\.qkv_conv=2: decoding has no cache"):
-    layer.cache_slots(16, 0)
   with pytest.raises(ConfigError, match=r"model\.qkv_conv=2: headwise"):
     tiny_model_cfg(qkv_conv=2, context_parallel="headwise")
 

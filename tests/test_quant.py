@@ -89,6 +89,11 @@ def test_matrices_by_role():
   assert roles["block_0/mlp/gate"] == "experts" and roles["block_0/mlp/shared_up"] == "mlp"
   assert roles["head"] == "head"
   assert not any(k.endswith(("router", "embedding", "conv_q", "b_dt", "scale")) for k in roles)
+  # A softmax layer with the linear layers' short conv (model.qkv_conv) stays attention.
+  built = build_model(resolve(tiny(model__qkv_conv=2)).model, 0, abstract=True)
+  roles = {"/".join(p): m.role for p, m in quant.matrices(built.axes["params"]).items()}
+  assert roles["block_0/attn/q"] == roles["block_1/attn/o"] == "attention"
+  assert not any(k.endswith("conv_q") for k in roles)
   o = mats[("block_1", "attn", "o")]
   assert o.contract == (0, 1) and o.batch == ()
   down = mats[("block_0", "mlp", "down")]

@@ -14,6 +14,7 @@ from lm.decode.sampling import Sampling
 @pytest.mark.parametrize("mixer,draft,expect", [
     ("softmax", "layers:2", "all"), ("softmax", "sparse", None), ("softmax", "quant:int4g16", None),
     ("hybrid", "layers:1", None), ("sliding_window", "random", "few"), ("2mamba", "layers:2", "all"),
+    ("qkv_conv", "random", "few"),  # rejected drafts must not stay in the conv's inputs
 ])
 def test_speculative_greedy_equals_plain_greedy(mixer, draft, expect):
   cfg = model_cfg(**MIXERS[mixer])

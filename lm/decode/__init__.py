@@ -5,8 +5,8 @@ MoE layers dispatch dropless (a token is never dropped, whatever the batch) and 
 not update their balancing bias; everything else is the trained model. Its cache is
 ``lm.model.Transformer.init_cache``'s: per softmax layer a key/value cache of the
 kv heads (a ring of window + slack slots for sliding-window layers,
-``attention.cache``), per linear-attention layer the conv inputs and the recurrent
-state; ``lengths`` [B] says how many tokens each row holds. Rows have their own
+``attention.cache``; with ``model.qkv_conv`` also the conv's last inputs), per
+linear-attention layer the conv inputs and the recurrent state; ``lengths`` [B] says how many tokens each row holds. Rows have their own
 lengths, so prompts of different lengths need no left padding and keep the
 positions they had in training. Caches are bf16 by default (recurrent states fp32).
 
@@ -37,6 +37,9 @@ CACHE_AXES = {  # logical axes of each cache leaf by name (lengths: [B])
     "k_scale": ("batch", None, "kv_heads"), "v_scale": ("batch", None, "kv_heads"),
     "conv_q": ("batch", None, "heads", "head_dim"), "conv_k": ("batch", None, "heads", "head_dim"),
     "conv_v": ("batch", None, "heads", "head_dim"),
+    "qkv_conv_q": ("batch", None, "heads", "head_dim"),
+    "qkv_conv_k": ("batch", None, "kv_heads", "head_dim"),
+    "qkv_conv_v": ("batch", None, "kv_heads", "head_dim"),
     "S": ("batch", "heads", None, None), "z": ("batch", "heads", None),
     "lengths": ("batch",),
 }
