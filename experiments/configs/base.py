@@ -83,7 +83,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
   c.model.linear = group(LinearConfig())
   c.model.sliding_window = 0  # softmax layers: > 0 attends to the last n tokens only
   # Softmax layers: width of a causal depthwise conv on q, k, v (the linear layers' short
-  # conv; the recall ablation's control). 0: none. Training / evaluation only.
+  # conv; the recall ablation's control). 0: none.
   c.model.qkv_conv = 0
   # Trainable block-sparse softmax attention (attention/sparse.py, SpargeAttention2's
   # hybrid rule; experiments/configs/sparse_attention.py). The parameters are unchanged.
