@@ -69,16 +69,18 @@ def main():
           f"{', '.join(first(r['curve'], 0.9) for r in rs)} | "
           f"{', '.join(first(r['curve'], 0.99) for r in rs)} |")
   print()
-  print("| model | lr | seeds | accuracy at 64 | 256 | 512 | exact match 64 / 256 / 512 |")
-  print("| --- | ---: | --- | ---: | ---: | ---: | --- |")
+  lengths = sorted({L for rs in groups.values() for r in rs for L in r["lengths"]})
+  print(f"| model | lr | steps | seeds | {' | '.join(f'accuracy at {L}' for L in lengths)} | "
+        f"exact match {' / '.join(map(str, lengths))} |")
+  print(f"| --- | ---: | ---: | --- | {' | '.join('---:' for _ in lengths)} | --- |")
   for (task, model, lr), rs in sorted(groups.items()):
     rs = sorted((r for r in rs if r["lengths"]), key=lambda r: r["seed"])
     if not rs:
       continue
-    Ls = sorted(rs[0]["lengths"])
-    accs = [ms([r["lengths"][L][0] for r in rs]) for L in Ls]
-    exact = " / ".join(ms([r["lengths"][L][1] for r in rs]) for L in Ls)
-    print(f"| {model} | {lr:g} | {','.join(str(r['seed']) for r in rs)} | "
+    pick = lambda L, i: [r["lengths"][L][i] for r in rs if L in r["lengths"]]
+    accs = [ms(pick(L, 0)) if pick(L, 0) else "-" for L in lengths]
+    exact = " / ".join(ms(pick(L, 1)) if pick(L, 1) else "-" for L in lengths)
+    print(f"| {model} | {lr:g} | {task[3]} | {','.join(str(r['seed']) for r in rs)} | "
           f"{' | '.join(accs)} | {exact} |")
 
 
