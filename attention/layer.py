@@ -209,8 +209,6 @@ class Attention(nnx.Module):
     conv inputs recomputed from ``old``'s."""
     if not self.qkv_conv:
       return new
-    windows = self._windows(old)
-    padded = {}
-    for name, u in zip("qkv", self._project(x_BTD)):
-      padded[name] = jnp.concatenate([windows[name].astype(u.dtype), u], axis=1)
+    positions = jnp.zeros(x_BTD.shape[:2], jnp.int32)  # the conv inputs do not depend on them
+    padded = self._qkv(x_BTD, positions, self._windows(old))[3]
     return dict(new, **self._new_windows(old, padded, n_B))

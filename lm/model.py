@@ -315,10 +315,10 @@ class Transformer(nnx.Module):
     (logits, new cache, extras).
 
     ``fresh``: the cache is empty (a prompt). ``last_only``: logits [B, V] of each row's
-    last valid token, else [B, T, V]. ``keep`` asks for extras: ``"inputs"`` (the mixer input of
-    each block whose cache ``commit`` recomputes for fewer tokens: linear attention, a
-    softmax ``qkv_conv``) and ``"hidden"`` (the residual after every block [L, B, T, D], for the
-    logit lens).
+    last valid token, else [B, T, V]. ``keep`` asks for extras: ``"inputs"`` (the mixer
+    input of each block whose cache ``commit`` recomputes for fewer tokens: linear
+    attention, a softmax ``qkv_conv``) and ``"hidden"`` (the residual after every block
+    [L, B, T, D], for the logit lens).
     """
     self._check_unrolled()
     start_B = cache["lengths"]
