@@ -8,7 +8,8 @@ kv heads (a ring of window + slack slots for sliding-window layers,
 ``attention.cache``; with ``model.qkv_conv`` also the conv's last inputs), per
 linear-attention layer the conv inputs and the recurrent state; ``lengths`` [B] says
 how many tokens each row holds. Rows have their own lengths, so prompts of different
-lengths need no left padding and keep the positions they had in training. Caches are bf16 by default (recurrent states fp32).
+lengths need no left padding and keep the positions they had in training. Caches are
+bf16 by default (recurrent states fp32).
 
 ``generate`` runs the whole decode loop as one ``lax.while_loop`` under ``jax.jit``
 with the cache donated; with stop strings it runs in chunks and checks the text on
